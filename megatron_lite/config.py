@@ -1,0 +1,450 @@
+"""The configuration schema and its validation.
+
+The schema is a tree of dataclasses registered with Hydra's ConfigStore as ``megatron_lite_schema``;
+``configs/config.yaml`` lists it first in its defaults, so every YAML file and command-line override is
+type-checked against it and an unknown key is an error. ``validate(cfg, world_size)`` then checks the
+combinations no type can express (divisibility, batch arithmetic, schedule constraints) before any
+process group exists, and returns the derived ``ParallelDims`` that the rest of the code uses.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str(err)`` is one line naming the key and the fix."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and math of the GPT. Sizes are of the full (unsharded) model."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: one KV head per query head (MHA); 1: MQA
+    ffn_hidden_size: Optional[int] = None  # None: 4 × hidden_size
+    seq_length: int = 128
+    vocab_size: Optional[int] = None  # None: the tokenizer's size; padded to 128 × TP either way
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "layernorm"  # layernorm | rmsnorm
+    norm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | swiglu
+    position_embedding: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    add_bias_linear: bool = True  # GPT-2 has biases in every linear layer, LLaMA none
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    kernel_backend: str = "auto"  # auto | torch | csrc | te | apex
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. The data-parallel size is derived: world_size / (TP × PP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # None: no interleaving
+    pipeline_schedule: str = "auto"  # auto | gpipe | 1f1b | interleaved
+    sequence_parallel: bool = False
+    distributed_timeout_minutes: Optional[float] = None  # None: 10 on GPU, 2 on CPU
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 16
+    train_iters: int = 100
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    eval_interval: int = 50
+    eval_iters: int = 5
+    exit_duration_mins: Optional[float] = None
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # None: training.train_iters
+    lr_decay_style: str = "cosine"  # constant | linear | cosine | wsd
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "sentencepiece"  # sentencepiece | huggingface
+    model: Optional[str] = None  # None: the tokenizer shipped with the bundled corpus
+
+
+@dataclass
+class DataConfig:
+    # Prefixes of .bin/.idx pairs, optionally weighted as Megatron writes them: [0.3, a, 0.7, b].
+    # None: the bundled public-domain corpus.
+    paths: Optional[list[Any]] = None
+    split: str = "969,30,1"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # None: ~/.cache/megatron_lite
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    async_save: bool = False
+    keep_last: Optional[int] = None
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megatron_lite"
+    mode: str = "offline"  # offline | online | disabled
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_schema() -> None:
+    """Register ``Config`` with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="megatron_lite_schema", node=Config)
+
+
+def load_config(overrides: Sequence[str] = ()) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra overrides, outside of a Hydra app (tests, tools).
+
+    Raises ConfigError (one line) for an unknown key, a wrong type or a missing group option.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", _one_line(err)) from None
+    return to_config(cfg)
+
+
+def to_config(cfg: Config | DictConfig | dict) -> Config:
+    """Turn a DictConfig or plain dict into a checked ``Config``; unknown keys raise ConfigError."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        if isinstance(cfg, DictConfig):
+            # A plain container: merging a typed node would carry keys added with ``+key=``.
+            cfg = OmegaConf.to_container(_without_hydra(cfg), resolve=True)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(str(key), _one_line(err)) from None
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra")
+    return cfg
+
+
+def _one_line(err: Exception) -> str:
+    """The first line of an OmegaConf/Hydra message, plus the key it names."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    detail = [ln for ln in lines[1:] if ln.startswith("full_key:")]
+    return " ".join(lines[:1] + detail)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Parallel degrees after validation: every size the code needs, derived once.
+
+    world_size = tp × cp × dp × pp (cp = 1 until context parallelism lands).
+    """
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int  # virtual stages per pipeline rank; 1 without interleaving
+    cp: int
+    num_microbatches: int  # per DP replica and iteration
+    sequence_parallel: bool
+    pipeline_schedule: str  # gpipe | 1f1b | interleaved (``auto`` resolved)
+
+
+CHOICES = {
+    "model.normalization": ("layernorm", "rmsnorm"),
+    "model.activation": ("gelu", "swiglu"),
+    "model.position_embedding": ("learned", "rope"),
+    "model.kernel_backend": ("auto", "torch", "csrc", "te", "apex"),
+    "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
+    "training.precision": ("fp32", "bf16", "fp16"),
+    "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),
+    "data.tokenizer.type": ("sentencepiece", "huggingface"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
+}
+
+POSITIVE = (
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+    "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
+    "model.make_vocab_size_divisible_by", "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
+    "parallel.distributed_timeout_minutes", "training.micro_batch_size",
+    "training.global_batch_size", "training.train_iters", "training.eval_interval",
+    "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
+    "optimizer.lr_decay_iters",
+)
+NON_NEGATIVE = (
+    "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
+    "optimizer.clip_grad", "optimizer.lr_warmup_iters", "optimizer.eps", "data.num_workers",
+    "model.init_std", "model.norm_epsilon",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
+    """Check ``cfg`` for a launch on ``world_size`` ranks; return the derived parallel sizes.
+
+    Runs before any process group exists. Raises ConfigError with one line naming the offending key
+    and the fix. ``sequence_parallel`` with TP = 1 only warns and is ignored.
+    """
+    cfg = to_config(cfg)
+    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
+
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(key, f"must not be negative, got {_get(cfg, key)}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if o.min_lr > o.lr:
+        raise ConfigError("optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr={o.lr}; lower it")
+    if world_size <= 0:
+        raise ConfigError("world_size", f"must be positive, got {world_size}")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            f"world size {world_size} is not divisible by TP×PP = {tp}×{pp} = {tp * pp}; "
+            f"launch a multiple of {tp * pp} ranks or change the TP/PP sizes",
+        )
+    dp = world_size // (tp * pp)
+
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
+    if m.hidden_size % heads:
+        raise ConfigError(
+            "model.hidden_size",
+            f"{m.hidden_size} is not divisible by model.num_attention_heads={heads}; "
+            f"use a multiple of {heads}",
+        )
+    if heads % groups:
+        raise ConfigError(
+            "model.num_query_groups",
+            f"model.num_attention_heads={heads} is not divisible by {groups} query groups; "
+            f"use one of {_divisors(heads)}",
+        )
+    if heads % tp:
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            f"model.num_attention_heads={heads} is not divisible by TP={tp}; "
+            f"use a TP size among {_divisors(heads)}",
+        )
+    if groups % tp:
+        raise ConfigError(
+            "model.num_query_groups",
+            f"{groups} query groups are not divisible by TP={tp} (each TP rank needs whole KV "
+            f"heads); use a multiple of {tp} query groups or a TP size among {_divisors(groups)}",
+        )
+    if m.position_embedding == "rope" and (m.hidden_size // heads) % 2:
+        raise ConfigError(
+            "model.position_embedding",
+            f"rope needs an even head dimension, got {m.hidden_size // heads}; change hidden_size",
+        )
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    if ffn % tp:
+        raise ConfigError(
+            "model.ffn_hidden_size", f"{ffn} is not divisible by TP={tp}; use a multiple of {tp}"
+        )
+
+    vpp_set = p.virtual_pipeline_model_parallel_size
+    if vpp_set is not None and pp == 1:
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size",
+            "is set but pipeline_model_parallel_size=1; set it to null or use PP > 1",
+        )
+    vpp = vpp_set or 1
+    if m.num_layers % (pp * vpp):
+        raise ConfigError(
+            "model.num_layers",
+            f"{m.num_layers} layers do not split into PP×VPP = {pp}×{vpp} = {pp * vpp} equal "
+            f"chunks; use a multiple of {pp * vpp} layers or change the pipeline sizes",
+        )
+
+    schedule = p.pipeline_schedule
+    if schedule == "auto":
+        schedule = "interleaved" if vpp_set is not None else "1f1b"
+    if schedule == "interleaved" and vpp_set is None:
+        raise ConfigError(
+            "parallel.pipeline_schedule",
+            "interleaved needs parallel.virtual_pipeline_model_parallel_size (e.g. 2)",
+        )
+    if schedule != "interleaved" and vpp_set is not None:
+        raise ConfigError(
+            "parallel.pipeline_schedule",
+            f"{schedule} cannot run virtual stages; use interleaved (or auto) or set "
+            "virtual_pipeline_model_parallel_size to null",
+        )
+
+    mbs, gbs = t.micro_batch_size, t.global_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{gbs} is not divisible by micro_batch_size × data-parallel size = {mbs}×{dp} = "
+            f"{mbs * dp}; use a multiple of {mbs * dp}",
+        )
+    microbatches = gbs // (mbs * dp)
+    if schedule == "interleaved" and (microbatches < pp or microbatches % pp):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"the interleaved schedule needs a number of microbatches that is a multiple of "
+            f"PP={pp}, got {microbatches} (= {gbs} / ({mbs}×{dp})); use a global batch size "
+            f"that is a multiple of {mbs * dp * pp}",
+        )
+
+    sequence_parallel = p.sequence_parallel
+    if sequence_parallel and tp == 1:
+        warnings.warn(
+            "parallel.sequence_parallel is ignored with tensor_model_parallel_size=1", stacklevel=2
+        )
+        sequence_parallel = False
+    if sequence_parallel and m.seq_length % tp:
+        raise ConfigError(
+            "model.seq_length",
+            f"{m.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
+            f"use a multiple of {tp}",
+        )
+    if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")
+
+    return ParallelDims(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        vpp=vpp,
+        cp=1,
+        num_microbatches=microbatches,
+        sequence_parallel=sequence_parallel,
+        pipeline_schedule=schedule,
+    )
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    """Megatron's padding: round the vocabulary up to a multiple of ``multiple × tp``."""
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what checkpoints and run directories store)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m megatron_lite.config --world-size N [overrides]``: validate without launching.
+
+    Prints the derived parallel sizes, or one line naming the offending key (exit code 2). The launch
+    scripts run it before torchrun so that a bad config fails before any rank starts.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_lite.config")
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--print-config", action="store_true", help="print the composed YAML")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2_124m")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.overrides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dims = validate(cfg, args.world_size)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if args.print_config:
+        print(to_yaml(cfg))
+    print(
+        f"ok: world {dims.world_size} = TP {dims.tp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
+        f"{dims.num_microbatches} microbatches per iteration, schedule {dims.pipeline_schedule}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

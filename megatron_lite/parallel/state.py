@@ -1,0 +1,207 @@
+"""Process groups for one rank of the grid, created with torch.distributed.
+
+``ParallelState`` is an object handed to the code that needs it (no module globals). It creates every
+group of the rank grid on every rank, in one fixed order, because ``torch.distributed.new_group`` is
+collective over the whole world; each rank keeps the groups it belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .layout import RankCoord, RankGrid
+
+CPU_TIMEOUT_MINUTES = 2.0
+GPU_TIMEOUT_MINUTES = 10.0
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_timeout(minutes: Optional[float] = None) -> timedelta:
+    """The collective timeout: ``minutes`` if given, else 10 minutes on GPU and 2 on CPU."""
+    if minutes is None:
+        minutes = GPU_TIMEOUT_MINUTES if torch.cuda.is_available() else CPU_TIMEOUT_MINUTES
+    return timedelta(minutes=minutes)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_info() -> LaunchInfo:
+    """Rank, world size and local rank from torchrun/SLURM variables (a single process otherwise)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return LaunchInfo(0, 1, 0)
+
+
+def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> LaunchInfo:
+    """Create the default process group (once). A plain ``python`` run becomes a world of one."""
+    info = launch_info()
+    if dist.is_initialized():
+        return info
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    if "MASTER_ADDR" in os.environ:
+        os.environ.setdefault("MASTER_PORT", "29500")
+        init_method = "env://"
+    else:
+        if info.world_size > 1:
+            raise RuntimeError(
+                f"world size {info.world_size} but MASTER_ADDR is not set; launch with torchrun "
+                "or set MASTER_ADDR and MASTER_PORT"
+            )
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timeout,
+    )
+    return info
+
+
+class ParallelState:
+    """This rank's place in the TP × CP × DP × PP grid and the process groups it belongs to.
+
+    Attributes per dimension ``x`` in (tp, cp, dp, pp): ``x_group`` (a ProcessGroup), ``x_rank``
+    (this rank's index inside it), ``x_size`` and ``x_ranks`` (its members' global ranks).
+    ``mp_group`` spans TP × PP (one model replica); ``embedding_group`` holds the first and last
+    pipeline stage of this rank's pipeline (None on the stages in between).
+    """
+
+    def __init__(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        vpp: int = 1,
+        timeout: Optional[timedelta] = None,
+    ):
+        if not dist.is_initialized():
+            raise RuntimeError("call init_distributed() before creating a ParallelState")
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.grid = RankGrid(self.world_size, tp=tp, pp=pp)
+        self.vpp_size = vpp
+        self.coord: RankCoord = self.grid.coord_of(self.rank)
+        self.backend = dist.get_backend()
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.backend == "nccl"
+            else torch.device("cpu")
+        )
+        timeout = timeout or default_timeout()
+
+        self._owned: list[dist.ProcessGroup] = []
+        self.group_ranks: dict[str, list[int]] = {}
+        mine: dict[str, Optional[dist.ProcessGroup]] = {}
+        # Every rank walks every group in the same order: new_group is a world-wide collective.
+        for kind, groups in self.grid.all_groups().items():
+            mine[kind] = None
+            for ranks in groups:
+                group = dist.new_group(ranks, timeout=timeout)
+                if self.rank in ranks:
+                    mine[kind], self.group_ranks[kind] = group, ranks
+                    self._owned.append(group)
+
+        self.tp_group, self.cp_group = mine["tensor"], mine["context"]
+        self.dp_group, self.pp_group = mine["data"], mine["pipeline"]
+        self.mp_group, self.embedding_group = mine["model"], mine["embedding"]
+        self.tp_ranks = self.group_ranks["tensor"]
+        self.cp_ranks = self.group_ranks["context"]
+        self.dp_ranks = self.group_ranks["data"]
+        self.pp_ranks = self.group_ranks["pipeline"]
+        self.embedding_ranks = self.group_ranks.get("embedding", [])
+
+    # Sizes and coordinates -------------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.grid.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.grid.dp
+
+    @property
+    def cp_size(self) -> int:
+        return self.grid.cp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coord.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord.dp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coord.cp
+
+    # Pipeline neighbours ---------------------------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def next_stage_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps around: interleaving needs the ring)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def prev_stage_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    @property
+    def in_embedding_group(self) -> bool:
+        return self.rank in self.embedding_ranks
+
+    def describe(self) -> str:
+        c = self.coord
+        return (
+            f"rank {self.rank}/{self.world_size} tp {c.tp}/{self.tp_size} "
+            f"pp {c.pp}/{self.pp_size} dp {c.dp}/{self.dp_size}"
+        )
+
+    def destroy(self) -> None:
+        """Release the groups this object created (the default group stays)."""
+        for group in self._owned:
+            dist.destroy_process_group(group)
+        self._owned.clear()
