@@ -51,6 +51,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     kernel_backend: str = "auto"  # auto | torch | csrc | te | apex
+    # sdpa: torch's scaled_dot_product_attention; explicit: QKᵀ, fused causal softmax, dropout, ·V.
+    # auto: sdpa without dropout, explicit with it (its dropout masks follow the TP-aware RNG).
+    attention_backend: str = "auto"
 
 
 @dataclass
@@ -222,6 +225,7 @@ CHOICES = {
     "model.activation": ("gelu", "swiglu"),
     "model.position_embedding": ("learned", "rope"),
     "model.kernel_backend": ("auto", "torch", "csrc", "te", "apex"),
+    "model.attention_backend": ("auto", "sdpa", "explicit"),
     "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
     "training.precision": ("fp32", "bf16", "fp16"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),

@@ -1,0 +1,71 @@
+"""How a tensor-parallel parameter relates to its full (unsharded) tensor.
+
+Each parameter created by a TP layer carries ``tp_dim`` (the dimension split over TP ranks, None when
+replicated) and ``tp_stride`` (how many stacked sub-matrices the full tensor holds along that
+dimension, each split separately: 2 for SwiGLU's fused [gate; up] weight). The full tensor is the
+same whatever the TP size, so initialisation and checkpoints are layout-independent.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..parallel.collectives import TPGroup
+
+
+def mark_sharded(param: torch.nn.Parameter, dim: Optional[int], stride: int = 1) -> torch.nn.Parameter:
+    param.tp_dim = dim
+    param.tp_stride = stride
+    return param
+
+
+def shard_tensor(full: torch.Tensor, dim: Optional[int], stride: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's shard of ``full``: along ``dim``, each of the ``stride`` stacked blocks is cut into
+    ``size`` pieces and piece ``rank`` of every block is kept, in block order."""
+    if dim is None or size == 1:
+        return full.clone()
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    dim = getattr(param, "tp_dim", None)
+    shape = list(param.shape)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return tuple(shape)
+
+
+def gather_full(shard: torch.Tensor, dim: Optional[int], stride: int, tp: TPGroup) -> torch.Tensor:
+    """Inverse of ``shard_tensor`` (collective over the TP group): the full tensor on every rank."""
+    if dim is None or tp.size == 1:
+        return shard.detach().clone()
+    pieces = [torch.empty_like(shard) for _ in range(tp.size)]
+    dist.all_gather(pieces, shard.detach().contiguous(), group=tp.group)
+    per_rank_blocks = [p.chunk(stride, dim=dim) for p in pieces]
+    blocks = [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(stride)]
+    return torch.cat(blocks, dim=dim)
+
+
+def sharded_params(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Optional[int], int]]:
+    """(name, parameter, tp_dim, tp_stride) for every parameter of ``module``."""
+    for name, param in module.named_parameters():
+        yield name, param, getattr(param, "tp_dim", None), getattr(param, "tp_stride", 1)
+
+
+def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp: TPGroup) -> None:
+    """Sum over TP the gradients of replicated parameters that see only a sequence shard under
+    sequence parallelism (norm weights and biases, row-parallel biases; tagged ``sequence_parallel``).
+    Call once per step after the backward of the last microbatch."""
+    if not tp.sequence_parallel:
+        return
+    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp.group)
+    for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(reduced.view_as(g))
