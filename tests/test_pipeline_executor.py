@@ -7,6 +7,7 @@ the gradients of the parameters it holds without gathering anything.
 """
 
 import copy
+import json
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,8 @@ from torch import nn
 
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.pipeline import schedules as S
-from megatron_lite.pipeline.executor import ScheduleStats, run_schedule
+from megatron_lite.pipeline.executor import ScheduleStats, run_schedule, save_trace
+from megatron_lite.pipeline.simulate import main as simulate_main
 from megatron_lite.pipeline.simulate import simulate_schedule
 
 LAYERS, HIDDEN, MICRO = 8, 8, 2
@@ -132,7 +134,7 @@ def test_pipeline_matches_one_rank(ranks):
                     assert r["peak"] == m, where
 
 
-def _torch_pipelining_grads(v: int, m: int) -> dict:
+def _torch_pipelining_grads(v: int, m: int, trace_path: str) -> dict:
     """Our interleaved schedule and torch.distributed.pipelining's ScheduleInterleaved1F1B on the
     same stage modules: gradients and loss."""
     from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
@@ -141,9 +143,11 @@ def _torch_pipelining_grads(v: int, m: int) -> dict:
     p, rank = state.pp_size, state.pp_rank
     chunks = _my_chunks(_stack(), p, v, rank)
     theirs = copy.deepcopy(chunks)
+    trace: list = []
     ours_loss = run_schedule(S.interleaved(p, v, m, rank), chunks, state, _microbatches(m),
                              _step_fn(chunks, p, v, rank), (MICRO, HIDDEN), torch.float32,
-                             broadcast_loss=True)
+                             broadcast_loss=True, trace=trace)
+    save_trace(trace_path, trace, state, "interleaved", v, m)
 
     stages = [PipelineStage(module, S.global_chunk(p, rank, c), p * v, torch.device("cpu"),
                             group=state.pp_group) for c, module in enumerate(theirs)]
@@ -164,8 +168,19 @@ def _torch_pipelining_grads(v: int, m: int) -> dict:
                 loss_err=None if their_loss is None else _rel_err(ours_loss, their_loss))
 
 
-def test_interleaved_matches_torch_pipelining(ranks):
-    results = ranks(2).run(_torch_pipelining_grads, 2, 4)
+def test_interleaved_matches_torch_pipelining(ranks, tmp_path, capsys):
+    trace_path = tmp_path / "trace.json"
+    results = ranks(2).run(_torch_pipelining_grads, 2, 4, str(trace_path))
     for rank, r in enumerate(results):
         assert r["grad_err"] < TOLERANCE, (rank, r)
     assert results[-1]["loss_err"] < TOLERANCE, results
+
+    # The recorded trace: every computation of both ranks, drawn and measured by the simulator CLI.
+    trace = json.loads(trace_path.read_text())
+    computes = [e for e in trace["events"] if e["kind"] in ("forward", "backward")]
+    assert len(computes) == 2 * 2 * 4 * 2 and {e["rank"] for e in computes} == {0, 1}
+    assert all(e["end"] >= e["start"] for e in trace["events"])
+    png = tmp_path / "real.png"
+    assert simulate_main(["--trace", str(trace_path), "--json", "--plot", str(png)]) == 0
+    assert json.loads(capsys.readouterr().out)["bubble_fraction"] >= 0
+    assert png.stat().st_size > 10_000
