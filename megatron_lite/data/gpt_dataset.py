@@ -73,7 +73,8 @@ class GPTDataset(torch.utils.data.Dataset):
             # Samples wholly inside the first num_epochs - 1 epochs; the rest come from the last one.
             from_full_epochs = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length if num_epochs > 1 else 0
             per_epoch = (tokens_per_epoch - 1) // seq_length
-            separate = num_epochs > 1 and (total - from_full_epochs) < SEPARATE_LAST_EPOCH_BELOW * per_epoch
+            # The run's last (num_samples - from_full_epochs) samples come from the final epoch.
+            separate = num_epochs > 1 and num_samples - from_full_epochs < SEPARATE_LAST_EPOCH_BELOW * per_epoch
             shuffle_idx = build_shuffle_idx(total, from_full_epochs if separate else total, rng)
             return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
