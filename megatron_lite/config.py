@@ -65,6 +65,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None  # None: no interleaving
     pipeline_schedule: str = "auto"  # auto | gpipe | 1f1b | interleaved
     sequence_parallel: bool = False
+    pipeline_trace: Optional[str] = None  # path: write the executed pipeline timeline as JSON there
     distributed_timeout_minutes: Optional[float] = None  # None: 10 on GPU, 2 on CPU
 
 

@@ -1,0 +1,5 @@
+"""The one exception the data pipeline raises for bad input."""
+
+
+class DataError(ValueError):
+    """Bad data or a bad data setting; ``str(err)`` is one line naming the file or key and the fix."""

@@ -1,0 +1,87 @@
+"""Which samples each data-parallel rank reads, driven by one number: ``consumed_samples``.
+
+Iteration n reads the global batch ``[c, c + global_batch_size)`` of dataset indices, where c is the
+number of samples consumed before it (the dataset itself is already shuffled). The global batch is
+cut into ``num_microbatches`` consecutive slices of ``micro_batch_size × dp_size`` samples, and DP rank
+r takes its ``micro_batch_size`` samples from each slice: the same layout as Megatron-LM, so the
+global batch's content does not depend on the DP size. TP ranks and pipeline stages of one model
+replica share a DP rank and so see the same indices; only the stages that use a field need to load
+it (``stage_fields``). Resuming with the saved ``consumed_samples`` continues with the very next
+sample.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from megatron_lite.data.errors import DataError
+
+FIELDS = ("tokens", "labels", "loss_mask")
+
+
+class MicrobatchSampler:
+    """Per iteration, this DP rank's microbatches: a list of ``num_microbatches`` index lists.
+
+    ``total_samples`` is how many samples the run reads in all (``train_iters × global_batch_size``);
+    iteration stops before a global batch that would pass it. ``consumed_samples`` advances by
+    ``global_batch_size`` as each iteration's indices are handed out; it is the sampler's whole
+    state, so ``MicrobatchSampler(..., consumed_samples=saved, ...)`` resumes exactly.
+    """
+
+    def __init__(
+        self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+        global_batch_size: int, dp_rank: int, dp_size: int,
+    ):
+        if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size % (micro_batch_size * dp_size):
+            raise DataError(
+                f"training.global_batch_size: {global_batch_size} is not a positive multiple of "
+                f"micro_batch_size × DP = {micro_batch_size}×{dp_size}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+        if not 0 <= consumed_samples <= total_samples:
+            raise DataError(
+                f"consumed_samples {consumed_samples} is outside [0, total_samples={total_samples}]; "
+                "was the checkpoint made with a longer run?"
+            )
+        self.total_samples, self.consumed_samples = total_samples, consumed_samples
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+
+    def __len__(self) -> int:
+        """Iterations left."""
+        return (self.total_samples - self.consumed_samples) // self.global_batch_size
+
+    def microbatches(self, consumed_samples: int) -> list[list[int]]:
+        """This rank's microbatches of the global batch that starts after ``consumed_samples``."""
+        stride = self.micro_batch_size * self.dp_size
+        first = consumed_samples + self.dp_rank * self.micro_batch_size
+        return [
+            list(range(first + m * stride, first + m * stride + self.micro_batch_size))
+            for m in range(self.num_microbatches)
+        ]
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        while self.consumed_samples + self.global_batch_size <= self.total_samples:
+            batch = self.microbatches(self.consumed_samples)
+            self.consumed_samples += self.global_batch_size
+            yield batch
+
+
+def stage_fields(is_first_stage: bool, is_last_stage: bool) -> tuple[str, ...]:
+    """The fields a pipeline stage reads: tokens on the first, labels and loss mask on the last."""
+    return (("tokens",) if is_first_stage else ()) + (("labels", "loss_mask") if is_last_stage else ())
+
+
+def collate(dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
+    """Stack samples ``indices`` of ``dataset`` into ``{field: [len(indices), seq_length]}``.
+
+    ``fields`` limits what is returned (see ``stage_fields``); an empty tuple reads nothing.
+    """
+    if not fields:
+        return {}
+    samples = [dataset[i] for i in indices]
+    return {field: torch.stack([sample[field] for sample in samples]) for field in fields}

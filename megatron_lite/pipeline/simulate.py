@@ -1,0 +1,356 @@
+"""Play pipeline schedules with costs: check them, time them, draw them.
+
+``simulate(actions_per_rank, p, v, m)`` runs every rank's action list (``schedules.py``) under the
+executor's semantics: a computation takes its cost (forward ``t_f / v``, backward ``t_b / v`` per
+chunk, with ``t_f = 1``, ``t_b = 2`` for a full stage by default); consecutive messages form one
+batch, posted when the rank reaches it and finished, ``t_comm`` later, once every peer has posted
+the batch holding the other end of each of its messages. Along the way it checks that
+
+- no rank waits forever (a deadlock names each stuck rank and what it waits for);
+- every microbatch runs forward and backward exactly once on every chunk, a forward after its input
+  arrived, a backward after its forward and after its output gradient arrived, a send after the
+  computation that produced it;
+- on each rank-to-rank channel the messages are received in the order they are sent (what NCCL and
+  gloo need to match them without tags).
+
+It reports the makespan, the bubble fraction ``(makespan − ideal) / ideal`` with ``ideal = m·(t_f +
+t_b)`` (the time one rank computes), the peak number of live (microbatch, chunk) activation sets per
+rank, and the timeline. The CLI prints these and draws the timeline the Megatron paper shows:
+
+    python -m megatron_lite.pipeline.simulate --pp 4 --vpp 2 --microbatches 8 --json --plot t.png
+    python -m megatron_lite.pipeline.simulate --trace run/pipeline_trace.json --plot real.png
+
+The second form draws a trace recorded by the executor (``executor.save_trace``) of a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from . import schedules as S
+from .schedules import Action, Backward, Forward, Message
+
+Step = Union[S.Compute, tuple[Message, ...]]
+
+
+class ScheduleError(ValueError):
+    """An action list that cannot run: deadlock, missing or repeated work, or out-of-order data."""
+
+
+@dataclass
+class SimResult:
+    """What ``simulate`` measured. Times are in units of one full-stage forward (``t_f = 1``)."""
+
+    makespan: float
+    ideal: float
+    bubble_fraction: float
+    peak_activations: list[int]  # per rank: most live (microbatch, chunk) activation sets
+    events: list[dict[str, Any]] = field(default_factory=list)  # the timeline, as traces store it
+
+    def summary(self, v: int) -> dict[str, Any]:
+        """The JSON the CLI prints; ``peak_activation_memory`` is in full-stage microbatches."""
+        return {
+            "makespan": self.makespan,
+            "ideal": self.ideal,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_activations": self.peak_activations,
+            "peak_activation_memory": [n / v for n in self.peak_activations],
+        }
+
+
+def _steps(actions: Sequence[Action]) -> list[Step]:
+    """Computations stay single; runs of consecutive messages become one batch (a tuple)."""
+    steps: list[Step] = []
+    batch: list[Message] = []
+    for action in actions:
+        if isinstance(action, S.COMPUTE):
+            if batch:
+                steps.append(tuple(batch))
+                batch = []
+            steps.append(action)
+        else:
+            batch.append(action)
+    if batch:
+        steps.append(tuple(batch))
+    return steps
+
+
+def _check_channels(actions_per_rank: Sequence[Sequence[Action]], p: int) -> None:
+    """Every message has one other end, and each channel delivers in the order it was sent."""
+    sent: dict[tuple[int, int], list] = defaultdict(list)
+    received: dict[tuple[int, int], list] = defaultdict(list)
+    for rank, actions in enumerate(actions_per_rank):
+        for a in actions:
+            if isinstance(a, S.COMPUTE):
+                continue
+            if not 0 <= a.peer < p or a.peer == rank:
+                raise ScheduleError(f"rank {rank}: {S.describe(a)} names an invalid peer")
+            if isinstance(a, S.SENDS):
+                sent[(rank, a.peer)].append(S.message_id(p, rank, a))
+            else:
+                received[(a.peer, rank)].append(S.message_id(p, rank, a))
+    for src, dst in sorted(set(sent) | set(received)):
+        out, inn = sent[(src, dst)], received[(src, dst)]
+        if out != inn:
+            first = next(
+                (k for k in range(min(len(out), len(inn))) if out[k] != inn[k]), min(len(out), len(inn))
+            )
+            got = lambda seq: seq[first] if first < len(seq) else "nothing"  # noqa: E731
+            raise ScheduleError(
+                f"channel {src}->{dst}: message {first} sent as {got(out)} but received as "
+                f"{got(inn)} (each end must list its messages in the same order)"
+            )
+
+
+class _Rank:
+    """One rank's progress through its steps during the simulation."""
+
+    def __init__(self, rank: int, steps: list[Step]):
+        self.rank, self.steps = rank, steps
+        self.next = 0  # index of the step to run
+        self.clock = 0.0
+        self.posted_at: Optional[float] = None  # when the current batch was posted
+        self.arrived: set = set()  # message ids received and not yet consumed
+        self.done: set = set()  # (kind, microbatch, chunk) computed
+        self.live = 0
+        self.peak = 0
+
+
+def simulate(
+    actions_per_rank: Sequence[Sequence[Action]],
+    p: int,
+    v: int,
+    m: int,
+    t_f: float = 1.0,
+    t_b: float = 2.0,
+    t_comm: float = 0.0,
+    forward_only: bool = False,
+) -> SimResult:
+    """Play the action lists of all ``p`` ranks; raise ScheduleError if they cannot run.
+
+    ``t_f`` / ``t_b`` are the forward / backward times of a full stage (each of the ``v`` chunks
+    takes ``1/v`` of them); ``t_comm`` is the time of one message batch once both ends are posted.
+    """
+    if len(actions_per_rank) != p:
+        raise ScheduleError(f"expected {p} action lists, got {len(actions_per_rank)}")
+    _check_channels(actions_per_rank, p)
+    ranks = [_Rank(r, _steps(a)) for r, a in enumerate(actions_per_rank)]
+    # Where each end of every message lives: (message id, is_send) -> (rank, step index).
+    ends: dict[tuple[tuple, bool], tuple[int, int]] = {}
+    for rk in ranks:
+        for index, step in enumerate(rk.steps):
+            for msg in step if isinstance(step, tuple) else ():
+                ends[(S.message_id(p, rk.rank, msg), isinstance(msg, S.SENDS))] = (rk.rank, index)
+    posted: dict[tuple[int, int], float] = {}  # (rank, step index) -> time the batch was posted
+    events: list[dict[str, Any]] = []
+    last = p * v - 1
+
+    def fail(rk: _Rank, what: str) -> ScheduleError:
+        return ScheduleError(f"rank {rk.rank}, step {rk.next}: {what}")
+
+    def compute(rk: _Rank, op: S.Compute) -> None:
+        g = S.global_chunk(p, rk.rank, op.chunk)
+        key = (type(op).__name__, op.microbatch, op.chunk)
+        if not (0 <= op.microbatch < m and 0 <= op.chunk < v):
+            raise fail(rk, f"{S.describe(op)} is outside m={m}, v={v}")
+        if key in rk.done:
+            raise fail(rk, f"{S.describe(op)} runs twice")
+        if isinstance(op, Forward):
+            needed = ("activation", op.microbatch, g - 1) if g > 0 else None
+        else:
+            if ("Forward", op.microbatch, op.chunk) not in rk.done:
+                raise fail(rk, f"{S.describe(op)} before its forward")
+            needed = ("grad", op.microbatch, g + 1) if g < last else None
+        if needed is not None:
+            if needed not in rk.arrived:
+                raise fail(rk, f"{S.describe(op)} before its input {needed} arrived")
+            rk.arrived.remove(needed)
+        rk.done.add(key)
+        cost = (t_f if isinstance(op, Forward) else t_b) / v
+        kind = "forward" if isinstance(op, Forward) else "backward"
+        events.append(dict(rank=rk.rank, kind=kind, microbatch=op.microbatch, chunk=op.chunk,
+                           start=rk.clock, end=rk.clock + cost))
+        rk.clock += cost
+        rk.live += 1 if isinstance(op, Forward) and not forward_only else 0
+        rk.live -= 1 if isinstance(op, Backward) else 0
+        rk.peak = max(rk.peak, rk.live)
+
+    def try_batch(rk: _Rank, batch: tuple[Message, ...]) -> bool:
+        """Post the batch (once); finish it once every message it receives was sent. False: wait."""
+        if rk.posted_at is None:
+            for msg in batch:
+                if isinstance(msg, S.SENDS):
+                    producer = "Forward" if isinstance(msg, S.SendActivation) else "Backward"
+                    if (producer, msg.microbatch, msg.chunk) not in rk.done:
+                        raise fail(rk, f"{S.describe(msg)} before the computation producing it")
+            rk.posted_at = rk.clock
+            posted[(rk.rank, rk.next)] = rk.clock
+        start = rk.posted_at
+        for msg in batch:
+            if isinstance(msg, S.SENDS):
+                continue  # sends are asynchronous: they never hold their rank back
+            sender = ends[(S.message_id(p, rk.rank, msg), True)]
+            if sender not in posted:
+                return False
+            start = max(start, posted[sender])
+        rk.clock = start + t_comm
+        rk.posted_at = None
+        for msg in batch:
+            if not isinstance(msg, S.SENDS):
+                rk.arrived.add(S.message_id(p, rk.rank, msg))
+        return True
+
+    while any(rk.next < len(rk.steps) for rk in ranks):
+        progressed = False
+        for rk in ranks:
+            while rk.next < len(rk.steps):
+                step = rk.steps[rk.next]
+                if isinstance(step, tuple):
+                    if not try_batch(rk, step):
+                        break
+                else:
+                    compute(rk, step)
+                rk.next += 1
+                progressed = True
+        if not progressed:
+            stuck = "; ".join(
+                f"rank {rk.rank} waits in [{', '.join(S.describe(a) for a in rk.steps[rk.next])}]"
+                for rk in ranks if rk.next < len(rk.steps)
+            )
+            raise ScheduleError(f"deadlock: {stuck}")
+
+    _check_complete(ranks, v, m, forward_only)
+    makespan = max(rk.clock for rk in ranks)
+    ideal = m * (t_f if forward_only else t_f + t_b)
+    return SimResult(makespan, ideal, (makespan - ideal) / ideal, [rk.peak for rk in ranks], events)
+
+
+def _check_complete(ranks: list[_Rank], v: int, m: int, forward_only: bool) -> None:
+    kinds = ("Forward",) if forward_only else ("Forward", "Backward")
+    expected = {(k, i, c) for k in kinds for i in range(m) for c in range(v)}
+    for rk in ranks:
+        missing = sorted(expected - rk.done)
+        if missing:
+            raise ScheduleError(f"rank {rk.rank} never runs {missing[:4]} (of {len(missing)})")
+        if rk.done != expected:
+            raise ScheduleError(f"rank {rk.rank} runs unexpected work {sorted(rk.done - expected)[:4]}")
+        if rk.arrived:
+            raise ScheduleError(f"rank {rk.rank} receives data it never uses: {sorted(rk.arrived)[:4]}")
+
+
+def simulate_schedule(
+    name: str, p: int, v: int, m: int, forward_only: bool = False, **costs: float
+) -> SimResult:
+    """Build schedule ``name`` (or ``auto``) for every rank and simulate it."""
+    return simulate(S.all_ranks(name, p, v, m, forward_only), p, v, m, forward_only=forward_only,
+                    **costs)
+
+
+# Timelines ----------------------------------------------------------------------------------------
+def trace_bubble(events: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Bubble of a recorded run: (makespan − mean per-rank compute time) / mean compute time."""
+    computes = [e for e in events if e["kind"] in ("forward", "backward")]
+    t0 = min(e["start"] for e in computes)
+    makespan = max(e["end"] for e in computes) - t0
+    busy: dict[int, float] = defaultdict(float)
+    for e in computes:
+        busy[e["rank"]] += e["end"] - e["start"]
+    ideal = sum(busy.values()) / len(busy)
+    return {"makespan": makespan, "ideal": ideal, "bubble_fraction": (makespan - ideal) / ideal}
+
+
+def plot_timeline(events: Sequence[dict[str, Any]], path: str, title: str = "", v: int = 1) -> None:
+    """Draw ranks × time boxes, forward blue and backward green (darker for later chunks), each
+    labelled with its microbatch number; other events (communication waits) as thin grey bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+
+    t0 = min(e["start"] for e in events)
+    nranks = max(e["rank"] for e in events) + 1
+    span = max(e["end"] for e in events) - t0
+    fig, ax = plt.subplots(figsize=(min(24, 4 + 0.25 * len(events) / nranks), 0.6 * nranks + 1.4))
+    blues, greens = plt.get_cmap("Blues"), plt.get_cmap("Greens")
+    for e in events:
+        start, width = e["start"] - t0, e["end"] - e["start"]
+        y = nranks - 1 - e["rank"]
+        if e["kind"] not in ("forward", "backward"):
+            ax.barh(y - 0.3, width, left=start, height=0.12, color="0.6")
+            continue
+        shade = 0.45 + 0.4 * e["chunk"] / max(1, v - 1) if v > 1 else 0.6
+        colour = (blues if e["kind"] == "forward" else greens)(shade)
+        ax.barh(y, width, left=start, height=0.8, color=colour, edgecolor="black", linewidth=0.4)
+        if width > span / 150:
+            ax.text(start + width / 2, y, str(e["microbatch"]), ha="center", va="center",
+                    fontsize=7, color="white" if shade > 0.7 else "black")
+    ax.set_yticks(range(nranks), [f"rank {r}" for r in reversed(range(nranks))])
+    ax.set_xlabel("time")
+    ax.set_xlim(0, span)
+    later = " (darker: later chunk)" if v > 1 else ""
+    ax.legend(handles=[Patch(color=blues(0.6), label="forward"),
+                       Patch(color=greens(0.6), label="backward" + later)],
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=2, frameon=False)
+    ax.set_title(title, fontsize=10, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lite.pipeline.simulate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pp", type=int, default=4, help="pipeline ranks p")
+    parser.add_argument("--vpp", type=int, default=1, help="virtual stages per rank v")
+    parser.add_argument("--microbatches", type=int, default=8, help="microbatches m")
+    parser.add_argument("--schedule", default="auto", help="auto | gpipe | 1f1b | interleaved")
+    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--t-forward", type=float, default=1.0, help="forward time of a full stage")
+    parser.add_argument("--t-backward", type=float, default=2.0, help="backward time of a full stage")
+    parser.add_argument("--t-comm", type=float, default=0.0, help="time of one message batch")
+    parser.add_argument("--trace", help="a trace JSON written by the executor: report and draw it")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--plot", help="write the timeline to this PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    if args.trace:
+        with open(args.trace) as f:
+            trace = json.load(f)
+        events, v = trace["events"], trace.get("vpp", 1)
+        report = trace_bubble(events)
+        title = (f"recorded {trace.get('schedule', '')}: p={trace.get('pp')} v={v} "
+                 f"m={trace.get('microbatches')}, bubble {report['bubble_fraction']:.3f}")
+    else:
+        name = S.resolve(args.schedule, args.vpp)
+        try:
+            result = simulate_schedule(name, args.pp, args.vpp, args.microbatches, args.forward_only,
+                                       t_f=args.t_forward, t_b=args.t_backward, t_comm=args.t_comm)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        events, v, report = result.events, args.vpp, result.summary(args.vpp)
+        report = {"schedule": name, **report}
+        title = (f"{name}: p={args.pp} v={args.vpp} m={args.microbatches}, "
+                 f"bubble {result.bubble_fraction:.3f}")
+    if args.plot:
+        plot_timeline(events, args.plot, title, v)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(title)
+        for key, value in report.items():
+            print(f"  {key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
