@@ -93,6 +93,9 @@ class OptimizerConfig:
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None  # None: training.train_iters
     lr_decay_style: str = "cosine"  # constant | linear | cosine | wsd
+    # wsd (warmup-stable-decay): the LR stays at optimizer.lr until this many iterations before
+    # lr_decay_iters, then falls linearly to min_lr. None: the last 10 % of the decay iterations.
+    lr_wsd_decay_iters: Optional[int] = None
     use_distributed_optimizer: bool = False
 
 
@@ -242,7 +245,7 @@ POSITIVE = (
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
-    "optimizer.lr_decay_iters",
+    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters",
 )
 NON_NEGATIVE = (
     "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",

@@ -12,34 +12,42 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from megatron_lite.config import CONFIG_DIR, ConfigError, register_schema, to_config, validate
+from megatron_lite.config import CONFIG_DIR, Config, ConfigError, register_schema, to_config, validate
+from megatron_lite.data import DataError
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
 
+USER_ERRORS = (ConfigError, DataError)
 
-def run(cfg: DictConfig) -> None:
+
+def run(cfg: Config | DictConfig) -> "Trainer":
+    """Validate, create the process groups, build and train; returns the trainer (its process groups
+    still alive). Callable from any launcher whose environment says the rank and world size
+    (torchrun, SLURM, or a plain single process)."""
+    from megatron_lite.training.trainer import Trainer, describe_run
+
     config = to_config(cfg)
     dims = validate(config, launch_info().world_size)
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)
     info = init_distributed(timeout)
     start = time.perf_counter()
     state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp, timeout=timeout)
+    groups_s = time.perf_counter() - start
+    trainer = Trainer(config, dims, state)
     if info.rank == 0:
-        print(
-            f"world {dims.world_size}: TP={dims.tp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}, "
-            f"{dims.num_microbatches} microbatches/iteration, schedule {dims.pipeline_schedule}; "
-            f"process groups created in {time.perf_counter() - start:.2f} s",
-            flush=True,
-        )
-    print(state.describe(), flush=True)
+        summary = ", ".join(f"{k} {v}" for k, v in describe_run(config, dims, trainer).items())
+        print(f"world {dims.world_size}: {summary}; process groups in {groups_s:.2f} s", flush=True)
+    trainer.train()
+    return trainer
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except ConfigError as err:
+    except USER_ERRORS as err:
         if launch_info().rank == 0:
-            print(f"config error: {err}", file=sys.stderr, flush=True)
+            kind = "config error" if isinstance(err, ConfigError) else "data error"
+            print(f"{kind}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -67,6 +67,7 @@ class GPTChunk(nn.Module):
         h = cfg.hidden_size
         if spec.pre_process:
             self.embedding = VocabParallelEmbedding(vocab_size, h, tp, init_std=cfg.init_std)
+            self.embedding.weight.shared_embedding = cfg.tie_embeddings
             if cfg.position_embedding == "learned":
                 self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
                 self.position_embedding.init_std = cfg.init_std
@@ -80,7 +81,7 @@ class GPTChunk(nn.Module):
                 self.output.init_std = cfg.init_std
             elif not spec.pre_process:
                 tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
-                tied.init_std, tied.tied_embedding = cfg.init_std, True
+                tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
                 setattr(self, TIED_OUTPUT_NAME, tied)
         if cfg.position_embedding == "rope":
             cos, sin = rotary_tables(cfg.seq_length, h // cfg.num_attention_heads, cfg.rope_theta)

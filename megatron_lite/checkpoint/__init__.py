@@ -1,0 +1,1 @@
+"""Checkpoints: full (unsharded) state gathered from any layout; sharded save/load."""

@@ -1,0 +1,44 @@
+"""The global gradient norm over TP × PP (× DP for sharded optimizer states), each gradient counted
+once, and clipping by it."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
+    """Whether this rank's copy of ``param`` enters the norm: TP shards always; parameters replicated
+    across TP only on TP rank 0; the last stage's tied copy of the embedding never (the first stage
+    counts the embedding, whose gradient it equals after the embedding-group sum)."""
+    if getattr(param, "tied_embedding", False):
+        return False
+    return getattr(param, "tp_dim", None) is not None or tp_rank == 0
+
+
+def global_grad_norm(
+    grads: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup]
+) -> float:
+    """sqrt(Σ‖g‖²) over ``grads`` on every rank of ``group`` (the model-parallel group)."""
+    grads = list(grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        squares += g.double().pow(2).sum()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(squares, group=group)
+    return math.sqrt(squares.item())
+
+
+def clip_by_norm(grads: Iterable[torch.Tensor], norm: float, max_norm: float) -> None:
+    """Scale ``grads`` in place so their global norm is at most ``max_norm`` (0 disables)."""
+    if max_norm <= 0 or not math.isfinite(norm):
+        return
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1.0:
+        for g in grads:
+            g.mul_(coefficient)

@@ -1,0 +1,82 @@
+"""AdamW with fp32 master weights, reading the fp32 ``main_grad`` of each parameter.
+
+fp32 training: the model's parameters are the master weights. bf16/fp16: the model holds
+low-precision parameters, the optimizer an fp32 copy of each; after every step the copy is written
+back. Biases and norm weights (every parameter with fewer than 2 dimensions) get no weight decay.
+torch's fused (GPU) or foreach (CPU) AdamW is used; apex's FusedAdam when installed, on GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import OptimizerConfig
+from .clip import clip_by_norm, counted_once, global_grad_norm
+
+
+def _adamw(groups: list[dict], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except ImportError:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class Optimizer:
+    """One optimizer step over this rank's parameters: global-norm clipping, then AdamW.
+
+    ``params`` must have ``main_grad`` (see GradBuffer), already reduced over every group.
+    ``norm_group`` is the group the gradient norm is summed over (TP × PP: the model-parallel group).
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        cfg: OptimizerConfig,
+        norm_group: Optional[dist.ProcessGroup],
+        tp_rank: int = 0,
+    ):
+        self.cfg, self.norm_group = cfg, norm_group
+        self.model_params = list(params)
+        self.master_params = [
+            p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params
+        ]
+        self.counted = [counted_once(p, tp_rank) for p in self.model_params]
+        decay = [m for m in self.master_params if m.ndim >= 2]
+        no_decay = [m for m in self.master_params if m.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.inner = _adamw([g for g in groups if g["params"]], cfg, self.model_params[0].device)
+
+    def step(self, lr: float) -> float:
+        """Clip and update; returns the global gradient norm before clipping."""
+        for master, p in zip(self.master_params, self.model_params):
+            master.grad = p.main_grad
+        grads = [m.grad for m in self.master_params]
+        norm = global_grad_norm([g for g, c in zip(grads, self.counted) if c], self.norm_group)
+        clip_by_norm(grads, norm, self.cfg.clip_grad)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        with torch.no_grad():
+            for master, p in zip(self.master_params, self.model_params):
+                if master is not p:
+                    p.copy_(master)
+                master.grad = None
+        return norm
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""The training loop and its outputs (console, metrics.jsonl, wandb, tensorboard)."""

@@ -1,0 +1,246 @@
+"""The training loop: one object that owns this rank's model chunks, data, optimizer and schedule.
+
+One iteration:
+  1. this DP rank's microbatches of the global batch (the sampler; only the fields this pipeline
+     stage reads);
+  2. the pipeline schedule runs every microbatch's forward and backward over the model chunks
+     (PP = 1 is the same code with one stage), accumulating fp32 gradients;
+  3. gradients finished: sequence-parallel sums over TP, tied-embedding sum over the embedding group,
+     average over DP (optim/grads.py);
+  4. AdamW step with the scheduled learning rate after clipping by the global norm;
+  5. the loss (mean over the global batch) and throughput logged by the logging rank.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..config import Config, ParallelDims, padded_vocab_size
+from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from ..model import build_model_chunks, model_flops_per_iteration
+from ..optim import GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..parallel.collectives import TPGroup
+from ..parallel.state import ParallelState
+from ..pipeline import schedules
+from ..pipeline.executor import run_schedule, save_trace
+from .metrics import MetricsLogger, console_line
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16 peak FLOP/s by device name (vendor datasheets), for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class Trainer:
+    """Builds everything for this rank from a validated config and runs ``train()``."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, state: ParallelState):
+        self.cfg, self.dims, self.state = cfg, dims, state
+        m, t = cfg.model, cfg.training
+        self.device = state.device
+        self.dtype = DTYPES[t.precision]
+        backend = ops.use_backend(m.kernel_backend)
+        if state.rank == 0:
+            print(f"kernel backend: {backend}", flush=True)
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        vocab = m.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, dims.tp)
+        self.tp = TPGroup.from_state(state, dims.sequence_parallel)
+        self.chunks = build_model_chunks(
+            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device
+        )
+        for chunk in self.chunks:
+            chunk.to(self.dtype)
+        self.params = _unique_params(self.chunks)
+        self.grads = GradBuffer(self.params)
+        self.optimizer = Optimizer(self.params, cfg.optimizer, state.mp_group, state.tp_rank)
+
+        gbs = t.global_batch_size
+        evaluations = t.train_iters // t.eval_interval + 1
+        splits = build_datasets(
+            cfg.data, self.tokenizer, m.seq_length, t.seed,
+            (t.train_iters * gbs, evaluations * t.eval_iters * gbs, t.eval_iters * gbs),
+        )
+        self.train_data, self.valid_data = splits[0], splits[1]
+        self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
+        self.iteration = 0
+        self.consumed_samples = 0
+
+        seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
+        self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
+        self.actions = schedules.schedule(dims.pipeline_schedule, dims.pp, dims.vpp, dims.num_microbatches, state.pp_rank)
+        self.eval_actions = schedules.schedule(
+            dims.pipeline_schedule, dims.pp, dims.vpp, dims.num_microbatches, state.pp_rank, forward_only=True
+        )
+        self.flops_per_iteration = model_flops_per_iteration(m, self.vocab_size, gbs)
+        self.peak_flops = device_peak_flops(self.device)
+        # The logging rank holds the loss: last pipeline stage, first TP rank, first DP replica.
+        self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
+        self.logger: Optional[MetricsLogger] = None
+
+    # One step ----------------------------------------------------------------------------------
+    def _forward_step(self, chunk_index: int, x: Optional[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chunk = self.chunks[chunk_index]
+        if x is None:
+            x = batch["tokens"].to(self.device)
+        if not chunk.spec.post_process:
+            return chunk(x)
+        losses = chunk(x, batch["labels"].to(self.device))
+        mask = batch["loss_mask"].to(self.device)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
+        sampler = MicrobatchSampler(
+            consumed + self.cfg.training.global_batch_size, consumed, self.cfg.training.micro_batch_size,
+            self.cfg.training.global_batch_size, self.state.dp_rank, self.state.dp_size,
+        )
+        return [collate(dataset, indices, self.fields) for indices in next(iter(sampler))]
+
+    def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
+        """The last stage's mean loss averaged over DP (NaN on other stages, which have none)."""
+        if not self.state.is_last_stage:
+            return math.nan
+        loss = loss.detach().float().reshape(1).clone()
+        if self.state.dp_size > 1:
+            dist.all_reduce(loss, group=self.state.dp_group)
+            loss /= self.state.dp_size
+        return loss.item()
+
+    def train_step(self) -> dict[str, float]:
+        """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr."""
+        for chunk in self.chunks:
+            chunk.train()
+        self.grads.zero()
+        batches = self._microbatches(self.train_data, self.consumed_samples)
+        trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
+        loss = run_schedule(
+            self.actions, self.chunks, self.state, batches, self._forward_step,
+            self.activation_shape, self.dtype, trace=trace,
+        )
+        if trace is not None:
+            save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
+                       self.dims.vpp, self.dims.num_microbatches)
+        finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
+        lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
+        grad_norm = self.optimizer.step(lr)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.training.global_batch_size
+        return {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_iters`` global batches of the validation split (forward only)."""
+        t = self.cfg.training
+        for chunk in self.chunks:
+            chunk.eval()
+        total = 0.0
+        start = (self.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size
+        for k in range(t.eval_iters):
+            batches = self._microbatches(self.valid_data, start + k * t.global_batch_size)
+            loss = run_schedule(
+                self.eval_actions, self.chunks, self.state, batches, self._forward_step,
+                self.activation_shape, self.dtype, forward_only=True,
+            )
+            total += self._global_mean(loss)
+        return total / max(1, t.eval_iters)
+
+    # The loop ----------------------------------------------------------------------------------
+    def train(self) -> None:
+        t, log = self.cfg.training, self.cfg.logging
+        if self.is_logging_rank:
+            self.logger = MetricsLogger(log, self.cfg, resumed=self.iteration > 0)
+        tokens_per_iteration = t.global_batch_size * self.cfg.model.seq_length
+        run_start = time.time()
+        start_iteration = self.iteration
+        if self.iteration == 0:
+            self._log_eval()  # the starting point, about ln(vocabulary size)
+        while self.iteration < t.train_iters:
+            start = time.perf_counter()
+            out = self.train_step()
+            elapsed = time.perf_counter() - start
+            if self.logger is not None:
+                self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
+            if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
+                self._log_eval()
+            if self._time_is_up(run_start):
+                break
+        self._log_eval()
+        if self.logger is not None:
+            print(f"metrics: {self.logger.path}  (plot: python scripts/plot_metrics.py {self.logger.path})", flush=True)
+            self.logger.close()
+
+    def _log_train(self, out: dict, elapsed: float, tokens: int, run_start: float, start_iteration: int) -> None:
+        t = self.cfg.training
+        done = self.iteration - start_iteration
+        eta = (time.time() - run_start) / done * (t.train_iters - self.iteration)
+        tflops = self.flops_per_iteration / elapsed / self.state.world_size / 1e12
+        record = {
+            "iteration": self.iteration, "consumed_samples": self.consumed_samples, "loss": out["loss"],
+            "lr": out["lr"], "grad_norm": out["grad_norm"], "ms_per_iter": elapsed * 1e3,
+            "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
+            "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
+            "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
+        }
+        show = self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == t.train_iters
+        self.logger.log(record, console_line(record, t.train_iters) if show else None)
+
+    def _log_eval(self) -> None:
+        if not self.cfg.training.eval_iters or self.valid_data is None:
+            return
+        loss = self.evaluate()
+        if self.logger is not None:
+            self.logger.log(
+                {"iteration": self.iteration, "split": "valid", "loss": loss},
+                f"validation at iteration {self.iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}",
+            )
+
+    def _time_is_up(self, run_start: float) -> bool:
+        """training.exit_duration_mins reached, agreed across ranks (all stop at the same iteration)."""
+        limit = self.cfg.training.exit_duration_mins
+        if limit is None:
+            return False
+        flag = torch.tensor([float(time.time() - run_start > 60 * limit)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.state.rank == 0:
+            print(f"training.exit_duration_mins={limit} reached at iteration {self.iteration}", file=sys.stderr)
+        return bool(flag.item())
+
+
+def _unique_params(chunks) -> list[torch.nn.Parameter]:
+    seen: dict[int, torch.nn.Parameter] = {}
+    for chunk in chunks:
+        for p in chunk.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str, Any]:
+    """What rank 0 prints at start-up."""
+    n_params = sum(p.numel() for p in trainer.params)
+    return {
+        "layout": f"TP={dims.tp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
+        "schedule": dims.pipeline_schedule, "microbatches": dims.num_microbatches,
+        "sequence_parallel": dims.sequence_parallel, "vocab_size_padded": trainer.vocab_size,
+        "parameters_on_rank0": n_params, "precision": cfg.training.precision,
+    }
