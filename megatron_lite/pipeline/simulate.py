@@ -3,8 +3,9 @@
 ``simulate(actions_per_rank, p, v, m)`` runs every rank's action list (``schedules.py``) under the
 executor's semantics: a computation takes its cost (forward ``t_f / v``, backward ``t_b / v`` per
 chunk, with ``t_f = 1``, ``t_b = 2`` for a full stage by default); consecutive messages form one
-batch, posted when the rank reaches it and finished, ``t_comm`` later, once every peer has posted
-the batch holding the other end of each of its messages. Along the way it checks that
+batch, posted when the rank reaches it; its sends never hold the rank back, its receives hold it
+until each message has arrived, ``t_comm`` after the peer posted the send. Along the way it checks
+that
 
 - no rank waits forever (a deadlock names each stuck rank and what it waits for);
 - every microbatch runs forward and backward exactly once on every chunk, a forward after its input
@@ -134,7 +135,7 @@ def simulate(
     """Play the action lists of all ``p`` ranks; raise ScheduleError if they cannot run.
 
     ``t_f`` / ``t_b`` are the forward / backward times of a full stage (each of the ``v`` chunks
-    takes ``1/v`` of them); ``t_comm`` is the time of one message batch once both ends are posted.
+    takes ``1/v`` of them); ``t_comm`` is the time a message travels (it overlaps computation).
     """
     if len(actions_per_rank) != p:
         raise ScheduleError(f"expected {p} action lists, got {len(actions_per_rank)}")
@@ -197,8 +198,8 @@ def simulate(
             sender = ends[(S.message_id(p, rk.rank, msg), True)]
             if sender not in posted:
                 return False
-            start = max(start, posted[sender])
-        rk.clock = start + t_comm
+            start = max(start, posted[sender] + t_comm)  # in flight for t_comm after the send
+        rk.clock = start
         rk.posted_at = None
         for msg in batch:
             if not isinstance(msg, S.SENDS):
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--t-forward", type=float, default=1.0, help="forward time of a full stage")
     parser.add_argument("--t-backward", type=float, default=2.0, help="backward time of a full stage")
-    parser.add_argument("--t-comm", type=float, default=0.0, help="time of one message batch")
+    parser.add_argument("--t-comm", type=float, default=0.0, help="time a message travels")
     parser.add_argument("--trace", help="a trace JSON written by the executor: report and draw it")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--plot", help="write the timeline to this PNG (needs matplotlib)")
