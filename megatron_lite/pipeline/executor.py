@@ -23,8 +23,9 @@ data-parallel reduction is the caller's job). It keeps each forward's input and 
 that microbatch's backward on the chunk is done. It returns the mean loss (detached, 0-dim) on the
 last stage and ``None`` elsewhere; ``broadcast_loss=True`` broadcasts it over the pipeline group so
 every stage returns it. ``forward_only`` runs the forwards without autograd (evaluation; the action
-list must be forward-only too). ``trace``, a list, receives one event per action with wall-clock
-start and end (``save_trace`` writes a run's events for ``simulate --trace``). ``stats``, a
+list must be forward-only too). ``trace``, a list, receives one event per computation and per
+message batch with wall-clock start and end (``save_trace`` writes a run's events for ``simulate
+--trace``; on a GPU these are host times: kernels may still run after an event ends). ``stats``, a
 ``ScheduleStats``, receives the peak number of live (microbatch, chunk) activation sets.
 """
 
@@ -89,7 +90,7 @@ def _forward(run: _Run, op: S.Forward, microbatches: Sequence[Any], forward_step
                 f"forward_step on the last chunk must return a scalar loss, got shape {tuple(out.shape)}"
             )
         out = out.reshape(()) / run.m  # the mean over the global batch
-        loss = out.detach()
+        loss = out.detach().float()  # summed in fp32 whatever the compute precision
         run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
     else:
         if tuple(out.shape) != tuple(tensor_shape):
