@@ -12,10 +12,10 @@ that rank does:
 
 Each message names the microbatch, the *local* chunk on this rank that produces (send) or consumes
 (recv) it, and the peer's pipeline rank. Consecutive messages form one batch that the executor posts
-together (``batch_isend_irecv``) and waits for as a whole, as Megatron's ``send_forward_recv_backward``
-does, so that paired sends and receives never wait on each other. The simulator checks every list
-under exactly these semantics: no deadlock, each microbatch's forward and backward once per chunk in
-dependency order, and messages on each rank-to-rank channel received in the order they are sent.
+together (``batch_isend_irecv``); it then waits for the batch's receives, while its sends stay in
+flight and never hold the rank back. The simulator checks every list under exactly these semantics:
+no deadlock, each microbatch's forward and backward once per chunk in dependency order, and messages
+on each rank-to-rank channel received in the order they are sent.
 
 The three schedules differ only in the order of their computations (``_compute_order``); the messages
 are then placed mechanically around them (``_with_messages``): each input is received just before the
