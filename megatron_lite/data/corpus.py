@@ -10,7 +10,6 @@ import hashlib
 from pathlib import Path
 
 from megatron_lite.data.indexed_dataset import data_paths
-from megatron_lite.data.preprocess import preprocess
 from megatron_lite.data.tokenizer import Tokenizer
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus" / "kjv.jsonl.xz"
@@ -23,5 +22,8 @@ def bundled_corpus_prefix(tokenizer: Tokenizer, cache_dir: Path) -> str:
     output = cache_dir / f"kjv-{digest.hexdigest()[:16]}"
     prefix = f"{output}_text_document"
     if not all(path.is_file() for path in data_paths(prefix)):
+        # Imported here so that `python -m megatron_lite.data.preprocess` does not import itself twice.
+        from megatron_lite.data.preprocess import preprocess
+
         preprocess(BUNDLED_CORPUS, output, tokenizer=tokenizer, json_key="text", append_eod=True)
     return prefix

@@ -136,8 +136,15 @@ class IndexedDatasetWriter:
     def add_document(self, tokens) -> None:
         """Append one document (a sequence of token ids)."""
         data = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(data.tobytes(order="C"))
-        self._lengths.append(len(data))
+        self.add_documents(data, np.array([len(data)], dtype=np.int32))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given back to back in ``tokens``, ``lengths[i]`` tokens each."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if int(np.sum(lengths, dtype=np.int64)) != len(data):
+            raise ValueError(f"lengths add up to {int(np.sum(lengths))}, not the {len(data)} tokens given")
+        self._bin.write(data.tobytes())
+        self._lengths.extend(np.asarray(lengths, dtype=np.int32).tolist())
 
     def abort(self) -> None:
         """Drop what was written: no output files appear."""

@@ -55,9 +55,10 @@ class _Encoder:
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.key, self.append_eod, self.skip_empty, self.source = json_key, append_eod, skip_empty, source
 
-    def encode(self, batch: list[tuple[int, bytes]]) -> list[Optional[np.ndarray]]:
-        """One token array per line; None for an empty document that is to be skipped."""
-        out: list[Optional[np.ndarray]] = []
+    def encode(self, batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(the batch's tokens back to back, int32 length of each kept document, empty ones skipped)."""
+        documents: list[list[int]] = []
+        skipped = 0
         for number, line in batch:
             where = f"{self.source}:{number}"
             ids = self.tokenizer.tokenize(document_text(line, self.key, where))
@@ -67,12 +68,15 @@ class _Encoder:
                         f"{where}: empty document (key {self.key!r} has no tokens); "
                         "remove it or pass --skip-empty"
                     )
-                out.append(None)
+                skipped += 1
                 continue
             if self.append_eod:
                 ids.append(self.tokenizer.eod)
-            out.append(np.asarray(ids, dtype=self.dtype))
-        return out
+            documents.append(ids)
+        # One flat array per batch: far cheaper to send back from a worker than one per document.
+        lengths = np.fromiter((len(ids) for ids in documents), dtype=np.int32, count=len(documents))
+        tokens = np.fromiter((t for ids in documents for t in ids), dtype=self.dtype, count=int(lengths.sum()))
+        return tokens, lengths, skipped
 
 
 _worker_encoder: Optional[_Encoder] = None
@@ -83,7 +87,7 @@ def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], *args) -> 
     _worker_encoder = _Encoder(load_tokenizer(tokenizer_type, tokenizer_model), *args)
 
 
-def _encode_in_worker(batch: list[tuple[int, bytes]]) -> list[Optional[np.ndarray]]:
+def _encode_in_worker(batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray, int]:
     assert _worker_encoder is not None
     return _worker_encoder.encode(batch)
 
@@ -137,15 +141,13 @@ def preprocess(
     stats = PreprocessStats()
     start = last_report = time.perf_counter()
 
-    def consume(arrays: list[Optional[np.ndarray]]) -> None:
+    def consume(encoded: tuple[np.ndarray, np.ndarray, int]) -> None:
         nonlocal last_report
-        for tokens in arrays:
-            if tokens is None:
-                stats.skipped_empty += 1
-                continue
-            writer.add_document(tokens)
-            stats.documents += 1
-            stats.tokens += len(tokens)
+        tokens, lengths, skipped = encoded
+        writer.add_documents(tokens, lengths)
+        stats.documents += len(lengths)
+        stats.tokens += len(tokens)
+        stats.skipped_empty += skipped
         now = time.perf_counter()
         stats.seconds = now - start
         if progress and now - last_report > 1.0:
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-type", default="sentencepiece", choices=("sentencepiece", "huggingface"))
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--append-eod", action="store_true", help="end every document with the eod token")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=False,
+                        help="end every document with the tokenizer's eod token (GPT pretraining wants it)")
     parser.add_argument("--skip-empty", action="store_true",
                         help="drop documents with no tokens instead of stopping with an error")
     args = parser.parse_args(argv)
