@@ -195,3 +195,27 @@ def test_bad_jsonl_and_tokenizer_inputs(tmp_path):
         load_tokenizer("sentencepiece", tmp_path / "absent.model")
     # The CLI turns them into one line on stderr and exit status 2.
     assert preprocess_main(["--input", str(tmp_path / "nothere.jsonl"), "--output-prefix", str(out)]) == 2
+
+
+def test_huggingface_tokenizer_json(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the HuggingFace `tokenizers` package is not installed")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(TEXTS * 10, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer("huggingface", tmp_path / "tokenizer.json")
+    assert tok.eod == hf.token_to_id("<|endoftext|>") and tok.pad == tok.eod
+    assert all(tok.detokenize(tok.tokenize(t)) == t for t in TEXTS)
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    prefix, _ = preprocess(source, tmp_path / "hf", tokenizer_model=tmp_path / "tokenizer.json",
+                           tokenizer_type="huggingface", workers=2)
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(t) + [tok.eod] for t in TEXTS]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match=r"bad\.json: not a HuggingFace tokenizer.json"):
+        load_tokenizer("huggingface", tmp_path / "bad.json")

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from megatron_lite.config import DataConfig, TokenizerConfig
-from megatron_lite.data import DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from megatron_lite.data import (
+    FIELDS, DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate, microbatch_loader, stage_fields,
+)
 from megatron_lite.data.distributed import first_rank_then_rest
 
 
@@ -74,6 +76,17 @@ def test_collate_and_stage_fields(tmp_path):
     assert stage_fields(True, True) == ("tokens", "labels", "loss_mask")
     assert collate(train, [0], stage_fields(False, False)) == {}
     assert set(collate(train, [0], stage_fields(False, True))) == {"labels", "loss_mask"}
+    # The loader yields the same microbatches in-process and from DataLoader workers.
+    in_process = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2)))
+    workers = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2), num_workers=2))
+    assert len(in_process) == len(workers) == 2 and len(workers[0]) == 2
+    for ours, theirs in zip(in_process, workers):
+        for a, b in zip(ours, theirs):
+            assert a.keys() == b.keys() == set(FIELDS)
+            for field in FIELDS:
+                torch.testing.assert_close(a[field], b[field], rtol=0, atol=0)
+    middle = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2), fields=()))
+    assert middle == [[{}, {}], [{}, {}]]
 
 
 def test_sampler_rejects_bad_settings():

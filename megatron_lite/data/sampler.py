@@ -12,6 +12,7 @@ sample.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -85,3 +86,29 @@ def collate(dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> 
         return {}
     samples = [dataset[i] for i in indices]
     return {field: torch.stack([sample[field] for sample in samples]) for field in fields}
+
+
+def microbatch_loader(
+    dataset, sampler: MicrobatchSampler, fields: Sequence[str] = FIELDS, num_workers: int = 0
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per iteration, this rank's ``num_microbatches`` collated microbatches (see ``collate``).
+
+    ``num_workers`` > 0 (``data.num_workers``) loads them in DataLoader worker processes, a few
+    microbatches ahead; the sampler's ``consumed_samples`` then runs ahead of training too, so
+    checkpoints should record the trainer's own count (iterations × global batch size). A stage that
+    needs no fields gets empty dicts and reads nothing.
+    """
+    if not fields or num_workers == 0:
+        for microbatches in sampler:
+            yield [collate(dataset, indices, fields) for indices in microbatches]
+        return
+    iterations = len(sampler)  # before the workers start to pull from the sampler
+    flat = (indices for microbatches in sampler for indices in microbatches)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=flat, num_workers=num_workers,
+        collate_fn=lambda samples: {f: torch.stack([s[f] for s in samples]) for f in fields},
+        multiprocessing_context="fork" if hasattr(os, "fork") else None,
+    )
+    stream = iter(loader)
+    for _ in range(iterations):
+        yield [next(stream) for _ in range(sampler.num_microbatches)]
