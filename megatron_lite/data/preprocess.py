@@ -1,4 +1,4 @@
-"""Tokenize a JSONL corpus into Megatron's ``.bin``/``.idx`` format, streaming, with N worker processes.
+"""Tokenize a JSONL corpus into Megatron's ``.bin``/``.idx`` format, streaming, with N workers.
 
     python -m megatron_lite.data.preprocess --input corpus.jsonl[.gz|.xz] --json-key text \\
         --tokenizer-model tok.model --output-prefix data/corpus --workers 4 --append-eod
@@ -50,13 +50,16 @@ class PreprocessStats:
 class _Encoder:
     """Turns a batch of JSON lines into token arrays; one per worker process (or in-process)."""
 
-    def __init__(self, tokenizer: Tokenizer, json_key: str, append_eod: bool, skip_empty: bool, source: str):
+    def __init__(
+        self, tokenizer: Tokenizer, json_key: str, append_eod: bool, skip_empty: bool, source: str
+    ):
         self.tokenizer = tokenizer
-        self.dtype = token_dtype(self.tokenizer.vocab_size)
-        self.key, self.append_eod, self.skip_empty, self.source = json_key, append_eod, skip_empty, source
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.key, self.append_eod, self.skip_empty = json_key, append_eod, skip_empty
+        self.source = source
 
     def encode(self, batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray, int]:
-        """(the batch's tokens back to back, int32 length of each kept document, empty ones skipped)."""
+        """(the batch's tokens back to back, int32 length of each kept document, number skipped)."""
         documents: list[list[int]] = []
         skipped = 0
         for number, line in batch:
@@ -75,7 +78,8 @@ class _Encoder:
             documents.append(ids)
         # One flat array per batch: far cheaper to send back from a worker than one per document.
         lengths = np.fromiter((len(ids) for ids in documents), dtype=np.int32, count=len(documents))
-        tokens = np.fromiter((t for ids in documents for t in ids), dtype=self.dtype, count=int(lengths.sum()))
+        flat = (t for ids in documents for t in ids)
+        tokens = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
         return tokens, lengths, skipped
 
 
@@ -134,7 +138,8 @@ def preprocess(
     if tokenizer is None:  # loaded here first: a bad model fails before any pool starts
         tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     else:
-        tokenizer_type = "huggingface" if isinstance(tokenizer, HuggingFaceTokenizer) else "sentencepiece"
+        hf = isinstance(tokenizer, HuggingFaceTokenizer)
+        tokenizer_type = "huggingface" if hf else "sentencepiece"
     encoder_args = (json_key, append_eod, skip_empty, str(input_path))
     local = _Encoder(tokenizer, *encoder_args)
     writer = IndexedDatasetWriter(prefix, local.dtype)
@@ -183,19 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="JSONL file, optionally .gz or .xz")
     parser.add_argument("--json-key", default="text", help="field holding the document text")
     parser.add_argument("--tokenizer-model", default=None,
-                        help="sentencepiece .model or HF tokenizer.json (default: the bundled tokenizer)")
-    parser.add_argument("--tokenizer-type", default="sentencepiece", choices=("sentencepiece", "huggingface"))
+                        help="sentencepiece .model or HF tokenizer.json (default: the bundled one)")
+    parser.add_argument("--tokenizer-type", default="sentencepiece",
+                        choices=("sentencepiece", "huggingface"))
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=False,
-                        help="end every document with the tokenizer's eod token (GPT pretraining wants it)")
+                        help="end every document with the tokenizer's eod token (GPT wants it)")
     parser.add_argument("--skip-empty", action="store_true",
                         help="drop documents with no tokens instead of stopping with an error")
     args = parser.parse_args(argv)
     try:
         prefix, stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type, args.json_key,
-            args.workers, args.append_eod, args.skip_empty, progress=True,
+            args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type,
+            args.json_key, args.workers, args.append_eod, args.skip_empty, progress=True,
         )
     except DataError as err:
         print(f"preprocess: {err}", file=sys.stderr)
