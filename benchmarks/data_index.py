@@ -3,7 +3,8 @@
     python benchmarks/data_index.py [--tokens 1e9] [--seq-length 2048] [--blend-samples 1e6]
 
 Synthetic corpus: log-normal document lengths (median ~600 tokens) adding up to --tokens, one
-epoch shuffled as GPTDataset does it. Prints seconds per builder and the speed-up over the reference.
+epoch shuffled as GPTDataset does it. Prints seconds per builder and the speed-up over the
+reference.
 """
 
 from __future__ import annotations
@@ -41,18 +42,22 @@ def main() -> None:
     if module is None:
         sys.exit("the C++ helpers could not be built; nothing to compare")
     rng = np.random.RandomState(0)
-    lengths = np.maximum(1, rng.lognormal(6.4, 1.0, size=int(args.tokens / 900) + 1)).astype(np.int32)
+    draws = rng.lognormal(6.4, 1.0, size=int(args.tokens / 900) + 1)
+    lengths = np.maximum(1, draws).astype(np.int32)
     lengths = lengths[: np.searchsorted(np.cumsum(lengths, dtype=np.int64), args.tokens) + 1]
     total = int(lengths.sum(dtype=np.int64))
-    t_doc, doc_idx = timed(lambda: indices.build_doc_idx(np.arange(len(lengths)), 1, np.random.RandomState(1)), 1)
+    documents = np.arange(len(lengths))
+    t_doc, doc_idx = timed(lambda: indices.build_doc_idx(documents, 1, np.random.RandomState(1)), 1)
     num_samples = (total - 1) // args.seq_length
     print(f"corpus: {len(lengths):,} documents, {total:,} tokens; {num_samples:,} samples of "
           f"{args.seq_length} tokens; document shuffle {t_doc:.2f} s")
 
-    t_np, ref = timed(lambda: indices.build_sample_idx_numpy(lengths, doc_idx, args.seq_length, num_samples), args.repeats)
-    t_cpp, out = timed(lambda: module.build_sample_idx(lengths, doc_idx, args.seq_length, num_samples), args.repeats)
+    build_args = (lengths, doc_idx, args.seq_length, num_samples)
+    t_np, ref = timed(lambda: indices.build_sample_idx_numpy(*build_args), args.repeats)
+    t_cpp, out = timed(lambda: module.build_sample_idx(*build_args), args.repeats)
     assert np.array_equal(ref, out)
-    print(f"sample index  numpy {t_np:8.3f} s (reference)   C++ {t_cpp:8.3f} s   speed-up {t_np / t_cpp:6.1f}x")
+    print(f"sample index  numpy {t_np:8.3f} s (reference)   C++ {t_cpp:8.3f} s   "
+          f"speed-up {t_np / t_cpp:6.1f}x")
 
     size = int(args.blend_samples)
     weights = np.array([0.5, 0.3, 0.15, 0.05])

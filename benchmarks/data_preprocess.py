@@ -23,7 +23,7 @@ from megatron_lite.data.preprocess import preprocess  # noqa: E402
 
 
 def measured(source: Path, output: Path, workers: int):
-    """(stats, user+system CPU seconds of this process and its workers) for one preprocessing run."""
+    """(stats, user + system CPU seconds of this process and its workers) for one run."""
     before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     _, stats = preprocess(source, output, workers=workers)
     after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -46,13 +46,15 @@ def main() -> None:
         print(f"input: {source.stat().st_size / 1e6:.1f} MB, {len(lines) * args.copies} documents")
         reference = None
         for workers in args.workers:
-            # Best of --repeats: the machine may be shared, and the fastest run is the least disturbed.
-            runs = [measured(source, Path(tmp) / f"w{workers}", workers) for _ in range(args.repeats)]
+            # Best of --repeats: on a shared machine the fastest run is the least disturbed.
+            output = Path(tmp) / f"w{workers}"
+            runs = [measured(source, output, workers) for _ in range(args.repeats)]
             stats, cpu = min(runs, key=lambda run: run[0].seconds)
             rate = stats.tokens / stats.seconds
             reference = reference or rate
-            print(f"workers {workers}: {stats.line()}   {rate / reference:.2f}x of {args.workers[0]} worker(s); "
-                  f"{cpu:.2f} CPU-s in all ({stats.tokens / cpu:.0f} tokens per CPU-s)")
+            print(f"workers {workers}: {stats.line()}   {rate / reference:.2f}x of "
+                  f"{args.workers[0]} worker(s); {cpu:.2f} CPU-s in all "
+                  f"({stats.tokens / cpu:.0f} tokens per CPU-s)")
 
 
 if __name__ == "__main__":
