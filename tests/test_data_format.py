@@ -103,14 +103,15 @@ def test_reads_a_file_written_from_the_format_description(tmp_path):
 
 def test_production_32k_sentencepiece_tokenizer(tmp_path):
     """LLaMA-family 32k sentencepiece model (mistral_common's tokenizer.model.v1, Apache-2.0)."""
-    download = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-         "mistral_common", "-d", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    wheels = list(tmp_path.glob("mistral_common-*.whl"))
-    if download.returncode or not wheels:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--timeout", "15", "--retries", "1", "mistral_common", "-d", str(tmp_path)]
+    try:
+        download = subprocess.run(command, capture_output=True, text=True, timeout=90)
         reason = download.stderr.strip()[-200:]
+    except subprocess.TimeoutExpired:
+        reason = "pip took over 90 s"
+    wheels = list(tmp_path.glob("mistral_common-*.whl"))
+    if not wheels:
         pytest.skip(f"could not pip download mistral_common (no network?): {reason}")
     member = "mistral_common/data/tokenizer.model.v1"
     with zipfile.ZipFile(wheels[0]) as wheel:

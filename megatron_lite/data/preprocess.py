@@ -129,8 +129,9 @@ def preprocess(
 
     The tokenizer is ``tokenizer`` if given, else loaded from ``tokenizer_type``/``tokenizer_model``
     (model None: the bundled one); worker processes load their own copy from its file.
-    ``workers`` = 1 tokenizes in this process; more starts a pool. Returns the dataset prefix and
-    the counts. Raises DataError naming the file and line of any bad document.
+    ``workers`` = 1 tokenizes in this process; more starts a pool. ``append_eod`` defaults to on
+    here and off on the command line (``--append-eod``, as in Megatron). Returns the dataset prefix
+    and the counts. Raises DataError naming the file and line of any bad document.
     """
     if workers < 1:
         raise DataError(f"--workers: must be at least 1, got {workers}")
