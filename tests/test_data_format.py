@@ -1,4 +1,4 @@
-"""Tokenizers, JSONL → .bin/.idx preprocessing, the MMIDIDX format, and the errors bad input gets."""
+"""Tokenizers, JSONL → .bin/.idx preprocessing, the MMIDIDX format, and errors for bad input."""
 
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ def test_bundled_tokenizer_round_trips_any_text(tok):
 
 
 def test_preprocess_round_trip_with_one_and_two_workers(tmp_path, tok):
-    source = write_jsonl(tmp_path / "docs.jsonl.gz", [{"text": t, "id": i} for i, t in enumerate(TEXTS * 150)])
+    records = [{"text": t, "id": i} for i, t in enumerate(TEXTS * 150)]
+    source = write_jsonl(tmp_path / "docs.jsonl.gz", records)
     prefixes = []
     for workers in (1, 2):
-        prefix, stats = preprocess(source, tmp_path / f"w{workers}", json_key="text", workers=workers)
+        prefix, stats = preprocess(source, tmp_path / f"w{workers}", workers=workers)
         assert stats.documents == len(TEXTS) * 150
         prefixes.append(prefix)
     ds = IndexedDataset(prefixes[0])
@@ -96,20 +97,22 @@ def test_reads_a_file_written_from_the_format_description(tmp_path):
     ours_idx = (tmp_path / "ours.idx").read_bytes()
     ext_idx = (tmp_path / "ext.idx").read_bytes()
     header_and_arrays = 9 + 8 + 1 + 16 + 12 * len(sequences)
-    assert ours_idx[:9 + 8 + 1 + 8] == ext_idx[:9 + 8 + 1 + 8]  # magic, version, dtype, sequence count
+    assert ours_idx[:26] == ext_idx[:26]  # magic, version, dtype, sequence count
     assert ours_idx[34:header_and_arrays] == ext_idx[34:header_and_arrays]  # lengths and pointers
 
 
 def test_production_32k_sentencepiece_tokenizer(tmp_path):
     """LLaMA-family 32k sentencepiece model (mistral_common's tokenizer.model.v1, Apache-2.0)."""
-    download = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-         "mistral_common", "-d", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--timeout", "15", "--retries", "1", "mistral_common", "-d", str(tmp_path)]
+    try:
+        download = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        reason = download.stderr.strip()[-200:]
+    except subprocess.TimeoutExpired:
+        reason = "pip took over 90 s"
     wheels = list(tmp_path.glob("mistral_common-*.whl"))
-    if download.returncode or not wheels:
-        pytest.skip(f"could not pip download mistral_common (no network or index?): {download.stderr[-200:]}")
+    if not wheels:
+        pytest.skip(f"could not pip download mistral_common (no network?): {reason}")
     member = "mistral_common/data/tokenizer.model.v1"
     with zipfile.ZipFile(wheels[0]) as wheel:
         if member not in wheel.namelist():
@@ -132,7 +135,8 @@ def test_production_32k_sentencepiece_tokenizer(tmp_path):
 
 def test_train_tokenizer_cli(tmp_path):
     source = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS * 20])
-    assert train_tokenizer_main(["--input", str(source), "--vocab-size", "300", "--output", str(tmp_path / "tok")]) == 0
+    args = ["--input", str(source), "--vocab-size", "300", "--output", str(tmp_path / "tok")]
+    assert train_tokenizer_main(args) == 0
     tok = load_tokenizer("sentencepiece", tmp_path / "tok.model")
     assert tok.vocab_size == 300
     assert all(tok.detokenize(tok.tokenize(t)) == t for t in TEXTS)
@@ -194,4 +198,29 @@ def test_bad_jsonl_and_tokenizer_inputs(tmp_path):
     with pytest.raises(DataError, match=r"absent\.model: tokenizer model not found"):
         load_tokenizer("sentencepiece", tmp_path / "absent.model")
     # The CLI turns them into one line on stderr and exit status 2.
-    assert preprocess_main(["--input", str(tmp_path / "nothere.jsonl"), "--output-prefix", str(out)]) == 2
+    args = ["--input", str(tmp_path / "nothere.jsonl"), "--output-prefix", str(out)]
+    assert preprocess_main(args) == 2
+
+
+def test_huggingface_tokenizer_json(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="`tokenizers` is not installed")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(TEXTS * 10, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer("huggingface", tmp_path / "tokenizer.json")
+    assert tok.eod == hf.token_to_id("<|endoftext|>") and tok.pad == tok.eod
+    assert all(tok.detokenize(tok.tokenize(t)) == t for t in TEXTS)
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    prefix, _ = preprocess(source, tmp_path / "hf", tokenizer_model=tmp_path / "tokenizer.json",
+                           tokenizer_type="huggingface", workers=2)
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(t) + [tok.eod] for t in TEXTS]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match=r"bad\.json: not a HuggingFace tokenizer.json"):
+        load_tokenizer("huggingface", tmp_path / "bad.json")

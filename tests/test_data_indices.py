@@ -1,4 +1,4 @@
-"""GPT sample indices (C++ and numpy identical), datasets against the raw token stream, blending, splits."""
+"""GPT sample indices (C++ = numpy), datasets against the raw token stream, blending, splits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from megatron_lite.config import DataConfig
-from megatron_lite.data import DataError, GPTDataset, IndexedDataset, IndexedDatasetWriter, build_datasets
+from megatron_lite.data import (
+    DataError, GPTDataset, IndexedDataset, IndexedDatasetWriter, build_datasets,
+)
 from megatron_lite.data import indices
 from megatron_lite.data.builder import parse_paths, parse_split, split_ranges
 
@@ -17,12 +19,12 @@ from megatron_lite.data.builder import parse_paths, parse_split, split_ranges
 def cpp():
     module = indices.helpers()
     if module is None:
-        pytest.skip("the C++ data helpers could not be built (no compiler?); the numpy path is in use")
+        pytest.skip("the C++ data helpers could not be built (no compiler?); numpy is in use")
     return module
 
 
 def write_docs(prefix: Path, lengths, base: int = 0) -> IndexedDataset:
-    """Document d holds tokens base + 100·d + [0, 1, ...], so every token says where it came from."""
+    """Document d holds tokens base + 100·d + [0, 1, ...]: every token says where it came from."""
     writer = IndexedDatasetWriter(prefix, np.uint16)
     for d, length in enumerate(lengths):
         writer.add_document((base + 100 * d + np.arange(length)) % 65000)
@@ -44,7 +46,7 @@ def test_sample_idx_cpp_equals_numpy(cpp):
         twin = indices.build_sample_idx_numpy(sizes, doc_idx, seq_length, num_samples)
         assert ours.dtype == twin.dtype == np.int64
         np.testing.assert_array_equal(ours, twin, err_msg=f"trial {trial}")
-        assert (sizes[doc_idx[ours[:, 0]]] > ours[:, 1]).all()  # never an empty document or past an end
+        assert (sizes[doc_idx[ours[:, 0]]] > ours[:, 1]).all()  # never empty or past an end
         for builder in (cpp.build_sample_idx, indices.build_sample_idx_numpy):
             with pytest.raises(IndexError, match="fewer than"):
                 builder(sizes, doc_idx, seq_length, num_samples + 1 + total // seq_length)
@@ -57,7 +59,7 @@ def test_blending_cpp_equals_python_and_tracks_weights(cpp):
         twin = indices.build_blending_indices_python(w, 5000)
         np.testing.assert_array_equal(which, twin[0])
         np.testing.assert_array_equal(within, twin[1])
-        counts = np.zeros((len(w), 5000), dtype=np.int64)  # counts[k, n-1]: dataset k among the first n
+        counts = np.zeros((len(w), 5000), dtype=np.int64)  # [k, n-1]: dataset k in the first n
         for k in range(len(w)):
             counts[k] = np.cumsum(which == k)
             np.testing.assert_array_equal(within[which == k], np.arange(counts[k, -1]))
@@ -69,7 +71,7 @@ def test_gpt_dataset_samples_are_the_token_stream(tmp_path):
     lengths = [5, 0, 17, 3, 40, 1, 9, 0, 22]
     ds = write_docs(tmp_path / "docs", lengths)
     seq = 8
-    gpt = GPTDataset(ds, 2, 9, num_samples=40, seq_length=seq, seed=7, cache_dir=tmp_path / "cache", name="train")
+    gpt = GPTDataset(ds, 2, 9, 40, seq, seed=7, cache_dir=tmp_path / "cache", name="train")
     per_epoch = sum(lengths[2:9])
     num_epochs = len(gpt.doc_idx) // 7
     assert num_epochs == -(-(40 * seq + 1) // per_epoch) and len(gpt) >= 40
@@ -81,7 +83,8 @@ def test_gpt_dataset_samples_are_the_token_stream(tmp_path):
         j = int(gpt.shuffle_idx[i])
         item = gpt[i]
         np.testing.assert_array_equal(item["tokens"].numpy(), stream[j * seq: j * seq + seq])
-        np.testing.assert_array_equal(item["labels"].numpy(), stream[j * seq + 1: j * seq + seq + 1])
+        labels = stream[j * seq + 1: (j + 1) * seq + 1]
+        np.testing.assert_array_equal(item["labels"].numpy(), labels)
         assert item["loss_mask"].dtype.is_floating_point and item["loss_mask"].sum() == seq
     with pytest.raises(IndexError):
         gpt[len(gpt)]
@@ -97,7 +100,7 @@ def test_gpt_dataset_samples_are_the_token_stream(tmp_path):
 def test_short_last_epoch_is_shuffled_apart(tmp_path):
     ds = write_docs(tmp_path / "docs", [10] * 10)  # 100 tokens per epoch, 12 samples of 8
     # 14 samples: 12 from epoch one, 2 (< 80 % of an epoch) from epoch two.
-    gpt = GPTDataset(ds, 0, 10, num_samples=14, seq_length=8, seed=1, cache_dir=tmp_path, name="train")
+    gpt = GPTDataset(ds, 0, 10, 14, seq_length=8, seed=1, cache_dir=tmp_path, name="train")
     first = (100 - 1) // 8  # samples wholly inside epoch one
     assert sorted(gpt.shuffle_idx[:first].tolist()) == list(range(first))
     assert sorted(gpt.shuffle_idx[first:].tolist()) == list(range(first, len(gpt)))
@@ -107,7 +110,8 @@ def test_split_and_paths_parsing():
     assert parse_split("969,30,1") == pytest.approx([0.969, 0.030, 0.001])
     assert parse_split("8,2") == pytest.approx([0.8, 0.2, 0.0])
     assert split_ranges(parse_split("969,30,1"), 1189) == [(0, 1152), (1152, 1188), (1188, 1189)]
-    assert split_ranges(parse_split("1,1,1"), 10) == [(0, 4), (4, 7), (7, 10)]  # Megatron's rounding
+    # Megatron's rounding: the shortfall moves every boundary.
+    assert split_ranges(parse_split("1,1,1"), 10) == [(0, 4), (4, 7), (7, 10)]
     assert parse_paths(["a"]) == (["a"], [1.0])
     assert parse_paths([0.3, "a", 0.7, "b"]) == (["a", "b"], [0.3, 0.7])
     assert parse_paths(["1", "a", "3", "b"]) == (["a", "b"], [1.0, 3.0])
@@ -135,7 +139,9 @@ def test_blended_splits_from_config(tmp_path):
     # Valid samples come only from the valid documents of each prefix (a: 40-44, b: 64-71).
     docs = {int(valid[i]["tokens"][0]) // 100 for i in range(len(valid))}
     assert docs <= set(range(40, 45)) | {100 + d for d in range(64, 72)}
+    missing = DataConfig(paths=[str(tmp_path / "missing")], cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="missing.idx: not found"):
-        build_datasets(DataConfig(paths=[str(tmp_path / "missing")], cache_dir=str(tmp_path)), None, 16, 3, (4, 0, 0))
+        build_datasets(missing, None, 16, 3, (4, 0, 0))
     with pytest.raises(DataError, match="fewer than one sample"):
-        build_datasets(DataConfig(paths=[str(tmp_path / "a")], cache_dir=str(tmp_path)), None, 2000, 3, (4, 0, 0))
+        small = DataConfig(paths=[str(tmp_path / "a")], cache_dir=str(tmp_path))
+        build_datasets(small, None, 2000, 3, (4, 0, 0))

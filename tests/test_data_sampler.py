@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from megatron_lite.config import DataConfig, TokenizerConfig
-from megatron_lite.data import DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from megatron_lite.data import (
+    FIELDS, DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate,
+    microbatch_loader, stage_fields,
+)
 from megatron_lite.data.distributed import first_rank_then_rest
 
 
@@ -74,6 +77,17 @@ def test_collate_and_stage_fields(tmp_path):
     assert stage_fields(True, True) == ("tokens", "labels", "loss_mask")
     assert collate(train, [0], stage_fields(False, False)) == {}
     assert set(collate(train, [0], stage_fields(False, True))) == {"labels", "loss_mask"}
+    # The loader yields the same microbatches in-process and from DataLoader workers.
+    in_process = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2)))
+    workers = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2), num_workers=2))
+    assert len(in_process) == len(workers) == 2 and len(workers[0]) == 2
+    for ours, theirs in zip(in_process, workers):
+        for a, b in zip(ours, theirs):
+            assert a.keys() == b.keys() == set(FIELDS)
+            for field in FIELDS:
+                torch.testing.assert_close(a[field], b[field], rtol=0, atol=0)
+    middle = list(microbatch_loader(train, MicrobatchSampler(10, 2, 1, 4, 1, 2), fields=()))
+    assert middle == [[{}, {}], [{}, {}]]
 
 
 def test_sampler_rejects_bad_settings():
@@ -111,7 +125,9 @@ def _ranks_build_and_read(cache: str):
 
     state = ParallelState(tp=2, pp=1)
     try:
-        claimed = [first_rank_then_rest(lambda: _claim(Path(cache) / f"claim{k}")) for k in range(3)]
+        claimed = [
+            first_rank_then_rest(lambda: _claim(Path(cache) / f"claim{k}")) for k in range(3)
+        ]
         try:
             first_rank_then_rest(_fail_on_rank0)
             failure = None
@@ -124,7 +140,9 @@ def _ranks_build_and_read(cache: str):
         tokens = [collate(train, mb)["tokens"] for mb in microbatches]
         return {
             "claimed": claimed, "failure": failure, "dp_rank": state.dp_rank,
-            "arrays": _digest(train.doc_idx, train.sample_idx, train.shuffle_idx, valid.shuffle_idx),
+            "arrays": _digest(
+                train.doc_idx, train.sample_idx, train.shuffle_idx, valid.shuffle_idx
+            ),
             "microbatches": microbatches, "tokens": tokens,
         }
     finally:
@@ -134,7 +152,8 @@ def _ranks_build_and_read(cache: str):
 def test_ranks_share_one_build_and_tp_peers_read_the_same_data(ranks, tmp_path):
     results = ranks(4).run(_ranks_build_and_read, str(tmp_path))
     assert all(r["claimed"] == ["0", "0", "0"] for r in results)  # rank 0 built, the others reused
-    assert all("rank 0 failed" in r["failure"] and "deliberate failure" in r["failure"] for r in results[1:])
+    for r in results[1:]:  # the others raise rank 0's error at once, without waiting for a timeout
+        assert "rank 0 failed" in r["failure"] and "deliberate failure" in r["failure"]
     assert "deliberate failure" in results[0]["failure"]
     assert len({r["arrays"] for r in results}) == 1
     assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]  # TP varies fastest

@@ -103,7 +103,8 @@ def _run_configs(pp: int, configs) -> list[dict]:
 
 
 CONFIGS = {
-    # 4 ranks: PP=2 runs as two pipeline groups side by side (DP=2), PP=4 as one.
+    # 4 ranks: PP=1 is four plain replicas, PP=2 two pipeline groups side by side (DP=2), PP=4 one.
+    1: [("1f1b", 1, 3), ("gpipe", 1, 2)],
     2: [("gpipe", 1, 4), ("1f1b", 1, 4), ("1f1b", 1, 1), ("interleaved", 1, 4), ("interleaved", 2, 2),
         ("interleaved", 2, 4)],
     4: [("gpipe", 1, 4), ("1f1b", 1, 6), ("1f1b", 1, 2), ("interleaved", 1, 4), ("interleaved", 2, 4),

@@ -28,6 +28,14 @@ def test_bubble_fractions_match_the_paper():
         assert result.ideal == m * 3.0
 
 
+def test_communication_cost():
+    """GPipe's critical path crosses 2(p − 1) messages (fill and drain); interleaving adds hops."""
+    p, m, t = 4, 8, 0.1
+    assert abs(simulate_schedule("gpipe", p, 1, m, t_comm=t).makespan - (33 + 2 * (p - 1) * t)) < 1e-9
+    plain = simulate_schedule("interleaved", p, 2, m).makespan
+    assert simulate_schedule("interleaved", p, 2, m, t_comm=t).makespan > plain + 2 * (p - 1) * t
+
+
 def test_peak_activations():
     """GPipe stores all m microbatches; 1F1B at most p − rank; interleaved (in chunk units) more."""
     p, m = 4, 16

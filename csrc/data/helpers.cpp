@@ -18,10 +18,11 @@ using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 using Float64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // Sample i covers the seq_length + 1 tokens that start at token i * seq_length of the stream
-// sizes[doc_idx[0]], sizes[doc_idx[1]], ... (consecutive samples share one token: the last label of
-// sample i is the first input of sample i + 1). Row i of the result is (position in doc_idx of the
-// document holding token i * seq_length, offset of that token in the document), for i = 0..num_samples,
-// so row i + 1 is where sample i ends (inclusive). Empty documents are never pointed at.
+// sizes[doc_idx[0]], sizes[doc_idx[1]], ... (consecutive samples share one token: the last label
+// of sample i is the first input of sample i + 1). Row i of the result is (position in doc_idx of
+// the document holding token i * seq_length, offset of that token in the document), for
+// i = 0..num_samples, so row i + 1 is where sample i ends (inclusive). Empty documents are never
+// pointed at.
 Int64Array build_sample_idx(const Int32Array& sizes, const Int64Array& doc_idx, int64_t seq_length,
                             int64_t num_samples) {
   if (seq_length <= 0 || num_samples < 0) {

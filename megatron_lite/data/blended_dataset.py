@@ -15,8 +15,8 @@ from megatron_lite.data.indices import build_blending_indices, cached_arrays
 class BlendedDataset(torch.utils.data.Dataset):
     """``size`` samples drawn from ``datasets`` in proportion to ``weights`` (normalised).
 
-    The order is Megatron's greedy error-minimising index (``indices.build_blending_indices``): after
-    any number n of samples, dataset k has supplied within one sample of ``weights[k] · n``.
+    The order is Megatron's greedy error-minimising index (``indices.build_blending_indices``):
+    after any number n of samples, dataset k has supplied within one sample of ``weights[k] · n``.
     ``description`` identifies the member datasets in the cache key.
     """
 
@@ -26,16 +26,22 @@ class BlendedDataset(torch.utils.data.Dataset):
     ):
         self.datasets = list(datasets)
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-        key = {"kind": "blend", "version": 1, "weights": self.weights.tolist(), "size": size, **description}
-        arrays = cached_arrays(
-            cache_dir, f"blend-{name}", key,
-            lambda: dict(zip(("dataset_index", "sample_index"), build_blending_indices(self.weights, size))),
-        )
+        key = {"kind": "blend", "version": 1, "weights": self.weights.tolist(), "size": size,
+               **description}
+
+        def build() -> dict[str, np.ndarray]:
+            dataset_index, sample_index = build_blending_indices(self.weights, size)
+            return {"dataset_index": dataset_index, "sample_index": sample_index}
+
+        arrays = cached_arrays(cache_dir, f"blend-{name}", key, build)
         self.dataset_index, self.sample_index = arrays["dataset_index"], arrays["sample_index"]
         for k, dataset in enumerate(self.datasets):
             needed = int(self.sample_index[self.dataset_index == k].max(initial=-1)) + 1
             if needed > len(dataset):
-                raise DataError(f"blend {name}: dataset {k} has {len(dataset)} samples, the blend needs {needed}")
+                raise DataError(
+                    f"blend {name}: dataset {k} has {len(dataset)} samples, the blend needs "
+                    f"{needed}"
+                )
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -23,22 +23,26 @@ BLEND_MARGIN = 1.005
 
 
 def parse_paths(paths: Optional[Sequence[Any]]) -> tuple[list[str], list[float]]:
-    """``[prefix]``, ``[p1, p2]`` (equal weights) or ``[w1, p1, w2, p2]`` → (prefixes, weights)."""
+    """``[p]``, ``[p1, p2]`` (equal weights) or ``[w1, p1, w2, p2]`` -> (prefixes, weights)."""
     if paths is None:
         raise DataError("data.paths: None means the bundled corpus and has no prefixes to parse")
     items = list(paths)
     if not items:
-        raise DataError("data.paths: empty list; give .bin/.idx prefixes, or null for the bundled corpus")
+        raise DataError(
+            "data.paths: empty list; give .bin/.idx prefixes, or null for the bundled corpus"
+        )
     weights = [_number(w) for w in items[0::2]] if len(items) % 2 == 0 else [None]
     if None not in weights:
         prefixes = [str(p) for p in items[1::2]]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise DataError(f"data.paths: weights {weights} must be non-negative and sum to a positive number")
+            raise DataError(
+                f"data.paths: weights {weights} must be non-negative and sum to a positive number"
+            )
         return prefixes, weights
     if all(isinstance(item, str) for item in items):
         return list(items), [1.0] * len(items)
     raise DataError(
-        f"data.paths: {items!r} is neither a list of prefixes nor [weight, prefix, weight, prefix, ...]"
+        f"data.paths: {items!r} is neither a list of prefixes nor [weight, prefix, weight, ...]"
     )
 
 
@@ -57,7 +61,9 @@ def parse_split(split: str) -> list[float]:
     try:
         parts = [float(x) for x in str(split).replace("/", ",").split(",")]
     except ValueError:
-        raise DataError(f"data.split: {split!r} is not comma-separated numbers like 969,30,1") from None
+        raise DataError(
+            f"data.split: {split!r} is not comma-separated numbers like 969,30,1"
+        ) from None
     if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise DataError(f"data.split: {split!r} needs 1-3 non-negative numbers with a positive sum")
     parts += [0.0] * (3 - len(parts))
@@ -83,7 +89,9 @@ def _build(
     total_weight = sum(weights)
     out: list[Optional[torch.utils.data.Dataset]] = []
     for s, name in enumerate(SPLIT_NAMES):
-        members = [k for k in range(len(indexed)) if weights[k] > 0 and ranges[k][s][1] > ranges[k][s][0]]
+        members = [
+            k for k in range(len(indexed)) if weights[k] > 0 and ranges[k][s][1] > ranges[k][s][0]
+        ]
         if num_samples[s] <= 0 or not members:
             out.append(None)
             continue
@@ -99,10 +107,15 @@ def _build(
         datasets = [member(k, int(np.ceil(w * num_samples[s] * BLEND_MARGIN)) + 1)
                     for k, w in zip(members, member_weights)]
         description = {
-            "members": [[dataset_fingerprint(prefixes[k]), list(ranges[k][s]), len(d)] for k, d in zip(members, datasets)],
+            "members": [
+                [dataset_fingerprint(prefixes[k]), list(ranges[k][s]), len(d)]
+                for k, d in zip(members, datasets)
+            ],
             "seq_length": seq_length, "seed": seed,
         }
-        out.append(BlendedDataset(datasets, member_weights, num_samples[s], cache_dir, name, description))
+        out.append(
+            BlendedDataset(datasets, member_weights, num_samples[s], cache_dir, name, description)
+        )
     return out
 
 
@@ -121,7 +134,9 @@ def build_datasets(
     all ranks of ``group`` (ranks that cannot see it build their own copy).
     """
     if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
-        raise DataError(f"num_samples: expected (train, valid, test) counts >= 0, got {num_samples}")
+        raise DataError(
+            f"num_samples: expected (train, valid, test) counts >= 0, got {num_samples}"
+        )
     if seq_length <= 0:
         raise DataError(f"model.seq_length: must be positive, got {seq_length}")
     cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_root() / "data"
@@ -134,6 +149,7 @@ def build_datasets(
             names, mix = [bundled_corpus_prefix(tokenizer, cache_dir)], [1.0]
         else:
             names, mix = prefixes, weights
-        return _build(names, mix, fractions, seq_length, seed, [int(n) for n in num_samples], cache_dir)
+        counts = [int(n) for n in num_samples]
+        return _build(names, mix, fractions, seq_length, seed, counts, cache_dir)
 
     return tuple(first_rank_then_rest(build, group))

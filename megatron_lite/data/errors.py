@@ -2,4 +2,4 @@
 
 
 class DataError(ValueError):
-    """Bad data or a bad data setting; ``str(err)`` is one line naming the file or key and the fix."""
+    """Bad data or a bad data setting; ``str(err)``: one line naming the file or key and the fix."""

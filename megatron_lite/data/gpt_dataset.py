@@ -7,8 +7,8 @@ Three arrays, built once from ``training.seed`` and cached (see ``indices.py``):
 - sample index: where each sample starts in that document stream;
 - shuffle index: the order in which samples are served.
 
-``dataset[i]`` is ``{"tokens", "labels", "loss_mask"}``, each of length ``seq_length``: tokens are the
-sample without its last token, labels without its first.
+``dataset[i]`` is ``{"tokens", "labels", "loss_mask"}``, each of length ``seq_length``: tokens are
+the sample without its last token, labels without its first.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import torch
 
 from megatron_lite.data.errors import DataError
 from megatron_lite.data.indexed_dataset import IndexedDataset, data_paths
-from megatron_lite.data.indices import build_doc_idx, build_sample_idx, build_shuffle_idx, cached_arrays
+from megatron_lite.data.indices import (
+    build_doc_idx, build_sample_idx, build_shuffle_idx, cached_arrays,
+)
 
-# A final epoch that contributes fewer samples than this share of a full epoch is shuffled on its own.
+# A final epoch contributing fewer samples than this share of a full epoch is shuffled on its own.
 SEPARATE_LAST_EPOCH_BELOW = 0.80
 
 
@@ -54,8 +56,9 @@ class GPTDataset(torch.utils.data.Dataset):
         tokens_per_epoch = int(indexed.sequence_lengths[doc_start:doc_end].sum(dtype=np.int64))
         if tokens_per_epoch <= seq_length:
             raise DataError(
-                f"{indexed.prefix}: the {name} split holds {tokens_per_epoch} tokens, fewer than one "
-                f"sample of {seq_length + 1}; give it more documents (data.split) or shorten model.seq_length"
+                f"{indexed.prefix}: the {name} split holds {tokens_per_epoch} tokens, fewer than "
+                f"one sample of {seq_length + 1}; give it more documents (data.split) or shorten "
+                "model.seq_length"
             )
         # Enough epochs that num_samples samples (num_samples·seq_length + 1 tokens) fit.
         num_epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
@@ -70,11 +73,12 @@ class GPTDataset(torch.utils.data.Dataset):
             doc_idx = build_doc_idx(documents, num_epochs, rng)
             total = (num_epochs * tokens_per_epoch - 1) // seq_length
             sample_idx = build_sample_idx(indexed.sequence_lengths, doc_idx, seq_length, total)
-            # Samples wholly inside the first num_epochs - 1 epochs; the rest come from the last one.
-            from_full_epochs = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length if num_epochs > 1 else 0
+            # Samples wholly inside the first num_epochs - 1 epochs; the rest come from the last.
+            from_full_epochs = max(0, ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length)
             per_epoch = (tokens_per_epoch - 1) // seq_length
-            # The run's last (num_samples - from_full_epochs) samples come from the final epoch.
-            separate = num_epochs > 1 and num_samples - from_full_epochs < SEPARATE_LAST_EPOCH_BELOW * per_epoch
+            # The run reads num_samples - from_full_epochs samples of the final epoch.
+            from_last = num_samples - from_full_epochs
+            separate = num_epochs > 1 and from_last < SEPARATE_LAST_EPOCH_BELOW * per_epoch
             shuffle_idx = build_shuffle_idx(total, from_full_epochs if separate else total, rng)
             return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 

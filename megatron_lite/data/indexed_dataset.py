@@ -1,4 +1,4 @@
-"""Megatron's ``MMIDIDX`` indexed dataset: token sequences in ``PREFIX.bin``, their index in ``PREFIX.idx``.
+"""Megatron's ``MMIDIDX`` indexed dataset: tokens in ``PREFIX.bin``, their index in ``PREFIX.idx``.
 
 The ``.bin`` file is every sequence's tokens back to back, nothing else. The ``.idx`` file, all
 little-endian, is:
@@ -63,22 +63,29 @@ class IndexedDataset:
         bin_path, idx_path = data_paths(prefix)
         for path in (idx_path, bin_path):
             if not path.is_file():
-                raise DataError(f"{path}: not found; data.paths lists .bin/.idx prefixes (without the suffix)")
+                raise DataError(
+                    f"{path}: not found; data.paths lists .bin/.idx prefixes (without the suffix)"
+                )
         idx_size = idx_path.stat().st_size
         with open(idx_path, "rb") as handle:
             header = handle.read(_HEADER.size)
         if len(header) < _HEADER.size or not header.startswith(MAGIC):
-            raise DataError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic or truncated header)")
+            raise DataError(
+                f"{idx_path}: not a Megatron MMIDIDX index (bad magic or truncated header)"
+            )
         _, version, code, num_sequences, num_documents = _HEADER.unpack(header)
         if version != VERSION:
-            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
+            raise DataError(
+                f"{idx_path}: index version {version}, only version {VERSION} is supported"
+            )
         if code not in DTYPE_CODES:
             raise DataError(f"{idx_path}: unknown token dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         needed = _HEADER.size + num_sequences * (4 + 8) + num_documents * 8
         if idx_size < needed:
             raise DataError(
-                f"{idx_path}: truncated: {idx_size} bytes, the header announces {needed}; rebuild it"
+                f"{idx_path}: truncated: {idx_size} bytes, the header announces {needed}; "
+                "rebuild it"
             )
         index = np.memmap(idx_path, mode="r", dtype=np.uint8, shape=(needed,))
         offset = _HEADER.size
@@ -90,7 +97,8 @@ class IndexedDataset:
 
         bin_size = bin_path.stat().st_size
         if num_sequences:
-            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            last_length = int(self.sequence_lengths[-1])
+            end = int(self.sequence_pointers[-1]) + last_length * self.dtype.itemsize
             if bin_size < end:
                 raise DataError(
                     f"{bin_path}: shorter than its index says ({bin_size} < {end} bytes); "
@@ -108,7 +116,7 @@ class IndexedDataset:
         return self.get(i)
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end when length is None)."""
+        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end if length is None)."""
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         if length is None:
             length = int(self.sequence_lengths[i]) - offset
@@ -136,8 +144,17 @@ class IndexedDatasetWriter:
     def add_document(self, tokens) -> None:
         """Append one document (a sequence of token ids)."""
         data = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(data.tobytes(order="C"))
-        self._lengths.append(len(data))
+        self.add_documents(data, np.array([len(data)], dtype=np.int32))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given back to back in ``tokens``, ``lengths[i]`` tokens each."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if int(np.sum(lengths, dtype=np.int64)) != len(data):
+            raise ValueError(
+                f"lengths add up to {int(np.sum(lengths))}, not the {len(data)} tokens given"
+            )
+        self._bin.write(data.tobytes())
+        self._lengths.extend(np.asarray(lengths, dtype=np.int32).tolist())
 
     def abort(self) -> None:
         """Drop what was written: no output files appear."""
@@ -152,7 +169,8 @@ class IndexedDatasetWriter:
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
         tmp_idx = self.idx_path.with_name(self.idx_path.name + f".tmp{os.getpid()}")
         with open(tmp_idx, "wb") as out:
-            out.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(document_indices)))
+            code = _CODE_OF[self.dtype]
+            out.write(_HEADER.pack(MAGIC, VERSION, code, len(lengths), len(document_indices)))
             out.write(lengths.tobytes(order="C"))
             out.write(pointers.tobytes(order="C"))
             out.write(document_indices.tobytes(order="C"))

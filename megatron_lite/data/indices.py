@@ -40,10 +40,10 @@ def build_sample_idx(
     """int64[num_samples + 1, 2]: where each sample of ``seq_length + 1`` tokens starts.
 
     Concatenate the documents ``sizes[doc_idx[0]], sizes[doc_idx[1]], ...`` into one token stream.
-    Sample i is stream tokens ``i·seq_length ... (i+1)·seq_length`` inclusive, so neighbouring samples
-    share one token (the last label of one is the first input of the next). Row i is (position in
-    doc_idx of the document holding stream token i·seq_length, offset within that document); row
-    i + 1 therefore marks where sample i ends. Empty documents are never pointed at.
+    Sample i is stream tokens ``i·seq_length ... (i+1)·seq_length`` inclusive, so neighbouring
+    samples share one token (the last label of one is the first input of the next). Row i is
+    (position in doc_idx of the document holding stream token i·seq_length, offset within that
+    document); row i + 1 therefore marks where sample i ends. Empty documents are never pointed at.
     """
     module = helpers() if use_cpp else None
     if module is not None:
@@ -54,7 +54,9 @@ def build_sample_idx(
     return build_sample_idx_numpy(sizes, doc_idx, seq_length, num_samples)
 
 
-def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
+def build_sample_idx_numpy(
+    sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_samples: int
+) -> np.ndarray:
     """The numpy twin of the C++ builder (same arguments, identical result)."""
     if seq_length <= 0 or num_samples < 0:
         raise ValueError("build_sample_idx: seq_length must be positive, num_samples >= 0")
@@ -64,7 +66,9 @@ def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: i
     np.cumsum(sizes[doc_idx], dtype=np.int64, out=starts[1:])
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
     if positions[-1] >= starts[-1]:
-        raise IndexError("build_sample_idx: the documents hold fewer than num_samples * seq_length + 1 tokens")
+        raise IndexError(
+            "build_sample_idx: the documents hold fewer than num_samples * seq_length + 1 tokens"
+        )
     # The last document starting at or before each position; an empty document shares its start
     # with the next one, and side="right" steps past it, like the C++ walk.
     doc = np.searchsorted(starts, positions, side="right") - 1
@@ -72,7 +76,7 @@ def build_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: i
 
 
 def build_shuffle_idx(num_samples: int, num_first: int, rng: np.random.RandomState) -> np.ndarray:
-    """int64[num_samples]: a permutation of the samples, ``[0, num_first)`` and the rest shuffled apart.
+    """int64[num_samples]: a permutation of the samples; ``[0, num_first)`` and the rest apart.
 
     Keeping a short final epoch separate stops its few samples from being spread over the whole run
     (Megatron's rule, see ``GPTDataset``).
@@ -82,12 +86,14 @@ def build_shuffle_idx(num_samples: int, num_first: int, rng: np.random.RandomSta
     return np.concatenate([first, rest])
 
 
-def build_blending_indices(weights: np.ndarray, size: int, use_cpp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def build_blending_indices(
+    weights: np.ndarray, size: int, use_cpp: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(int16[size] dataset of each blended sample, int64[size] its index within that dataset).
 
     Megatron's greedy rule: blended sample s comes from the dataset whose count lags its share the
-    most, ``argmax_k(weights[k] · max(s, 1) − taken[k])`` (first on ties). Each dataset's count in
-    every prefix of the stream then stays within one sample of its weight.
+    most, ``argmax_k(weights[k] · max(s, 1) − taken[k])`` (first on ties). Each dataset's count
+    in every prefix of the stream then stays within one sample of its weight.
     """
     weights = np.ascontiguousarray(weights, np.float64)
     module = helpers() if use_cpp else None
@@ -135,6 +141,7 @@ def cached_arrays(
         np.save(tmp, array, allow_pickle=False)
         os.replace(tmp, cache_dir / f"{stem}-{key}.npy")
     tmp_marker = cache_dir / f"{stem}.json.tmp{os.getpid()}"
-    tmp_marker.write_text(json.dumps({"description": description, "arrays": sorted(arrays)}, indent=1))
+    record = {"description": description, "arrays": sorted(arrays)}
+    tmp_marker.write_text(json.dumps(record, indent=1))
     os.replace(tmp_marker, marker)
     return arrays

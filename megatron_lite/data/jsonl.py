@@ -39,9 +39,13 @@ def document_text(line: str | bytes, key: str, where: str) -> str:
     try:
         record = json.loads(line)
     except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
-        raise DataError(f"{where}: not a valid UTF-8 JSON line ({err}); one JSON object per line expected") from None
+        raise DataError(
+            f"{where}: not a valid UTF-8 JSON line ({err}); one JSON object per line expected"
+        ) from None
     if not isinstance(record, dict) or key not in record:
-        raise DataError(f"{where}: no key {key!r} in this JSON line; pick the text field with --json-key")
+        raise DataError(
+            f"{where}: no key {key!r} in this JSON line; pick the text field with --json-key"
+        )
     text = record[key]
     if not isinstance(text, str):
         raise DataError(f"{where}: key {key!r} holds a {type(text).__name__}, not a string")

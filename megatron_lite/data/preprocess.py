@@ -1,4 +1,4 @@
-"""Tokenize a JSONL corpus into Megatron's ``.bin``/``.idx`` format, streaming, with N worker processes.
+"""Tokenize a JSONL corpus into Megatron's ``.bin``/``.idx`` format, streaming, with N workers.
 
     python -m megatron_lite.data.preprocess --input corpus.jsonl[.gz|.xz] --json-key text \\
         --tokenizer-model tok.model --output-prefix data/corpus --workers 4 --append-eod
@@ -50,14 +50,18 @@ class PreprocessStats:
 class _Encoder:
     """Turns a batch of JSON lines into token arrays; one per worker process (or in-process)."""
 
-    def __init__(self, tokenizer: Tokenizer, json_key: str, append_eod: bool, skip_empty: bool, source: str):
+    def __init__(
+        self, tokenizer: Tokenizer, json_key: str, append_eod: bool, skip_empty: bool, source: str
+    ):
         self.tokenizer = tokenizer
-        self.dtype = token_dtype(self.tokenizer.vocab_size)
-        self.key, self.append_eod, self.skip_empty, self.source = json_key, append_eod, skip_empty, source
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.key, self.append_eod, self.skip_empty = json_key, append_eod, skip_empty
+        self.source = source
 
-    def encode(self, batch: list[tuple[int, bytes]]) -> list[Optional[np.ndarray]]:
-        """One token array per line; None for an empty document that is to be skipped."""
-        out: list[Optional[np.ndarray]] = []
+    def encode(self, batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(the batch's tokens back to back, int32 length of each kept document, number skipped)."""
+        documents: list[list[int]] = []
+        skipped = 0
         for number, line in batch:
             where = f"{self.source}:{number}"
             ids = self.tokenizer.tokenize(document_text(line, self.key, where))
@@ -67,12 +71,16 @@ class _Encoder:
                         f"{where}: empty document (key {self.key!r} has no tokens); "
                         "remove it or pass --skip-empty"
                     )
-                out.append(None)
+                skipped += 1
                 continue
             if self.append_eod:
                 ids.append(self.tokenizer.eod)
-            out.append(np.asarray(ids, dtype=self.dtype))
-        return out
+            documents.append(ids)
+        # One flat array per batch: far cheaper to send back from a worker than one per document.
+        lengths = np.fromiter((len(ids) for ids in documents), dtype=np.int32, count=len(documents))
+        flat = (t for ids in documents for t in ids)
+        tokens = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
+        return tokens, lengths, skipped
 
 
 _worker_encoder: Optional[_Encoder] = None
@@ -83,7 +91,7 @@ def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], *args) -> 
     _worker_encoder = _Encoder(load_tokenizer(tokenizer_type, tokenizer_model), *args)
 
 
-def _encode_in_worker(batch: list[tuple[int, bytes]]) -> list[Optional[np.ndarray]]:
+def _encode_in_worker(batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray, int]:
     assert _worker_encoder is not None
     return _worker_encoder.encode(batch)
 
@@ -121,8 +129,9 @@ def preprocess(
 
     The tokenizer is ``tokenizer`` if given, else loaded from ``tokenizer_type``/``tokenizer_model``
     (model None: the bundled one); worker processes load their own copy from its file.
-    ``workers`` = 1 tokenizes in this process; more starts a pool. Returns the dataset prefix and
-    the counts. Raises DataError naming the file and line of any bad document.
+    ``workers`` = 1 tokenizes in this process; more starts a pool. ``append_eod`` defaults to on
+    here and off on the command line (``--append-eod``, as in Megatron). Returns the dataset prefix
+    and the counts. Raises DataError naming the file and line of any bad document.
     """
     if workers < 1:
         raise DataError(f"--workers: must be at least 1, got {workers}")
@@ -130,22 +139,21 @@ def preprocess(
     if tokenizer is None:  # loaded here first: a bad model fails before any pool starts
         tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     else:
-        tokenizer_type = "huggingface" if isinstance(tokenizer, HuggingFaceTokenizer) else "sentencepiece"
+        hf = isinstance(tokenizer, HuggingFaceTokenizer)
+        tokenizer_type = "huggingface" if hf else "sentencepiece"
     encoder_args = (json_key, append_eod, skip_empty, str(input_path))
     local = _Encoder(tokenizer, *encoder_args)
     writer = IndexedDatasetWriter(prefix, local.dtype)
     stats = PreprocessStats()
     start = last_report = time.perf_counter()
 
-    def consume(arrays: list[Optional[np.ndarray]]) -> None:
+    def consume(encoded: tuple[np.ndarray, np.ndarray, int]) -> None:
         nonlocal last_report
-        for tokens in arrays:
-            if tokens is None:
-                stats.skipped_empty += 1
-                continue
-            writer.add_document(tokens)
-            stats.documents += 1
-            stats.tokens += len(tokens)
+        tokens, lengths, skipped = encoded
+        writer.add_documents(tokens, lengths)
+        stats.documents += len(lengths)
+        stats.tokens += len(tokens)
+        stats.skipped_empty += skipped
         now = time.perf_counter()
         stats.seconds = now - start
         if progress and now - last_report > 1.0:
@@ -181,18 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="JSONL file, optionally .gz or .xz")
     parser.add_argument("--json-key", default="text", help="field holding the document text")
     parser.add_argument("--tokenizer-model", default=None,
-                        help="sentencepiece .model or HF tokenizer.json (default: the bundled tokenizer)")
-    parser.add_argument("--tokenizer-type", default="sentencepiece", choices=("sentencepiece", "huggingface"))
+                        help="sentencepiece .model or HF tokenizer.json (default: the bundled one)")
+    parser.add_argument("--tokenizer-type", default="sentencepiece",
+                        choices=("sentencepiece", "huggingface"))
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--append-eod", action="store_true", help="end every document with the eod token")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=False,
+                        help="end every document with the tokenizer's eod token (GPT wants it)")
     parser.add_argument("--skip-empty", action="store_true",
                         help="drop documents with no tokens instead of stopping with an error")
     args = parser.parse_args(argv)
     try:
         prefix, stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type, args.json_key,
-            args.workers, args.append_eod, args.skip_empty, progress=True,
+            args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type,
+            args.json_key, args.workers, args.append_eod, args.skip_empty, progress=True,
         )
     except DataError as err:
         print(f"preprocess: {err}", file=sys.stderr)

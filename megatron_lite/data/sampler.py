@@ -2,9 +2,9 @@
 
 Iteration n reads the global batch ``[c, c + global_batch_size)`` of dataset indices, where c is the
 number of samples consumed before it (the dataset itself is already shuffled). The global batch is
-cut into ``num_microbatches`` consecutive slices of ``micro_batch_size × dp_size`` samples, and DP rank
-r takes its ``micro_batch_size`` samples from each slice: the same layout as Megatron-LM, so the
-global batch's content does not depend on the DP size. TP ranks and pipeline stages of one model
+cut into ``num_microbatches`` consecutive slices of ``micro_batch_size × dp_size`` samples, and DP
+rank r takes its ``micro_batch_size`` samples from each slice: the same layout as Megatron-LM, so
+the global batch's content does not depend on the DP size. TP ranks and pipeline stages of one model
 replica share a DP rank and so see the same indices; only the stages that use a field need to load
 it (``stage_fields``). Resuming with the saved ``consumed_samples`` continues with the very next
 sample.
@@ -12,6 +12,7 @@ sample.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -24,7 +25,7 @@ FIELDS = ("tokens", "labels", "loss_mask")
 class MicrobatchSampler:
     """Per iteration, this DP rank's microbatches: a list of ``num_microbatches`` index lists.
 
-    ``total_samples`` is how many samples the run reads in all (``train_iters × global_batch_size``);
+    ``total_samples`` is how many samples the run reads in all (``train_iters × global_batch``);
     iteration stops before a global batch that would pass it. ``consumed_samples`` advances by
     ``global_batch_size`` as each iteration's indices are handed out; it is the sampler's whole
     state, so ``MicrobatchSampler(..., consumed_samples=saved, ...)`` resumes exactly.
@@ -34,7 +35,8 @@ class MicrobatchSampler:
         self, total_samples: int, consumed_samples: int, micro_batch_size: int,
         global_batch_size: int, dp_rank: int, dp_size: int,
     ):
-        if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size % (micro_batch_size * dp_size):
+        per_step = micro_batch_size * dp_size
+        if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size % per_step:
             raise DataError(
                 f"training.global_batch_size: {global_batch_size} is not a positive multiple of "
                 f"micro_batch_size × DP = {micro_batch_size}×{dp_size}"
@@ -43,8 +45,8 @@ class MicrobatchSampler:
             raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         if not 0 <= consumed_samples <= total_samples:
             raise DataError(
-                f"consumed_samples {consumed_samples} is outside [0, total_samples={total_samples}]; "
-                "was the checkpoint made with a longer run?"
+                f"consumed_samples {consumed_samples} is outside [0, total_samples="
+                f"{total_samples}]; was the checkpoint made with a longer run?"
             )
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
@@ -73,10 +75,13 @@ class MicrobatchSampler:
 
 def stage_fields(is_first_stage: bool, is_last_stage: bool) -> tuple[str, ...]:
     """The fields a pipeline stage reads: tokens on the first, labels and loss mask on the last."""
-    return (("tokens",) if is_first_stage else ()) + (("labels", "loss_mask") if is_last_stage else ())
+    first = ("tokens",) if is_first_stage else ()
+    return first + (("labels", "loss_mask") if is_last_stage else ())
 
 
-def collate(dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> dict[str, torch.Tensor]:
+def collate(
+    dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS
+) -> dict[str, torch.Tensor]:
     """Stack samples ``indices`` of ``dataset`` into ``{field: [len(indices), seq_length]}``.
 
     ``fields`` limits what is returned (see ``stage_fields``); an empty tuple reads nothing.
@@ -85,3 +90,29 @@ def collate(dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS) -> 
         return {}
     samples = [dataset[i] for i in indices]
     return {field: torch.stack([sample[field] for sample in samples]) for field in fields}
+
+
+def microbatch_loader(
+    dataset, sampler: MicrobatchSampler, fields: Sequence[str] = FIELDS, num_workers: int = 0
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per iteration, this rank's ``num_microbatches`` collated microbatches (see ``collate``).
+
+    ``num_workers`` > 0 (``data.num_workers``) loads them in DataLoader worker processes, a few
+    microbatches ahead; the sampler's ``consumed_samples`` then runs ahead of training too, so
+    checkpoints should record the trainer's own count (iterations × global batch size). A stage
+    that needs no fields gets empty dicts and reads nothing.
+    """
+    if not fields or num_workers == 0:
+        for microbatches in sampler:
+            yield [collate(dataset, indices, fields) for indices in microbatches]
+        return
+    iterations = len(sampler)  # before the workers start to pull from the sampler
+    flat = (indices for microbatches in sampler for indices in microbatches)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=flat, num_workers=num_workers,
+        collate_fn=lambda samples: {f: torch.stack([s[f] for s in samples]) for f in fields},
+        multiprocessing_context="fork" if hasattr(os, "fork") else None,
+    )
+    stream = iter(loader)
+    for _ in range(iterations):
+        yield [next(stream) for _ in range(sampler.num_microbatches)]

@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: ``tokenize``, ``detokenize``, ``vocab_size``, ``eod``, ``pad``.
+"""Tokenizers behind one interface: ``tokenize``, ``detokenize``, ``vocab_size``, ``eod``, ``pad``.
 
 Two kinds: a sentencepiece model (the default, LLaMA-family and our bundled one) and a HuggingFace
 ``tokenizers`` JSON file. ``eod`` is the token appended after every document at preprocessing time;
@@ -39,7 +39,9 @@ class SentencePieceTokenizer:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise TokenizerError(f"{self.path}: tokenizer model not found; check data.tokenizer.model")
+            raise TokenizerError(
+                f"{self.path}: tokenizer model not found; check data.tokenizer.model"
+            )
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(self.path))
@@ -50,7 +52,9 @@ class SentencePieceTokenizer:
             ) from None
         self.vocab_size: int = self._sp.GetPieceSize()
         if self._sp.eos_id() < 0:
-            raise TokenizerError(f"{self.path}: the model has no </s> (eos) piece to use as end of document")
+            raise TokenizerError(
+                f"{self.path}: the model has no </s> (eos) piece to use as end of document"
+            )
         self.eod: int = self._sp.eos_id()
         self.pad: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod
 
@@ -74,15 +78,20 @@ class HuggingFaceTokenizer:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise TokenizerError(
-                "data.tokenizer.type=huggingface needs the `tokenizers` package: pip install tokenizers"
+                "data.tokenizer.type=huggingface needs the `tokenizers` package: "
+                "pip install tokenizers"
             ) from None
         self.path = Path(json_path)
         if not self.path.is_file():
-            raise TokenizerError(f"{self.path}: tokenizer file not found; check data.tokenizer.model")
+            raise TokenizerError(
+                f"{self.path}: tokenizer file not found; check data.tokenizer.model"
+            )
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - the library raises its own exception type
-            raise TokenizerError(f"{self.path}: not a HuggingFace tokenizer.json ({_first_line(err)})") from None
+            raise TokenizerError(
+                f"{self.path}: not a HuggingFace tokenizer.json ({_first_line(err)})"
+            ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eod = _first_known_id(self._tok, _HF_EOD_NAMES)
         if eod is None:
@@ -113,17 +122,21 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def load_tokenizer(kind: str, model: Optional[str | Path]) -> SentencePieceTokenizer | HuggingFaceTokenizer:
-    """``kind`` is ``sentencepiece`` or ``huggingface``; ``model`` None means the bundled tokenizer."""
+def load_tokenizer(
+    kind: str, model: Optional[str | Path]
+) -> SentencePieceTokenizer | HuggingFaceTokenizer:
+    """``kind`` is ``sentencepiece`` or ``huggingface``; ``model`` None: the bundled tokenizer."""
     if kind == "sentencepiece":
         return SentencePieceTokenizer(BUNDLED_TOKENIZER if model is None else model)
     if kind == "huggingface":
         if model is None:
-            raise TokenizerError("data.tokenizer.model: a huggingface tokenizer needs the path of its tokenizer.json")
+            raise TokenizerError(
+                "data.tokenizer.model: a huggingface tokenizer needs the path of its tokenizer.json"
+            )
         return HuggingFaceTokenizer(model)
     raise TokenizerError(f"data.tokenizer.type: {kind!r} is not one of sentencepiece, huggingface")
 
 
 def build_tokenizer(tokenizer_cfg) -> SentencePieceTokenizer | HuggingFaceTokenizer:
-    """The tokenizer a ``config.TokenizerConfig`` names (``type``, ``model``; model None = bundled)."""
+    """The tokenizer a ``config.TokenizerConfig`` names (``type``, ``model``; None: bundled)."""
     return load_tokenizer(tokenizer_cfg.type, tokenizer_cfg.model)

@@ -38,7 +38,9 @@ def train(
     import sentencepiece as spm
 
     if vocab_size < 300:
-        raise DataError(f"--vocab-size: {vocab_size} is too small for byte fallback; use at least 300")
+        raise DataError(
+            f"--vocab-size: {vocab_size} is too small for byte fallback; use at least 300"
+        )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.Train(
@@ -67,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz/.xz allowed)")
     parser.add_argument("--json-key", default="text", help="field holding the document text")
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
+    parser.add_argument("--output", required=True,
+                        help="output prefix: writes PREFIX.model and PREFIX.vocab")
     parser.add_argument("--max-sentences", type=int, default=10_000_000,
                         help="sample at most this many lines for training")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     try:
-        model = train(args.input, args.output, args.vocab_size, args.json_key, args.max_sentences, args.threads)
+        model = train(args.input, args.output, args.vocab_size, args.json_key,
+                      args.max_sentences, args.threads)
     except DataError as err:
         print(f"train_tokenizer: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,9 @@ data-parallel reduction is the caller's job). It keeps each forward's input and 
 that microbatch's backward on the chunk is done. It returns the mean loss (detached, 0-dim) on the
 last stage and ``None`` elsewhere; ``broadcast_loss=True`` broadcasts it over the pipeline group so
 every stage returns it. ``forward_only`` runs the forwards without autograd (evaluation; the action
-list must be forward-only too). ``trace``, a list, receives one event per action with wall-clock
-start and end (``save_trace`` writes a run's events for ``simulate --trace``). ``stats``, a
+list must be forward-only too). ``trace``, a list, receives one event per computation and per
+message batch with wall-clock start and end (``save_trace`` writes a run's events for ``simulate
+--trace``; on a GPU these are host times: kernels may still run after an event ends). ``stats``, a
 ``ScheduleStats``, receives the peak number of live (microbatch, chunk) activation sets.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,9 @@ from torch import nn
 
 from . import schedules as S
 from .p2p import PipelineLink
+
+if TYPE_CHECKING:
+    from ..parallel.state import ParallelState
 
 ForwardStep = Callable[[int, Optional[torch.Tensor], Any], torch.Tensor]
 
@@ -56,7 +60,7 @@ class ScheduleStats:
 class _Run:
     """The state of one schedule run on this rank: tensors waiting for a computation or a send."""
 
-    def __init__(self, state, v: int, m: int, forward_only: bool):
+    def __init__(self, state: ParallelState, v: int, m: int, forward_only: bool):
         self.p, self.rank, self.v, self.m = state.pp_size, state.pp_rank, v, m
         self.forward_only = forward_only
         self.received: dict[tuple, torch.Tensor] = {}  # (kind, microbatch, chunk) -> tensor
@@ -86,7 +90,7 @@ def _forward(run: _Run, op: S.Forward, microbatches: Sequence[Any], forward_step
                 f"forward_step on the last chunk must return a scalar loss, got shape {tuple(out.shape)}"
             )
         out = out.reshape(()) / run.m  # the mean over the global batch
-        loss = out.detach()
+        loss = out.detach().float()  # summed in fp32 whatever the compute precision
         run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
     else:
         if tuple(out.shape) != tuple(tensor_shape):
@@ -131,7 +135,7 @@ def _exchange(run: _Run, link: PipelineLink, batch: Sequence[S.Message],
 def run_schedule(
     actions: Sequence[S.Action],
     chunks: Sequence[nn.Module],
-    state,
+    state: ParallelState,
     microbatches: Sequence[Any],
     forward_step: ForwardStep,
     tensor_shape: Sequence[int],
@@ -190,7 +194,7 @@ def _check_actions(actions: Sequence[S.Action], run: _Run) -> None:
             raise ValueError("forward_only needs a forward-only schedule (forward_only=True)")
 
 
-def _mean_loss(run: _Run, state, broadcast: bool) -> Optional[torch.Tensor]:
+def _mean_loss(run: _Run, state: ParallelState, broadcast: bool) -> Optional[torch.Tensor]:
     loss = run.loss_sum
     if not broadcast or state.pp_size == 1:
         return loss
@@ -201,7 +205,9 @@ def _mean_loss(run: _Run, state, broadcast: bool) -> Optional[torch.Tensor]:
     return loss
 
 
-def save_trace(path: str, events: list[dict[str, Any]], state, schedule: str, v: int, m: int) -> None:
+def save_trace(
+    path: str, events: list[dict[str, Any]], state: ParallelState, schedule: str, v: int, m: int
+) -> None:
     """Gather this pipeline group's trace events and write them as JSON (global rank 0 writes).
 
     Collective over ``state.pp_group``: every stage calls it. ``simulate --trace PATH`` reads it.

@@ -7,7 +7,9 @@ which accepts it too in torch 2.13, runs it as individual ``isend`` / ``irecv``)
 batch, the receives as another. It waits for the receives and leaves the sends in flight: a send never holds its rank back, which is the semantics ``simulate.py`` checks schedules
 under. Sent tensors are kept alive until their send completes; ``finish`` waits for the rest.
 Messages on one rank-to-rank channel are matched in the order posted (no tags), so both ends must
-list them in the same order: the simulator checks that for every schedule.
+list them in the same order: the simulator checks that for every schedule. This is the model of
+torch.distributed.pipelining's schedule runtime (sends waited at the end, receives before use),
+which runs its interleaved schedule on NCCL; here it is tested on gloo only.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ that rank does:
 
 Each message names the microbatch, the *local* chunk on this rank that produces (send) or consumes
 (recv) it, and the peer's pipeline rank. Consecutive messages form one batch that the executor posts
-together (``batch_isend_irecv``) and waits for as a whole, as Megatron's ``send_forward_recv_backward``
-does, so that paired sends and receives never wait on each other. The simulator checks every list
-under exactly these semantics: no deadlock, each microbatch's forward and backward once per chunk in
-dependency order, and messages on each rank-to-rank channel received in the order they are sent.
+together (``batch_isend_irecv``); it then waits for the batch's receives, while its sends stay in
+flight and never hold the rank back. The simulator checks every list under exactly these semantics:
+no deadlock, each microbatch's forward and backward once per chunk in dependency order, and messages
+on each rank-to-rank channel received in the order they are sent.
 
 The three schedules differ only in the order of their computations (``_compute_order``); the messages
 are then placed mechanically around them (``_with_messages``): each input is received just before the
@@ -31,55 +31,46 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass(frozen=True)
-class Forward:
+class _Compute:
+    microbatch: int
+    chunk: int  # local chunk index, 0 … v−1
+
+
+@dataclass(frozen=True)
+class _Message:
+    microbatch: int
+    chunk: int  # the local chunk that produces (send) or consumes (recv) the tensor
+    peer: int  # pipeline rank at the other end
+
+
+@dataclass(frozen=True)
+class Forward(_Compute):
     """Run local chunk ``chunk`` forward on microbatch ``microbatch``."""
 
-    microbatch: int
-    chunk: int
-
 
 @dataclass(frozen=True)
-class Backward:
+class Backward(_Compute):
     """Back-propagate microbatch ``microbatch`` through local chunk ``chunk``; frees its activations."""
 
-    microbatch: int
-    chunk: int
-
 
 @dataclass(frozen=True)
-class SendActivation:
+class SendActivation(_Message):
     """Send the output of ``Forward(microbatch, chunk)`` to pipeline rank ``peer``."""
 
-    microbatch: int
-    chunk: int
-    peer: int
-
 
 @dataclass(frozen=True)
-class RecvActivation:
+class RecvActivation(_Message):
     """Receive from pipeline rank ``peer`` the input of ``Forward(microbatch, chunk)``."""
 
-    microbatch: int
-    chunk: int
-    peer: int
-
 
 @dataclass(frozen=True)
-class SendGrad:
+class SendGrad(_Message):
     """Send the input gradient made by ``Backward(microbatch, chunk)`` to pipeline rank ``peer``."""
 
-    microbatch: int
-    chunk: int
-    peer: int
-
 
 @dataclass(frozen=True)
-class RecvGrad:
+class RecvGrad(_Message):
     """Receive from pipeline rank ``peer`` the output gradient ``Backward(microbatch, chunk)`` needs."""
-
-    microbatch: int
-    chunk: int
-    peer: int
 
 
 Compute = Union[Forward, Backward]

@@ -3,8 +3,9 @@
 ``simulate(actions_per_rank, p, v, m)`` runs every rank's action list (``schedules.py``) under the
 executor's semantics: a computation takes its cost (forward ``t_f / v``, backward ``t_b / v`` per
 chunk, with ``t_f = 1``, ``t_b = 2`` for a full stage by default); consecutive messages form one
-batch, posted when the rank reaches it and finished, ``t_comm`` later, once every peer has posted
-the batch holding the other end of each of its messages. Along the way it checks that
+batch, posted when the rank reaches it; its sends never hold the rank back, its receives hold it
+until each message has arrived, ``t_comm`` after the peer posted the send. Along the way it checks
+that
 
 - no rank waits forever (a deadlock names each stuck rank and what it waits for);
 - every microbatch runs forward and backward exactly once on every chunk, a forward after its input
@@ -20,7 +21,8 @@ rank, and the timeline. The CLI prints these and draws the timeline the Megatron
     python -m megatron_lite.pipeline.simulate --pp 4 --vpp 2 --microbatches 8 --json --plot t.png
     python -m megatron_lite.pipeline.simulate --trace run/pipeline_trace.json --plot real.png
 
-The second form draws a trace recorded by the executor (``executor.save_trace``) of a real run.
+The second form draws a trace recorded by the executor (``executor.save_trace``) of a real run;
+drawing and trace arithmetic live in ``timeline.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Optional, Sequence, Union
 
 from . import schedules as S
 from .schedules import Action, Backward, Forward, Message
+from .timeline import plot_timeline, trace_bubble
 
 Step = Union[S.Compute, tuple[Message, ...]]
 
@@ -117,7 +120,7 @@ class _Rank:
         self.posted_at: Optional[float] = None  # when the current batch was posted
         self.arrived: set = set()  # message ids received and not yet consumed
         self.done: set = set()  # (kind, microbatch, chunk) computed
-        self.live = 0
+        self.live = 0  # (microbatch, chunk) activation sets stored: forward done, backward not
         self.peak = 0
 
 
@@ -134,7 +137,7 @@ def simulate(
     """Play the action lists of all ``p`` ranks; raise ScheduleError if they cannot run.
 
     ``t_f`` / ``t_b`` are the forward / backward times of a full stage (each of the ``v`` chunks
-    takes ``1/v`` of them); ``t_comm`` is the time of one message batch once both ends are posted.
+    takes ``1/v`` of them); ``t_comm`` is the time a message travels (it overlaps computation).
     """
     if len(actions_per_rank) != p:
         raise ScheduleError(f"expected {p} action lists, got {len(actions_per_rank)}")
@@ -197,14 +200,17 @@ def simulate(
             sender = ends[(S.message_id(p, rk.rank, msg), True)]
             if sender not in posted:
                 return False
-            start = max(start, posted[sender])
-        rk.clock = start + t_comm
+            start = max(start, posted[sender] + t_comm)  # in flight for t_comm after the send
+        rk.clock = start
         rk.posted_at = None
         for msg in batch:
             if not isinstance(msg, S.SENDS):
                 rk.arrived.add(S.message_id(p, rk.rank, msg))
         return True
 
+    # Run each rank until it must wait for a message, and sweep again. Times do not depend on the
+    # sweep order: a batch finishes at the max of post times, which are final once recorded. A sweep
+    # in which no rank moves is a deadlock.
     while any(rk.next < len(rk.steps) for rk in ranks):
         progressed = False
         for rk in ranks:
@@ -251,62 +257,8 @@ def simulate_schedule(
                     **costs)
 
 
-# Timelines ----------------------------------------------------------------------------------------
-def trace_bubble(events: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Bubble of a recorded run: (makespan − mean per-rank compute time) / mean compute time."""
-    computes = [e for e in events if e["kind"] in ("forward", "backward")]
-    t0 = min(e["start"] for e in computes)
-    makespan = max(e["end"] for e in computes) - t0
-    busy: dict[int, float] = defaultdict(float)
-    for e in computes:
-        busy[e["rank"]] += e["end"] - e["start"]
-    ideal = sum(busy.values()) / len(busy)
-    return {"makespan": makespan, "ideal": ideal, "bubble_fraction": (makespan - ideal) / ideal}
-
-
-def plot_timeline(events: Sequence[dict[str, Any]], path: str, title: str = "", v: int = 1) -> None:
-    """Draw ranks × time boxes, forward blue and backward green (darker for later chunks), each
-    labelled with its microbatch number; other events (communication waits) as thin grey bars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
-
-    t0 = min(e["start"] for e in events)
-    nranks = max(e["rank"] for e in events) + 1
-    span = max(e["end"] for e in events) - t0
-    fig, ax = plt.subplots(figsize=(min(24, 4 + 0.25 * len(events) / nranks), 0.6 * nranks + 1.4))
-    blues, greens = plt.get_cmap("Blues"), plt.get_cmap("Greens")
-    for e in events:
-        start, width = e["start"] - t0, e["end"] - e["start"]
-        y = nranks - 1 - e["rank"]
-        if e["kind"] not in ("forward", "backward"):
-            ax.barh(y - 0.3, width, left=start, height=0.12, color="0.6")
-            continue
-        shade = 0.45 + 0.4 * e["chunk"] / max(1, v - 1) if v > 1 else 0.6
-        colour = (blues if e["kind"] == "forward" else greens)(shade)
-        ax.barh(y, width, left=start, height=0.8, color=colour, edgecolor="black", linewidth=0.4)
-        if width > span / 150:
-            ax.text(start + width / 2, y, str(e["microbatch"]), ha="center", va="center",
-                    fontsize=7, color="white" if shade > 0.7 else "black")
-    ax.set_yticks(range(nranks), [f"rank {r}" for r in reversed(range(nranks))])
-    ax.set_xlabel("time")
-    ax.set_xlim(0, span)
-    later = " (darker: later chunk)" if v > 1 else ""
-    ax.legend(handles=[Patch(color=blues(0.6), label="forward"),
-                       Patch(color=greens(0.6), label="backward" + later)],
-              loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=2, frameon=False)
-    ax.set_title(title, fontsize=10, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (see the module docstring). Exit code 2 with one line for sizes a schedule rejects."""
     parser = argparse.ArgumentParser(prog="python -m megatron_lite.pipeline.simulate",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--pp", type=int, default=4, help="pipeline ranks p")
@@ -316,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--t-forward", type=float, default=1.0, help="forward time of a full stage")
     parser.add_argument("--t-backward", type=float, default=2.0, help="backward time of a full stage")
-    parser.add_argument("--t-comm", type=float, default=0.0, help="time of one message batch")
+    parser.add_argument("--t-comm", type=float, default=0.0, help="time a message travels")
     parser.add_argument("--trace", help="a trace JSON written by the executor: report and draw it")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--plot", help="write the timeline to this PNG (needs matplotlib)")

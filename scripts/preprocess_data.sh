@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Tokenize a JSONL corpus into PREFIX_text_document.bin/.idx (Megatron's format) for data.paths.
+#   bash scripts/preprocess_data.sh --input corpus.jsonl.gz --output-prefix data/corpus \
+#       [--tokenizer-model tok.model] [--json-key text] [--workers N] [--skip-empty]
+# Defaults here: one worker per CPU core and an eod token after every document (--no-append-eod
+# turns it off); without --tokenizer-model, the bundled 4096-piece tokenizer. Train your own with
+#   python -m megatron_lite.data.train_tokenizer --input corpus.jsonl --vocab-size 32000 --output tok
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+workers=$(nproc 2>/dev/null || echo 1)
+exec "$PYTHON" -m megatron_lite.data.preprocess --workers "$workers" --append-eod "$@"
