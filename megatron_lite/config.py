@@ -96,7 +96,10 @@ class OptimizerConfig:
     # wsd (warmup-stable-decay): the LR stays at optimizer.lr until this many iterations before
     # lr_decay_iters, then falls linearly to min_lr. None: the last 10 % of the decay iterations.
     lr_wsd_decay_iters: Optional[int] = None
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = False  # ZeRO-1: Adam states and fp32 master weights sharded over DP
+    # Start each gradient bucket's DP reduction during the backward of the last microbatch.
+    overlap_grad_reduce: bool = False
+    grad_bucket_elements: int = 40_000_000  # gradient elements per DP-reduction bucket
 
 
 @dataclass
@@ -136,7 +139,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    log_interval: int = 1
+    log_interval: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
 
@@ -245,7 +248,7 @@ POSITIVE = (
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
-    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters",
+    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )
 NON_NEGATIVE = (
     "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",

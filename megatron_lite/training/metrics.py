@@ -81,7 +81,7 @@ def console_line(r: dict[str, Any], train_iters: int) -> str:
         f"loss {r['loss']:.4f}",
         f"grad norm {r['grad_norm']:.3f}",
         f"tokens/s {r['tokens_per_s']:,.0f}",
-        f"TFLOP/s/device {r['tflops_per_device']:.2f}",
+        f"TFLOP/s/device {r['tflops_per_device']:.3g}",
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")

@@ -26,7 +26,7 @@ from .. import ops
 from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..model import build_model_chunks, model_flops_per_iteration
-from ..optim import GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..parallel.collectives import TPGroup
 from ..parallel.state import ParallelState
 from ..pipeline import schedules
@@ -73,8 +73,16 @@ class Trainer:
         for chunk in self.chunks:
             chunk.to(self.dtype)
         self.params = _unique_params(self.chunks)
-        self.grads = GradBuffer(self.params)
-        self.optimizer = Optimizer(self.params, cfg.optimizer, state.mp_group, state.tp_rank)
+        o = cfg.optimizer
+        self.grads = GradBuffer(
+            self.params, state.dp_group, state.dp_size, state.dp_rank,
+            reduce_scatter=o.use_distributed_optimizer, overlap=o.overlap_grad_reduce,
+            bucket_elements=o.grad_bucket_elements,
+        )
+        if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
+            self.optimizer = DistributedOptimizer(self.params, self.grads, o, None, state.tp_rank)
+        else:
+            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank)
 
         gbs = t.global_batch_size
         evaluations = t.train_iters // t.eval_interval + 1
@@ -131,7 +139,7 @@ class Trainer:
         """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr."""
         for chunk in self.chunks:
             chunk.train()
-        self.grads.zero()
+        self.grads.start_step(self.dims.num_microbatches)
         batches = self._microbatches(self.train_data, self.consumed_samples)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
