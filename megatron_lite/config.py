@@ -79,6 +79,11 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 5
     exit_duration_mins: Optional[float] = None
+    # Activation recomputation (Korthikanti et al. 2022): selective recomputes the attention core
+    # (QKᵀ, softmax, dropout, ·V); full recomputes whole layers, in groups of recompute_num_layers
+    # (only each group's input is kept).
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1
 
 
 @dataclass
@@ -235,6 +240,7 @@ CHOICES = {
     "model.attention_backend": ("auto", "sdpa", "explicit"),
     "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
     "training.precision": ("fp32", "bf16", "fp16"),
+    "training.recompute": ("none", "selective", "full"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),
     "data.tokenizer.type": ("sentencepiece", "huggingface"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
@@ -247,6 +253,7 @@ POSITIVE = (
     "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
+    "training.recompute_num_layers",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
     "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )

@@ -68,7 +68,8 @@ class Trainer:
         self.vocab_size = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
         self.chunks = build_model_chunks(
-            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device
+            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
+            t.recompute, t.recompute_num_layers,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
