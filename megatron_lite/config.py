@@ -84,6 +84,15 @@ class TrainingConfig:
     # (only each group's input is kept).
     recompute: str = "none"  # none | selective | full
     recompute_num_layers: int = 1
+    # fp16 loss scaling: a constant scale when loss_scale is set, else dynamic (Megatron's defaults).
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
+    # the run (exit code 3) rather than train on.
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -253,7 +262,8 @@ POSITIVE = (
     "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
-    "training.recompute_num_layers",
+    "training.recompute_num_layers", "training.loss_scale", "training.initial_loss_scale",
+    "training.min_loss_scale", "training.loss_scale_window", "training.hysteresis", "training.max_skipped_steps",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
     "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )

@@ -27,6 +27,7 @@ from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
 from ..parallel.state import ParallelState
 from ..pipeline import schedules
@@ -49,6 +50,10 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
 
 
 class Trainer:
@@ -95,6 +100,14 @@ class Trainer:
         self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
         self.iteration = 0
         self.consumed_samples = 0
+        self.skipped_iterations = 0
+        self.consecutive_skips = 0
+        self.scaler = None
+        if t.precision == "fp16":
+            self.scaler = LossScaler(
+                t.loss_scale or t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale,
+                dynamic=t.loss_scale is None,
+            )
 
         seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
         self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
@@ -117,7 +130,10 @@ class Trainer:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
         mask = batch["loss_mask"].to(self.device)
-        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        if self.scaler is not None and chunk.training:
+            loss = loss * self.scaler.scale  # reported losses are divided back in train_step
+        return loss
 
     def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
         sampler = MicrobatchSampler(
@@ -136,8 +152,18 @@ class Trainer:
             loss /= self.state.dp_size
         return loss.item()
 
+    def _grads_are_finite(self) -> bool:
+        """False if any rank's gradients hold an inf or NaN (agreed over the whole world)."""
+        bad = (~torch.isfinite(self.grads.data)).any().float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
+
     def train_step(self) -> dict[str, float]:
-        """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr."""
+        """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr.
+
+        A step with non-finite gradients anywhere is skipped on every rank (fp16 overflow, or a NaN
+        in any precision); ``training.max_skipped_steps`` of them in a row raise TrainingStopped.
+        """
         for chunk in self.chunks:
             chunk.train()
         self.grads.start_step(self.dims.num_microbatches)
@@ -152,10 +178,31 @@ class Trainer:
                        self.dims.vpp, self.dims.num_microbatches)
         finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
         lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
-        grad_norm = self.optimizer.step(lr)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        finite = self._grads_are_finite()
+        if finite:
+            if scale != 1.0:
+                self.grads.data.mul_(1.0 / scale)
+            grad_norm = self.optimizer.step(lr)
+            self.consecutive_skips = 0
+        else:
+            grad_norm = math.nan
+            self.skipped_iterations += 1
+            self.consecutive_skips += 1
+        if self.scaler is not None:
+            self.scaler.update(found_inf=not finite)
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
-        return {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr}
+        limit = self.cfg.training.max_skipped_steps
+        if self.consecutive_skips >= limit:
+            raise TrainingStopped(
+                f"{limit} consecutive iterations (up to {self.iteration}) had inf/NaN gradients and were "
+                "skipped (training.max_skipped_steps); nothing was saved after the last good step: "
+                "resume from the last checkpoint with a lower optimizer.lr or fp16 → bf16"
+            )
+        loss = self._global_mean(loss) / scale
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
+                "skipped_iterations": self.skipped_iterations}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -210,6 +257,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
             "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
+            "loss_scale": out["loss_scale"], "skipped_iterations": out["skipped_iterations"],
         }
         show = self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == t.train_iters
         self.logger.log(record, console_line(record, t.train_iters) if show else None)
