@@ -114,6 +114,9 @@ class OptimizerConfig:
     # Start each gradient bucket's DP reduction during the backward of the last microbatch.
     overlap_grad_reduce: bool = False
     grad_bucket_elements: int = 40_000_000  # gradient elements per DP-reduction bucket
+    # Distributed optimizer: all-gather the updated parameters in the background, each bucket waited
+    # for by the first forward that uses it.
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -413,6 +416,10 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             "model.seq_length",
             f"{m.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
             f"use a multiple of {tp}",
+        )
+    if o.overlap_param_gather and not o.use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
         )
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")

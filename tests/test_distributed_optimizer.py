@@ -19,6 +19,8 @@ VARIANTS = {
     "distributed_overlap": ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true",
                             "optimizer.grad_bucket_elements=5000"],
     "overlap": ["optimizer.overlap_grad_reduce=true", "optimizer.grad_bucket_elements=5000"],
+    "distributed_overlap_both": ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true",
+                                 "optimizer.overlap_param_gather=true", "optimizer.grad_bucket_elements=5000"],
 }
 
 
@@ -66,3 +68,20 @@ def test_memory_matches_megatron_formula(ranks, tmp_path, precision, formula):
         expected = formula(report["dp"])
         print(f"{precision} DP={report['dp']}: measured {report['bytes_per_param']:.3f} B/param, formula {expected:.3f}")
         assert abs(report["bytes_per_param"] / expected - 1) < 0.01
+
+
+def _early_launches(overrides: list[str]) -> int:
+    from megatron_lite.train import run
+
+    trainer = run(load_config(overrides))
+    launched, buckets = trainer.grads.early_launches, len(trainer.grads.buckets)
+    trainer.state.destroy()
+    return launched, buckets
+
+
+def test_overlap_starts_reductions_during_the_backward(ranks, tmp_path):
+    overrides = BASE + ["training.train_iters=1", "training.eval_iters=0", "optimizer.overlap_grad_reduce=true",
+                        "optimizer.grad_bucket_elements=5000", f"logging.dir={tmp_path}"]
+    for launched, buckets in ranks(2).run(_early_launches, overrides):
+        # Every bucket but the one holding the (tied) embedding starts before the backward ends.
+        assert buckets > 10 and launched == buckets - 1

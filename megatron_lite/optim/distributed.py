@@ -29,7 +29,9 @@ class DistributedOptimizer:
     """AdamW over this DP rank's slice of every gradient bucket (see module docstring).
 
     ``norm_group`` must span TP × PP × DP (None: the whole world), since each rank holds a distinct
-    slice of the gradients.
+    slice of the gradients. With ``overlap_param_gather`` the all-gather of the updated parameters
+    runs in the background after ``step``; ``wait_for(params)`` (called by forward pre-hooks, see
+    ``install_param_gather_hooks``) blocks only on the buckets those parameters live in.
     """
 
     def __init__(
@@ -39,10 +41,13 @@ class DistributedOptimizer:
         cfg: OptimizerConfig,
         norm_group: Optional[dist.ProcessGroup] = None,
         tp_rank: int = 0,
+        overlap_param_gather: bool = False,
     ):
         if not grads.reduce_scatter:
             raise ValueError("the distributed optimizer needs a GradBuffer with reduce_scatter=True")
         self.cfg, self.grads, self.norm_group = cfg, grads, norm_group
+        self.overlap_param_gather = overlap_param_gather
+        self._gathers: dict[int, object] = {}  # bucket -> in-flight all-gather
         self.model_params = list(params)
         dtype = self.model_params[0].dtype
         self.param_data = torch.zeros(grads.data.numel(), dtype=dtype, device=grads.data.device)
@@ -86,8 +91,32 @@ class DistributedOptimizer:
                     self.param_data[lo:hi].copy_(master)
         for _, piece, _, _ in self.pieces:
             piece.grad = None
-        gather_params(self.grads, self.param_data)
+        if self.overlap_param_gather:
+            self._gathers = gather_params(self.grads, self.param_data, async_op=True)
+        else:
+            gather_params(self.grads, self.param_data)
         return norm
+
+    def wait_for(self, params) -> None:
+        """Block until the all-gathers of the buckets holding ``params`` are done."""
+        for p in params:
+            work = self._gathers.pop(self.grads.bucket_of.get(p, -1), None)
+            if work is not None:
+                work.wait()
+
+    def finish_param_gather(self) -> None:
+        """Block until every parameter is up to date (before reading them outside a forward)."""
+        for work in self._gathers.values():
+            work.wait()
+        self._gathers.clear()
+
+    def install_param_gather_hooks(self, modules) -> None:
+        """Forward pre-hooks on every module that owns parameters: wait for just their buckets."""
+        for root in modules:
+            for module in root.modules():
+                own = list(module.parameters(recurse=False))
+                if own:
+                    module.register_forward_pre_hook(lambda _m, _args, own=own: self.wait_for(own))
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

@@ -82,6 +82,7 @@ class GradBuffer:
         self._fired: dict[nn.Parameter, int] = {}
         self._ready = [0] * len(self.buckets)
         self._pending: dict[int, tuple] = {}
+        self.early_launches = 0
 
     # Layout ------------------------------------------------------------------------------------
     def shard_ranges(self) -> list[tuple[int, int]]:
@@ -100,6 +101,7 @@ class GradBuffer:
         self._fired = {p: 0 for p in self.params}
         self._ready = [0] * len(self.buckets)
         self._pending.clear()
+        self.early_launches = 0  # buckets whose reduction started during the backward
 
     def zero(self) -> None:
         self.start_step(0)
@@ -115,6 +117,7 @@ class GradBuffer:
             self._ready[bucket] += 1
             if self._ready[bucket] == self._members[bucket] and bucket not in self.deferred:
                 self._launch(bucket)
+                self.early_launches += 1
 
     def _launch(self, bucket: int) -> None:
         if self.dp_size == 1 or bucket in self._pending:
@@ -165,10 +168,15 @@ def finalize_grads(buffer: GradBuffer, state: ParallelState, sequence_parallel: 
         _sum_over([p for p in buffer.params if getattr(p, "sequence_parallel", False)], state.tp_group)
 
 
-def gather_params(buffer: GradBuffer, param_data: torch.Tensor) -> None:
+def gather_params(buffer: GradBuffer, param_data: torch.Tensor, async_op: bool = False) -> dict:
     """All-gather every bucket of ``param_data`` (laid out like ``buffer``) from the DP rank that
-    owns each slice: after a distributed-optimizer step, every rank holds every updated parameter."""
+    owns each slice: after a distributed-optimizer step, every rank holds every updated parameter.
+    With ``async_op``, returns {bucket: work} to wait on; otherwise waits and returns {}."""
+    works = {}
     if buffer.dp_size == 1:
-        return
-    for (start, end), (lo, hi) in zip(buffer.buckets, buffer.shard_ranges()):
-        _all_gather_flat(param_data[start:end], param_data[lo:hi].clone(), group=buffer.dp_group)
+        return works
+    for bucket, ((start, end), (lo, hi)) in enumerate(zip(buffer.buckets, buffer.shard_ranges())):
+        works[bucket] = _all_gather_flat(
+            param_data[start:end], param_data[lo:hi].clone(), group=buffer.dp_group, async_op=async_op
+        )
+    return works if async_op else {}

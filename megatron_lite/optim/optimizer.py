@@ -76,6 +76,9 @@ class Optimizer:
                 master.grad = None
         return norm
 
+    def finish_param_gather(self) -> None:
+        """Nothing to wait for: every rank updates its own full parameters."""
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

@@ -86,7 +86,11 @@ class Trainer:
             bucket_elements=o.grad_bucket_elements,
         )
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
-            self.optimizer = DistributedOptimizer(self.params, self.grads, o, None, state.tp_rank)
+            self.optimizer = DistributedOptimizer(
+                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather
+            )
+            if o.overlap_param_gather:
+                self.optimizer.install_param_gather_hooks(self.chunks)
         else:
             self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank)
 
@@ -242,6 +246,7 @@ class Trainer:
             if self._time_is_up(run_start):
                 break
         self._log_eval()
+        self.optimizer.finish_param_gather()
         if self.logger is not None:
             print(f"metrics: {self.logger.path}  (plot: python scripts/plot_metrics.py {self.logger.path})", flush=True)
             self.logger.close()
