@@ -117,3 +117,10 @@ def test_missing_data_path_names_it(tmp_path):
     )
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_dataloader_workers_give_the_same_run(ranks, reference, tmp_path):
+    (ref_train, _), _ = reference
+    ranks(1).run(_train, BASE + ["data.num_workers=2", f"logging.dir={tmp_path}"])
+    train, _ = read_metrics(tmp_path)
+    assert [r["loss"] for r in train] == [r["loss"] for r in ref_train]

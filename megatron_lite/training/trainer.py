@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .. import ops
 from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..optim.loss_scaler import LossScaler
@@ -104,6 +105,7 @@ class Trainer:
         self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
         self.iteration = 0
         self.consumed_samples = 0
+        self._train_batches = None  # this rank's microbatches per iteration, from consumed_samples on
         self.skipped_iterations = 0
         self.consecutive_skips = 0
         self.scaler = None
@@ -171,7 +173,14 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         self.grads.start_step(self.dims.num_microbatches)
-        batches = self._microbatches(self.train_data, self.consumed_samples)
+        if self._train_batches is None:  # created at the first step, so a resume sets consumed_samples first
+            t = self.cfg.training
+            sampler = MicrobatchSampler(
+                t.train_iters * t.global_batch_size, self.consumed_samples, t.micro_batch_size,
+                t.global_batch_size, self.state.dp_rank, self.state.dp_size,
+            )
+            self._train_batches = microbatch_loader(self.train_data, sampler, self.fields, self.cfg.data.num_workers)
+        batches = next(self._train_batches)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
             self.actions, self.chunks, self.state, batches, self._forward_step,
