@@ -11,7 +11,7 @@
 #include "cpu/kernels.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
@@ -80,7 +80,7 @@ struct CudaCall {
   void* stream;
   const char* op;
   CudaCall(const at::Tensor& x, const char* op_name)
-      : guard(x.device()), stream(at::cuda::getCurrentCUDAStream().stream()), op(op_name) {
+      : guard(x.device()), stream(c10::cuda::getCurrentCUDAStream().stream()), op(op_name) {
     switch (x.scalar_type()) {
       case at::kFloat: dtype = gpu::DType::f32; break;
       case at::kHalf: dtype = gpu::DType::f16; break;

@@ -9,7 +9,7 @@ template <typename A> inline A sigmoid(A v) { return A(1) / (A(1) + Math<A>::exp
 template <typename T>
 void swiglu_fwd(const T* x, T* y, int64_t rows, int64_t f, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, 2 * f, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, 2 * f, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* gate = x + r * 2 * f;
     const T* up = gate + f;
     T* yr = y + r * f;
@@ -25,7 +25,7 @@ void swiglu_fwd(const T* x, T* y, int64_t rows, int64_t f, int threads) {
 template <typename T>
 void swiglu_bwd(const T* dy, const T* x, T* dx, int64_t rows, int64_t f, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, 3 * f, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, 3 * f, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* gate = x + r * 2 * f;
     const T* up = gate + f;
     const T* dyr = dy + r * f;
@@ -48,7 +48,7 @@ constexpr double kGeluC = 0.044715;
 template <typename T>
 void bias_gelu_fwd(const T* x, const acc_t<T>* bias, T* y, int64_t rows, int64_t f, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, f, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, f, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* xr = x + r * f;
     T* yr = y + r * f;
 #pragma omp simd
@@ -66,11 +66,11 @@ void bias_gelu_bwd(const T* dy, const T* x, const acc_t<T>* bias, T* dx, acc_t<T
   using A = acc_t<T>;
   // dbias needs per-thread column sums; without it the scratch buffer is empty and never touched.
   const int64_t scratch = dbias ? f : 0;
-  for_rows<A>(rows, f, threads, scratch, dbias, [&](int64_t r, A* part) {
+  for_rows<A>(rows, f, threads, scratch, dbias, [=](int64_t r, A* part) {
     const T* xr = x + r * f;
     const T* dyr = dy + r * f;
     T* dxr = dx + r * f;
-    auto grad = [&](int64_t i) {
+    auto grad = [=](int64_t i) {
       const A v = load<A>(xr[i]) + bias[i];
       const A t = Math<A>::tanh(A(kGeluK) * (v + A(kGeluC) * v * v * v));
       const A dt = (A(1) - t * t) * A(kGeluK) * (A(1) + A(3 * kGeluC) * v * v);

@@ -70,7 +70,7 @@ template <> struct Math<double> {
   static double tanh(double x) { return std::tanh(x); }
 };
 
-// Runs f(row, scratch) for every row, rows spread over `threads` OpenMP threads; each thread owns a
+// Runs f(row, scratch) for every row (f should capture by value, see below), rows spread over `threads` OpenMP threads; each thread owns a
 // zeroed scratch buffer of `scratch` accumulators. With `column_sums`, the per-thread buffers are
 // summed into it afterwards: that is how weight and bias gradients are reduced across rows without
 // atomics. Small problems run on the calling thread (a parallel region costs a few microseconds).
@@ -82,8 +82,11 @@ void for_rows(int64_t rows, int64_t row_work, int threads, int64_t scratch, A* c
 #pragma omp parallel num_threads(used) if (parallel)
   {
     A* mine = buffers.data() + int64_t(omp_get_thread_num()) * scratch;
+    // A per-thread copy of the (by-value) closure: its pointers become locals, so the compiler hoists
+    // them out of the inner loops instead of reloading them (which turned contiguous loads into gathers).
+    F body = f;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) f(r, mine);
+    for (int64_t r = 0; r < rows; ++r) body(r, mine);
   }
   if (column_sums == nullptr) return;
   for (int64_t j = 0; j < scratch; ++j) column_sums[j] = A(0);

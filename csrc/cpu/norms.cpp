@@ -8,7 +8,7 @@ template <typename T>
 void rms_norm_fwd(const T* x, const acc_t<T>* w, T* y, acc_t<T>* rstd, int64_t rows, int64_t h,
                   double eps, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, h, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, h, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* xr = x + r * h;
     T* yr = y + r * h;
     A sumsq = 0;
@@ -26,7 +26,7 @@ template <typename T>
 void rms_norm_bwd(const T* dy, const T* x, const acc_t<T>* w, const acc_t<T>* rstd, T* dx,
                   acc_t<T>* dw, int64_t rows, int64_t h, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, h, threads, h, dw, [&](int64_t r, A* dw_part) {
+  for_rows<A>(rows, h, threads, h, dw, [=](int64_t r, A* dw_part) {
     const T* xr = x + r * h;
     const T* dyr = dy + r * h;
     T* dxr = dx + r * h;
@@ -48,7 +48,7 @@ template <typename T>
 void layer_norm_fwd(const T* x, const acc_t<T>* w, const acc_t<T>* b, T* y, acc_t<T>* mean,
                     acc_t<T>* rstd, int64_t rows, int64_t h, double eps, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, h, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, h, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* xr = x + r * h;
     T* yr = y + r * h;
     A sum = 0;
@@ -73,7 +73,7 @@ template <typename T>
 void layer_norm_bwd(const T* dy, const T* x, const acc_t<T>* w, const acc_t<T>* mean,
                     const acc_t<T>* rstd, T* dx, acc_t<T>* dwb, int64_t rows, int64_t h, int threads) {
   using A = acc_t<T>;
-  for_rows<A>(rows, h, threads, 2 * h, dwb, [&](int64_t r, A* part) {
+  for_rows<A>(rows, h, threads, 2 * h, dwb, [=](int64_t r, A* part) {
     const T* xr = x + r * h;
     const T* dyr = dy + r * h;
     T* dxr = dx + r * h;

@@ -10,7 +10,7 @@ void rotary(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* y, int64_t 
   const int64_t half = d / 2;
   // The backward pass rotates by −θ: the transpose of a rotation.
   const A sign = inverse ? A(-1) : A(1);
-  for_rows<A>(rows, n * d, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(rows, n * d, threads, 0, nullptr, [=](int64_t r, A*) {
     const A* c = cos + (r % s) * half;
     const A* sn = sin + (r % s) * half;
     for (int64_t head = 0; head < n; ++head) {

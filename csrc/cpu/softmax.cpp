@@ -16,7 +16,7 @@ void causal_softmax_fwd(const T* x, T* y, int64_t batch, int64_t sq, int64_t sk,
                         int threads) {
   using A = acc_t<T>;
   const A sc = A(scale);
-  for_rows<A>(batch * sq, sk, threads, sk, nullptr, [&](int64_t r, A* e) {
+  for_rows<A>(batch * sq, sk, threads, sk, nullptr, [=](int64_t r, A* e) {
     const T* xr = x + r * sk;
     T* yr = y + r * sk;
     const int64_t n = visible_keys(r % sq, sq, sk);
@@ -46,7 +46,7 @@ void causal_softmax_bwd(const T* dy, const T* y, T* dx, int64_t batch, int64_t s
                         double scale, int threads) {
   using A = acc_t<T>;
   const A sc = A(scale);
-  for_rows<A>(batch * sq, sk, threads, 0, nullptr, [&](int64_t r, A*) {
+  for_rows<A>(batch * sq, sk, threads, 0, nullptr, [=](int64_t r, A*) {
     const T* dyr = dy + r * sk;
     const T* yr = y + r * sk;
     T* dxr = dx + r * sk;
