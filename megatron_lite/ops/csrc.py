@@ -37,10 +37,11 @@ def _build_key() -> str:
     for header in sorted(CSRC_DIR.rglob("*.h")):
         digest.update(header.read_bytes())
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        digest.update("".join(sorted({ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features", "model name"))})).encode())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    isa = sorted({ln for ln in lines if ln.startswith(("flags", "Features", "model name"))})
+    digest.update("\n".join(isa).encode())
     return digest.hexdigest()[:12]
 
 
