@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the fused kernels, for a CUDA machine (written for an H200). Installs nothing.
-# Builds the csrc extension with its CUDA kernels, runs the CUDA-marked op tests (csrc, and TE/apex
+# Builds the csrc extension with its CUDA kernels, runs the op tests (CUDA-marked ones: csrc, TE/apex
 # where importable) and the kernel benchmark; logs and JSON go to the output directory.
 #   Needs: a CUDA build of torch in $PYTHON, nvcc in $CUDA_HOME (default /usr/local/cuda).
 #   Usage: bash benchmarks/gpu_check.sh [output dir, default gpu_check_out]
+#   BENCH_ARGS="--no-compile" skips torch.compile of the references (saves a minute or two).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
@@ -35,9 +36,10 @@ PY
 echo "== tests ($(date -u +%T))"
 status=0
 bench_status=0
-"$PYTHON" -m pytest -q -ra tests/test_ops_cuda.py tests/test_ops_nvcc.py 2>&1 | tee "$OUT/tests.log" || status=$?
+"$PYTHON" -m pytest -q -ra tests/test_ops_cuda.py tests/test_ops.py tests/test_ops_nvcc.py 2>&1 | tee "$OUT/tests.log" || status=$?
 echo "== benchmark ($(date -u +%T))"
-"$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --json "$OUT/kernels_bf16.json" 2>&1 \
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+"$PYTHON" benchmarks/kernels.py --device cuda --dtype bf16 --json "$OUT/kernels_bf16.json" ${BENCH_ARGS:-} 2>&1 \
   | tee "$OUT/kernels_bf16.log" || bench_status=$?
 echo "== done ($(date -u +%T)): tests exit status $status, benchmark $bench_status"
 [ "$status" -ne 0 ] && exit "$status"

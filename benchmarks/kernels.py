@@ -61,41 +61,43 @@ def make_case(op: str, scale: int, dtype: torch.dtype, device: str) -> tuple[tup
 
 
 def time_fwd_bwd(fn: Callable, args: tuple, device: str, min_seconds: float) -> float:
-    """Median seconds of one forward + backward (gradients of every grad-requiring input)."""
+    """Median seconds of one forward + backward (gradients of every grad-requiring input). Steps run
+    in batches of ≥ ~10 ms between synchronisations, so that on a GPU the timing is not the host's."""
     wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     grad_out = torch.randn_like(fn(*args))
-
-    def step():
-        torch.autograd.grad(fn(*args), wrt, grad_out)
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        step()
-    sync()
+
+    def batch(steps: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            torch.autograd.grad(fn(*args), wrt, grad_out)
+        sync()
+        return (time.perf_counter() - t0) / steps
+
+    batch(3)
+    steps = max(1, math.ceil(0.01 / batch(1)))
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < 5 or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        step()
-        sync()
-        samples.append(time.perf_counter() - t0)
+        samples.append(batch(steps))
     return statistics.median(samples)
 
 
 def copy_bandwidth(device: str, dtype: torch.dtype) -> float:
     """Bytes/s of a large tensor copy (read + write), the machine's practical bandwidth bound."""
-    src = torch.randn(64 * 2**20 // 4, device=device).to(dtype)
+    src = torch.randn((2**30 if device == "cuda" else 2**26) // 4, device=device).to(dtype)
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        dst.copy_(src)
-    sync()
+    dst.copy_(src)
     runs = []
     for _ in range(10):
-        t0 = time.perf_counter()
-        dst.copy_(src)
         sync()
-        runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        sync()
+        runs.append((time.perf_counter() - t0) / 5)
     return 2 * src.numel() * src.element_size() / statistics.median(runs)
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--scale", type=int, default=None, help="tokens = 2048·scale (default 1 CPU, 16 GPU)")
+    parser.add_argument("--scale", type=int, default=None, help="tokens = 2048·scale (default 1 CPU, 64 GPU)")
     parser.add_argument("--ops", default="rms_norm,layer_norm,rotary,swiglu,bias_gelu,causal_softmax")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="timing per variant")
@@ -113,7 +115,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    scale = args.scale or (16 if args.device == "cuda" else 1)
+    scale = args.scale or (64 if args.device == "cuda" else 1)
     if csrc.extension() is None:
         sys.exit("benchmarks/kernels.py: the csrc extension did not build (see the warning above)")
 
