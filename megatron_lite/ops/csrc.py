@@ -27,6 +27,7 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def cuda_sources() -> list[Path]:
+    """The CUDA kernel files (compiled into the extension when torch has CUDA)."""
     return sorted((CSRC_DIR / "cuda").glob("*.cu"))
 
 
@@ -63,6 +64,7 @@ def extension() -> Optional[ModuleType]:
 
 
 def available() -> bool:
+    """Whether the extension builds (and loads) on this machine."""
     return extension() is not None
 
 
