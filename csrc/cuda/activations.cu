@@ -7,25 +7,25 @@ namespace {
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
-// x: [rows, 2f] = [gate | up]; element e of y sits at row e / f, column e mod f.
+// x: [rows, 2f] = [gate | up]; thread (row r, column i) computes y[r, i] (grid: row_column_grid).
 template <typename T>
-__global__ void swiglu_fwd_kernel(const T* x, T* y, int64_t total, int64_t f) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t r = e / f, i = e % f;
+__global__ void swiglu_fwd_kernel(const T* x, T* y, int64_t rows, int64_t f) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= f) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const float g = to_float(x[r * 2 * f + i]), u = to_float(x[r * 2 * f + f + i]);
-    y[e] = from_float<T>(g * sigmoid(g) * u);
+    y[r * f + i] = from_float<T>(g * sigmoid(g) * u);
   }
 }
 
 // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g))).
 template <typename T>
-__global__ void swiglu_bwd_kernel(const T* dy, const T* x, T* dx, int64_t total, int64_t f) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t r = e / f, i = e % f;
+__global__ void swiglu_bwd_kernel(const T* dy, const T* x, T* dx, int64_t rows, int64_t f) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= f) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t gi = r * 2 * f + i, ui = gi + f;
-    const float g = to_float(x[gi]), u = to_float(x[ui]), d = to_float(dy[e]);
+    const float g = to_float(x[gi]), u = to_float(x[ui]), d = to_float(dy[r * f + i]);
     const float sig = sigmoid(g);
     dx[gi] = from_float<T>(d * u * sig * (1.f + g * (1.f - sig)));
     dx[ui] = from_float<T>(d * g * sig);
@@ -37,11 +37,13 @@ constexpr float kGeluK = 0.7978845608028654f;
 constexpr float kGeluC = 0.044715f;
 
 template <typename T>
-__global__ void bias_gelu_fwd_kernel(const T* x, const float* bias, T* y, int64_t total, int64_t f) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const float v = to_float(x[e]) + bias[e % f];
-    y[e] = from_float<T>(0.5f * v * (1.f + tanhf(kGeluK * (v + kGeluC * v * v * v))));
+__global__ void bias_gelu_fwd_kernel(const T* x, const float* bias, T* y, int64_t rows, int64_t f) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= f) return;
+  const float b = bias[i];
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float v = to_float(x[r * f + i]) + b;
+    y[r * f + i] = from_float<T>(0.5f * v * (1.f + tanhf(kGeluK * (v + kGeluC * v * v * v))));
   }
 }
 
@@ -72,8 +74,8 @@ int swiglu_fwd(DType t, const void* x, void* y, int64_t rows, int64_t f, void* s
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    swiglu_fwd_kernel<T><<<elementwise_blocks(rows * f), 256, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(x), static_cast<T*>(y), rows * f, f);
+    swiglu_fwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), rows, f);
   });
 }
 
@@ -81,8 +83,8 @@ int swiglu_bwd(DType t, const void* dy, const void* x, void* dx, int64_t rows, i
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    swiglu_bwd_kernel<T><<<elementwise_blocks(rows * f), 256, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), rows * f, f);
+    swiglu_bwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), rows, f);
   });
 }
 
@@ -90,8 +92,8 @@ int bias_gelu_fwd(DType t, const void* x, const float* bias, void* y, int64_t ro
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    bias_gelu_fwd_kernel<T><<<elementwise_blocks(rows * f), 256, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(x), bias, static_cast<T*>(y), rows * f, f);
+    bias_gelu_fwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
+        static_cast<const T*>(x), bias, static_cast<T*>(y), rows, f);
   });
 }
 

@@ -55,10 +55,12 @@ inline int row_threads(int64_t n) {
   return threads;
 }
 
-// Blocks of a grid-stride elementwise launch over n elements with 256 threads.
-inline unsigned elementwise_blocks(int64_t n) {
-  const int64_t blocks = (n + 255) / 256;
-  return unsigned(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+// Grid of the row-wise elementwise kernels, 256 threads per block: x covers the columns of a row,
+// y strides over rows (at most 65535 of them at once). Indexing by (row, column) this way avoids a
+// 64-bit division per element, which would make these memory-bound kernels compute-bound.
+constexpr int kColumnThreads = 256;
+inline dim3 row_column_grid(int64_t rows, int64_t cols) {
+  return dim3(unsigned((cols + kColumnThreads - 1) / kColumnThreads), unsigned(rows < 65535 ? rows : 65535));
 }
 
 // Backward kernels that reduce over rows run this many blocks, each owning one row of a
