@@ -54,12 +54,18 @@ void layer_norm_fwd(const T* x, const acc_t<T>* w, const acc_t<T>* b, T* y, acc_
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < h; ++i) sum += load<A>(xr[i]);
-    const A mu = sum / A(h);
-    // Second pass over the (cached) row for the variance: no cancellation, unlike E[x²] − E[x]².
-    A sumsq = 0;
-#pragma omp simd reduction(+ : sumsq)
-    for (int64_t i = 0; i < h; ++i) sumsq += (load<A>(xr[i]) - mu) * (load<A>(xr[i]) - mu);
-    const A rs = A(1) / std::sqrt(sumsq / A(h) + A(eps));
+    const A mu0 = sum / A(h);
+    // Second pass over the (cached) row: the variance of x − mu0 (no E[x²] − E[x]² cancellation),
+    // and Σ(x − mu0), which corrects the rounding error of mu0 (the corrected two-pass algorithm).
+    A sumd = 0, sumsq = 0;
+#pragma omp simd reduction(+ : sumd, sumsq)
+    for (int64_t i = 0; i < h; ++i) {
+      const A d = load<A>(xr[i]) - mu0;
+      sumd += d;
+      sumsq += d * d;
+    }
+    const A mu = mu0 + sumd / A(h);
+    const A rs = A(1) / std::sqrt((sumsq - sumd * sumd / A(h)) / A(h) + A(eps));
     mean[r] = mu;
     rstd[r] = rs;
 #pragma omp simd

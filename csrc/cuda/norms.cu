@@ -49,13 +49,19 @@ __global__ void layer_norm_fwd_kernel(const T* x, const float* w, const float* b
   T* yr = y + int64_t(blockIdx.x) * h;
   float sum = 0.f;
   for (int64_t i = threadIdx.x; i < h; i += blockDim.x) sum += to_float(xr[i]);
-  const float mu = block_reduce(sum, Sum()) / float(h);
-  float sumsq = 0.f;  // second pass over the cached row: no E[x²] − E[x]² cancellation
+  const float mu0 = block_reduce(sum, Sum()) / float(h);
+  // Second pass over the cached row: variance of x − mu0 (no E[x²] − E[x]² cancellation) and
+  // Σ(x − mu0), which corrects the rounding error of mu0 (corrected two-pass algorithm).
+  float sumd = 0.f, sumsq = 0.f;
   for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
-    const float d = to_float(xr[i]) - mu;
+    const float d = to_float(xr[i]) - mu0;
+    sumd += d;
     sumsq += d * d;
   }
-  const float rs = rsqrtf(block_reduce(sumsq, Sum()) / float(h) + eps);
+  sumd = block_reduce(sumd, Sum());
+  sumsq = block_reduce(sumsq, Sum());
+  const float mu = mu0 + sumd / float(h);
+  const float rs = rsqrtf((sumsq - sumd * sumd / float(h)) / float(h) + eps);
   if (threadIdx.x == 0) {
     mean[blockIdx.x] = mu;
     rstd[blockIdx.x] = rs;
