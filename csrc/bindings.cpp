@@ -48,9 +48,16 @@ at::Tensor acc_empty(at::IntArrayRef shape, const at::Tensor& x) {
   return at::empty(shape, x.options().dtype(acc_type(x)));
 }
 
+// A weight or bias of n elements (checked: the kernels index it by column) via as_acc.
+at::Tensor param(const at::Tensor& t, const at::Tensor& x, int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == n, op, ": ", name, " has ", t.numel(), " elements, expected ", n,
+              " (the size of the last dim)");
+  return as_acc(t, x);
+}
+
 // Optional bias as a tensor: zeros when absent, so the kernels need no second code path.
-at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n) {
-  return bias.has_value() ? as_acc(*bias, x) : at::zeros({n}, x.options().dtype(acc_type(x)));
+at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n, const char* op) {
+  return bias.has_value() ? param(*bias, x, n, op, "bias") : at::zeros({n}, x.options().dtype(acc_type(x)));
 }
 
 template <typename T> T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
@@ -104,7 +111,7 @@ struct CudaCall {
 Tensors rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_input(x, "rms_norm", "x", 2);
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = as_acc(weight, x);
+  auto w = param(weight, x, h, "rms_norm", "weight");
   auto y = at::empty_like(x);
   auto rstd = acc_empty({rows}, x);
   MLITE_ON_CUDA(x) {
@@ -126,7 +133,7 @@ Tensors rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
                      const at::Tensor& rstd) {
   check_grad(dy, x.sizes(), x, "rms_norm backward");
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = as_acc(weight, x);
+  auto w = param(weight, x, h, "rms_norm", "weight");
   auto dx = at::empty_like(x);
   auto dw = acc_empty({h}, x);
   MLITE_ON_CUDA(x) {
@@ -151,8 +158,8 @@ Tensors layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, double eps) {
   check_input(x, "layer_norm", "x", 2);
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = as_acc(weight, x);
-  auto b = bias_or_zeros(bias, x, h);
+  auto w = param(weight, x, h, "layer_norm", "weight");
+  auto b = bias_or_zeros(bias, x, h, "layer_norm");
   auto y = at::empty_like(x);
   auto mean = acc_empty({rows}, x);
   auto rstd = acc_empty({rows}, x);
@@ -176,7 +183,7 @@ Tensors layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                        const at::Tensor& mean, const at::Tensor& rstd) {
   check_grad(dy, x.sizes(), x, "layer_norm backward");
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = as_acc(weight, x);
+  auto w = param(weight, x, h, "layer_norm", "weight");
   auto dx = at::empty_like(x);
   auto dwb = acc_empty({2, h}, x);
   MLITE_ON_CUDA(x) {
@@ -263,7 +270,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   check_input(x, "bias_gelu", "x", 2);
   const int64_t rows = x.size(0), f = x.size(1);
-  auto b = bias_or_zeros(bias, x, f);
+  auto b = bias_or_zeros(bias, x, f, "bias_gelu");
   auto y = at::empty_like(x);
   MLITE_ON_CUDA(x) {
 #ifdef WITH_CUDA
@@ -283,7 +290,7 @@ Tensors bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x, const std::opti
                       bool want_dbias) {
   check_grad(dy, x.sizes(), x, "bias_gelu backward");
   const int64_t rows = x.size(0), f = x.size(1);
-  auto b = bias_or_zeros(bias, x, f);
+  auto b = bias_or_zeros(bias, x, f, "bias_gelu backward");
   auto dx = at::empty_like(x);
   auto dbias = want_dbias ? acc_empty({f}, x) : at::Tensor();
   MLITE_ON_CUDA(x) {

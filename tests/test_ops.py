@@ -194,3 +194,12 @@ def test_layer_norm_statistics_are_accurate_with_offsets(kernels):
     exact = reference.layer_norm(x.double(), w.double(), b.double(), 1e-5)
     error = (csrc.layer_norm(x, w, b, 1e-5).double() - exact).abs().max() / exact.abs().max()
     assert error < 1e-5
+
+
+def test_wrong_parameter_size_is_an_error(kernels):
+    """A weight or bias that does not match the last dim is rejected (the kernels index it by column)."""
+    x = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="rms_norm: weight has 9 elements, expected 10"):
+        csrc.rms_norm(x, torch.ones(9), 1e-5)
+    with pytest.raises(RuntimeError, match="bias_gelu: bias has 11 elements, expected 10"):
+        csrc.bias_gelu(x, torch.ones(11))
