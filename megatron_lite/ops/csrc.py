@@ -210,10 +210,3 @@ def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     sq, sk = scores.shape[-2:]
     return _CausalSoftmax.apply(scores.reshape(-1, sq, sk).contiguous(), float(scale)).view(scores.shape)
 
-
-if __name__ == "__main__":
-    # Build (or load from the cache) ahead of time, e.g. in a container image: python -m megatron_lite.ops.csrc
-    built = extension()
-    if built is None:
-        raise SystemExit("csrc extension: build failed (MEGATRON_LITE_BUILD_VERBOSE=1 shows the compiler output)")
-    print(f"csrc extension: {built.__file__} (CUDA kernels: {'yes' if built.with_cuda else 'no'})")
