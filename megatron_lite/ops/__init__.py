@@ -1,27 +1,130 @@
-"""Fused-op front ends. The model calls these functions; the backend behind them is chosen once at
-start-up with ``use_backend`` (``model.kernel_backend``). Shapes are documented in ``reference``."""
+"""Fused-op front ends. The model calls these functions; which implementation runs behind them is
+chosen once at start-up with ``use_backend(model.kernel_backend)``:
+
+- ``torch``: the pure-PyTorch reference (``reference.py``: the math every backend must match);
+- ``csrc``: our C++/CUDA kernels (``csrc/``, built on first use, see ``csrc.py``);
+- ``te`` / ``apex``: NVIDIA's kernels where they cover an op and its inputs (``vendor.py``);
+- ``auto``: ``te``, else ``apex``, when importable on a GPU machine; else ``csrc`` if it builds;
+  else ``torch``.
+
+Every backend falls back per call to the next one (vendor → csrc → reference) for inputs its kernels
+do not take, so any backend accepts whatever the reference accepts. Shapes are documented in
+``reference``.
+"""
 
 from __future__ import annotations
 
-from . import reference
+import logging
+import warnings
+from typing import Callable
 
-_backend = "torch"
+import torch
+
+from . import csrc, reference, vendor
+
+OPS = ("rms_norm", "layer_norm", "rotary", "swiglu", "bias_gelu", "causal_softmax")
+BACKENDS = ("auto", "torch", "csrc", "te", "apex")
+_log = logging.getLogger(__name__)
+
+# The process-wide choice: the backend's name and the function behind each op.
+_active: dict = {"backend": "torch", "ops": {op: getattr(reference, op) for op in OPS}, "sources": {}}
 
 
-def use_backend(name: str) -> str:
+def _providers(name: str) -> list[tuple[str, vendor.Provider]]:
+    if name == "te":
+        return [("te", vendor.te_ops()), ("apex", vendor.apex_ops())]
+    if name == "apex":
+        return [("apex", vendor.apex_ops())]
+    return []
+
+
+def _resolve(name: str) -> str:
+    """The backend that ``name`` amounts to on this machine (auto decided, unavailable ones replaced)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            for vendor_name in ("te", "apex"):
+                if _providers(vendor_name)[0][1]:
+                    return vendor_name
+        return "csrc" if csrc.available() else "torch"
+    if name in ("te", "apex") and not _providers(name)[0][1]:
+        fallback = _resolve("auto") if name == "te" else ("csrc" if csrc.available() else "torch")
+        warnings.warn(f"model.kernel_backend={name}: {name} is not importable; using {fallback}", stacklevel=3)
+        return fallback
+    if name == "csrc" and not csrc.available():
+        warnings.warn("model.kernel_backend=csrc: the extension did not build; using torch", stacklevel=3)
+        return "torch"
+    return name
+
+
+def _chain(op: str, providers: list[tuple[str, vendor.Provider]], fallback: Callable) -> tuple[Callable, str]:
+    """The function for ``op``: the first provider whose kernel accepts the call, else ``fallback``."""
+    candidates = [(source, ops[op]) for source, ops in providers if op in ops]
+    if not candidates:
+        return fallback, ""
+    sources = "/".join(source for source, _ in candidates)
+
+    def run(*args):
+        for _, (accepts, fn) in candidates:
+            if accepts(*args):
+                return fn(*args)
+        return fallback(*args)
+
+    return run, sources
+
+
+def use_backend(name: str = "auto") -> str:
     """Select the kernel backend (auto | torch | csrc | te | apex); returns the one in effect."""
-    global _backend
-    _backend = "torch" if name == "auto" else name
-    return _backend
+    if name not in BACKENDS:
+        raise ValueError(f"model.kernel_backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    resolved = _resolve(name)
+    base = csrc if resolved != "torch" and csrc.available() else reference
+    ops, sources = {}, {}
+    for op in OPS:
+        ops[op], sources[op] = _chain(op, _providers(resolved), getattr(base, op))
+    _active.update(backend=resolved, ops=ops, sources=sources)
+    _log.info("kernel backend: %s", describe())
+    return resolved
 
 
 def backend() -> str:
-    return _backend
+    """The backend in effect (``torch`` until ``use_backend`` is called)."""
+    return _active["backend"]
 
 
-rms_norm = reference.rms_norm
-layer_norm = reference.layer_norm
-rotary = reference.rotary
-swiglu = reference.swiglu
-bias_gelu = reference.bias_gelu
-causal_softmax = reference.causal_softmax
+def describe() -> str:
+    """One line for the start-up log, e.g. ``te (causal_softmax: te/apex, rms_norm: apex; rest csrc)``."""
+    vendor_ops = [f"{op}: {src}" for op, src in _active["sources"].items() if src]
+    if not vendor_ops:
+        return _active["backend"]
+    rest = "csrc" if csrc.available() else "torch"
+    return f"{_active['backend']} ({', '.join(vendor_ops)}; rest {rest})"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; see ``reference.rms_norm``."""
+    return _active["ops"]["rms_norm"](x, weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim; see ``reference.layer_norm``."""
+    return _active["ops"]["layer_norm"](x, weight, bias, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [b, s, n, d]; see ``reference.rotary``."""
+    return _active["ops"]["rotary"](x, cos, sin)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up of x [..., 2f] = [gate | up]; see ``reference.swiglu``."""
+    return _active["ops"]["swiglu"](x)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(x + bias); see ``reference.bias_gelu``."""
+    return _active["ops"]["bias_gelu"](x, bias)
+
+
+def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled causal softmax of scores [b·n, sq, sk]; see ``reference.causal_softmax``."""
+    return _active["ops"]["causal_softmax"](scores, scale)

@@ -1,0 +1,212 @@
+"""The ``csrc`` backend: autograd wrappers around the C++ (and, in a CUDA build, CUDA) kernels of
+``csrc/``, built on first use by ``megatron_lite.extensions.load_extension``.
+
+Each op reshapes its input to the 2-D/3-D/4-D contiguous layout the kernels take (a non-contiguous
+input is copied), and falls back to the PyTorch reference for what the kernels do not cover: a
+device the extension was not built for, or a dtype outside fp32/fp64/bf16 on CPU and fp32/fp16/bf16
+on CUDA. Weight and bias gradients come back in the parameter's dtype; statistics stay in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from megatron_lite.extensions import CSRC_DIR, load_extension
+
+from . import reference
+
+CPU_SOURCES = ("bindings.cpp", "cpu/norms.cpp", "cpu/rotary.cpp", "cpu/activations.cpp", "cpu/softmax.cpp")
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_sources() -> list[Path]:
+    """The CUDA kernel files (compiled into the extension when torch has CUDA)."""
+    return sorted((CSRC_DIR / "cuda").glob("*.cu"))
+
+
+def _build_key() -> str:
+    """Hash of the headers and of this CPU's instruction set, passed as a define so that it enters
+    the build cache key: the objects are compiled with -march=native and include the headers."""
+    digest = hashlib.sha256()
+    for header in sorted(CSRC_DIR.rglob("*.h")):
+        digest.update(header.read_bytes())
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    isa = sorted({ln for ln in lines if ln.startswith(("flags", "Features", "model name"))})
+    digest.update("\n".join(isa).encode())
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> Optional[ModuleType]:
+    """The compiled extension (CUDA kernels included when torch has CUDA), or None if it cannot be
+    built (``load_extension`` has then warned once)."""
+    from torch.utils import cpp_extension
+
+    cflags = ["-O3", "-fopenmp", "-march=native", f"-DMLITE_BUILD_KEY={_build_key()}"]
+    sources: list[str | Path] = list(CPU_SOURCES)
+    cuda_cflags = None
+    if torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME:
+        sources += cuda_sources()
+        cflags.append("-DWITH_CUDA")
+        cuda_cflags = ["-O3", "-DWITH_CUDA", "-std=c++17"]
+    return load_extension("megatron_lite_kernels", sources, extra_cflags=cflags,
+                          extra_ldflags=["-fopenmp"], extra_cuda_cflags=cuda_cflags)
+
+
+def available() -> bool:
+    """Whether the extension builds (and loads) on this machine."""
+    return extension() is not None
+
+
+def _usable(x: torch.Tensor) -> bool:
+    """Whether the built kernels handle x's device and dtype (else the reference runs)."""
+    ext = extension()
+    if ext is None:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in CPU_DTYPES
+    return x.is_cuda and ext.with_cuda and x.dtype in CUDA_DTYPES
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., h] as a contiguous [rows, h] tensor (a copy only when x is not contiguous)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _grad_for(grad: Optional[torch.Tensor], param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A kernel's fp32/fp64 parameter gradient in the parameter's dtype (None when not wanted)."""
+    if grad is None or param is None or not param.requires_grad:
+        return None
+    return grad.to(param.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = extension().rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = extension().rms_norm_bwd(dy.contiguous(), x, weight, rstd)
+        return dx, _grad_for(dw, weight), None
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = extension().layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = extension().layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd)
+        return dx, _grad_for(dw, weight), _grad_for(db, bias), None
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return extension().rotary(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return extension().rotary(dy.contiguous(), cos, sin, True), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return extension().swiglu_fwd(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return extension().swiglu_bwd(dy.contiguous(), x)
+
+
+class _BiasGeLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return extension().bias_gelu_fwd(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        want_dbias = bias is not None and ctx.needs_input_grad[1]
+        dx, dbias = extension().bias_gelu_bwd(dy.contiguous(), x, bias, want_dbias)
+        return dx, _grad_for(dbias if want_dbias else None, bias)
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, scale):
+        y = extension().causal_softmax_fwd(scores, scale)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return extension().causal_softmax_bwd(dy.contiguous(), y, ctx.scale), None
+
+
+# Front ends: the signatures and semantics of ``reference`` (see there for shapes).
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _usable(x):
+        return reference.rms_norm(x, weight, eps)
+    return _RMSNorm.apply(_rows(x), weight, eps).view(x.shape)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if not _usable(x):
+        return reference.layer_norm(x, weight, bias, eps)
+    return _LayerNorm.apply(_rows(x), weight, bias, eps).view(x.shape)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # cos/sin are position tables (buffers); gradients through them are left to the reference.
+    if not _usable(x) or x.dim() != 4 or cos.requires_grad or sin.requires_grad:
+        return reference.rotary(x, cos, sin)
+    return _Rotary.apply(x.contiguous(), cos, sin)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    if not _usable(x):
+        return reference.swiglu(x)
+    return _SwiGLU.apply(_rows(x)).view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not _usable(x):
+        return reference.bias_gelu(x, bias)
+    return _BiasGeLU.apply(_rows(x), bias).view(x.shape)
+
+
+def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    if not _usable(scores):
+        return reference.causal_softmax(scores, scale)
+    sq, sk = scores.shape[-2:]
+    return _CausalSoftmax.apply(scores.reshape(-1, sq, sk).contiguous(), float(scale)).view(scores.shape)
+
