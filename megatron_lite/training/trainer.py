@@ -65,9 +65,9 @@ class Trainer:
         m, t = cfg.model, cfg.training
         self.device = state.device
         self.dtype = DTYPES[t.precision]
-        backend = ops.use_backend(m.kernel_backend)
+        ops.use_backend(m.kernel_backend)
         if state.rank == 0:
-            print(f"kernel backend: {backend}", flush=True)
+            print(f"kernel backend: {ops.describe()}", flush=True)
 
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         vocab = m.vocab_size or self.tokenizer.vocab_size
