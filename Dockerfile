@@ -7,5 +7,7 @@ COPY . .
 # --no-deps keeps the container's own CUDA torch; the other runtime deps are small.
 RUN pip install --no-cache-dir --no-deps -e . \
  && pip install --no-cache-dir "hydra-core>=1.3" "omegaconf>=2.3" sentencepiece ninja
+# Build the csrc kernels into the image's cache (C++ always; CUDA when the container's torch has it).
+RUN python -m megatron_lite.ops || true
 ENV OMP_NUM_THREADS=8
 CMD ["bash", "scripts/pretrain_gpt.sh"]

@@ -18,6 +18,8 @@ if [ -z "${PYTHON:-}" ]; then
     # The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
     "$PYTHON" -m pip install -q "torch==2.13.0" || exit 1
     "$PYTHON" -m pip install -q -e "$REPO_ROOT[dev]" || exit 1
+    # Build the C++ kernels now (cached), not at the first training step; a failure is only a warning.
+    "$PYTHON" -m megatron_lite.ops >&2 || true
   fi
 fi
 export PYTHON
