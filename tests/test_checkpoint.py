@@ -259,3 +259,31 @@ def test_preemption_signal_on_one_rank_saves_and_exits_0(tmp_path):
     assert "stopping at iteration" in err and "signal SIGUSR1" in err
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
     assert 2 <= stopped < 1000
+
+
+# HuggingFace export / import ----------------------------------------------------------------------
+def test_hf_export_import_round_trip(saved, tmp_path):
+    """export -> transformers loads it with our logits (1e-4); import -> the same parameters again."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_lite.checkpoint.hf import load_model, main
+
+    assert main(["export", "--load", str(saved / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()}
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    _, ours = load_model(saved / "ckpt")
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = hf_model(ids).logits, ours.eval()(ids)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    print(f"export: logits error {err:.1e}")
+    assert err < 1e-4
+
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
+    _, back = load_model(tmp_path / "imported")
+    with torch.no_grad():
+        assert ((back.eval()(ids) - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    a = read_full(find_checkpoint(saved / "ckpt"), "model/")
+    b = read_full(find_checkpoint(tmp_path / "imported"), "model/")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
