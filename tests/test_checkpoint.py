@@ -154,6 +154,13 @@ def test_other_vocabulary_padding(ranks, tmp_path):
         assert torch.equal(value.reshape(saved["model/" + key].shape), saved["model/" + key]), key
 
 
+def test_exit_duration_saves_and_stops(ranks, tmp_path):
+    ranks(1).run(_train, BASE + ["training.exit_duration_mins=0", f"logging.dir={tmp_path}",
+                                 f"checkpoint.save={tmp_path / 'ckpt'}"])
+    assert sorted(losses(tmp_path)) == [1]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
 # Bad checkpoints --------------------------------------------------------------------------------
 @pytest.fixture
 def damaged(saved, tmp_path):
@@ -208,7 +215,7 @@ write_checkpoint(tensors, {"consumed_samples": 0}, "", sys.argv[1], int(sys.argv
 """
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
     """A 400 MB save killed with SIGKILL mid-write: the tracker and the previous checkpoint stay
     valid, the partial directory is ignored with a message and removed by the next save."""
     root = tmp_path / "ckpt"
@@ -225,7 +232,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     proc.wait()
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert not (root / "iter_0000002").exists()
+    capsys.readouterr()
     info = find_checkpoint(root)
+    assert f"ignoring {root / 'iter_0000002.tmp'}: an interrupted save" in capsys.readouterr().out
     assert info.iteration == 1 and torch.equal(read_full(info)["model/w"], small["model/w"])
     write_checkpoint(small, {"consumed_samples": 0}, "", root, 3)
     assert not (root / "iter_0000002.tmp").exists()

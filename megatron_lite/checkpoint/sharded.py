@@ -62,10 +62,14 @@ def global_view(local: torch.Tensor, dim: Optional[int], stride: int, mesh: Opti
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors copied to CPU memory (what an asynchronous save writes while training goes on)."""
     out: dict[str, torch.Tensor] = {}
+    cpu_meshes: dict[int, DeviceMesh] = {}  # a DTensor moves its local tensor to its mesh's device type
     for key, t in tensors.items():
         if isinstance(t, DTensor):
             local = t.to_local().detach().to("cpu", copy=True)
-            out[key] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+            mesh = t.device_mesh
+            if mesh.device_type != "cpu":
+                mesh = cpu_meshes.setdefault(id(mesh), DeviceMesh.from_group(mesh.get_group(), "cpu"))
+            out[key] = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
         else:
             out[key] = t.detach().to("cpu", copy=True)
     return out

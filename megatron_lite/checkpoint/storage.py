@@ -63,6 +63,12 @@ def _is_coordinator(group: Optional[dist.ProcessGroup]) -> bool:
     return not dist.is_initialized() or dist.get_rank(group) == 0
 
 
+def _say(text: str) -> None:
+    """Print once per job (global rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"checkpoint: {text}", flush=True)
+
+
 def _barrier(group: Optional[dist.ProcessGroup]) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -94,7 +100,7 @@ def write_checkpoint(
     if coordinator:
         root.mkdir(parents=True, exist_ok=True)
         for path in remove_partial_saves(root):
-            print(f"checkpoint: removed {path}, an interrupted save", flush=True)
+            _say(f"removed {path}, an interrupted save")
         temp.mkdir()
     _barrier(group)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), process_group=group, no_dist=not dist.is_initialized())
@@ -166,7 +172,7 @@ def find_checkpoint(root: str | Path, iteration: Optional[int] = None) -> Option
     root = Path(root)
     partial = sorted(root.glob("iter_*.tmp"))
     for path in partial:
-        print(f"checkpoint: ignoring {path}: an interrupted save (no rename to its final name)", flush=True)
+        _say(f"ignoring {path}: an interrupted save (never renamed to its final name)")
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
