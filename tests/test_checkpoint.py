@@ -117,15 +117,18 @@ def test_resume_in_another_layout(ranks, saved, tmp_path, layout):
     assert err < TOLERANCE
 
 
-def test_dropout_resume_restores_generators(ranks, tmp_path):
-    """One rank with dropout: the resumed run draws the same masks (model RNG restored)."""
-    drop = BASE + ["model.dropout=0.2", "training.train_iters=4"]
-    ranks(1).run(_train, drop + [f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'ckpt'}",
+@pytest.mark.parametrize("what", ["dropout", "bf16"])
+def test_single_rank_resume_is_bit_identical(ranks, tmp_path, what):
+    """dropout: the resumed run draws the same masks (model RNG restored); bf16: the fp32 master
+    weights come back from the optimizer state, not from the rounded bf16 parameters."""
+    extra = {"dropout": ["model.dropout=0.2"], "bf16": ["training.precision=bf16"]}[what]
+    base = BASE + extra + ["training.train_iters=4"]
+    ranks(1).run(_train, base + [f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'ckpt'}",
                                  "checkpoint.save_interval=2"])
-    ranks(1).run(_train, drop + [f"logging.dir={tmp_path / 'b'}", f"checkpoint.load={tmp_path / 'ckpt'}",
+    ranks(1).run(_train, base + [f"logging.dir={tmp_path / 'b'}", f"checkpoint.load={tmp_path / 'ckpt'}",
                                  "checkpoint.load_iteration=2"])
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert sorted(b) == [3, 4] and all(a[i] == b[i] for i in b)
+    assert sorted(b) == [3, 4] and all(a[i] == b[i] for i in b), (a, b)
 
 
 def test_keep_last_and_fresh_start(ranks, tmp_path):
