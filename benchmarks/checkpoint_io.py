@@ -61,14 +61,14 @@ def _rank(rank: int, world: int, port: int, mb: int, root: str, results) -> None
 
     dist.barrier()
     start = time.perf_counter()
-    write_checkpoint(state, {"consumed_samples": 0}, "", root, 1, group)
+    write_checkpoint(state, {}, "", root, 1, group)
     timings["sync_blocked"] = time.perf_counter() - start
 
     writer = BackgroundWriter()
     dist.barrier()
     start = time.perf_counter()
     copy = host_copy(state)
-    writer.submit(lambda: write_checkpoint(copy, {"consumed_samples": 0}, "", root, 2, group))
+    writer.submit(lambda: write_checkpoint(copy, {}, "", root, 2, group))
     timings["async_blocked"] = time.perf_counter() - start
     writer.wait()
     timings["async_total"] = time.perf_counter() - start

@@ -76,9 +76,10 @@ def saved(ranks, tmp_path_factory):
 def test_layout_of_saved_checkpoint(saved):
     ckpt = saved / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
     info = find_checkpoint(ckpt)
-    assert info.iteration == 6 and info.meta["consumed_samples"] == 96
+    assert info.iteration == 6 and info.meta["trainer"] == {"iteration": 6, "consumed_samples": 96}
     assert sorted(p.name for p in info.path.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(8)]
     assert "training:" in (info.path / "config.yaml").read_text()
     # Unsharded names and shapes: SwiGLU's fc1 as [gate; up] blocks, the padded vocabulary of TP=2.
@@ -214,7 +215,7 @@ KILL_SCRIPT = """
 import sys, torch
 from megatron_lite.checkpoint.storage import write_checkpoint
 tensors = {f"model/w{i}": torch.full((1024, 1024), float(i)) for i in range(int(sys.argv[3]))}
-write_checkpoint(tensors, {"consumed_samples": 0}, "", sys.argv[1], int(sys.argv[2]))
+write_checkpoint(tensors, {}, "", sys.argv[1], int(sys.argv[2]))
 """
 
 
@@ -223,7 +224,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
     valid, the partial directory is ignored with a message and removed by the next save."""
     root = tmp_path / "ckpt"
     small = {"model/w": torch.arange(12.0).reshape(3, 4)}
-    write_checkpoint(small, {"consumed_samples": 0}, "", root, 1)
+    write_checkpoint(small, {}, "", root, 1)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), "2", "100"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     data = root / "iter_0000002.tmp" / "__0_0.distcp"
@@ -239,7 +240,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
     info = find_checkpoint(root)
     assert f"ignoring {root / 'iter_0000002.tmp'}: an interrupted save" in capsys.readouterr().out
     assert info.iteration == 1 and torch.equal(read_full(info)["model/w"], small["model/w"])
-    write_checkpoint(small, {"consumed_samples": 0}, "", root, 3)
+    write_checkpoint(small, {}, "", root, 3)
     assert not (root / "iter_0000002.tmp").exists()
 
 

@@ -77,7 +77,8 @@ def _export_tokenizer(cfg: Config, output: Path) -> None:
     else:
         shutil.copyfile(tok.model, output / "tokenizer.json")
         settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    (output / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": cfg.model.seq_length}, indent=1))
+    settings["model_max_length"] = cfg.model.seq_length
+    (output / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
 
 
 def model_overrides(hf: dict) -> list[str]:
@@ -99,7 +100,8 @@ def model_overrides(hf: dict) -> list[str]:
             "ffn_hidden_size": hf.get("n_inner") or 4 * hf["n_embd"], "seq_length": hf["n_positions"],
             "norm_epsilon": hf["layer_norm_epsilon"],
         }
-        return ["model=gpt_tiny", "model.num_query_groups=null"] + [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
+        base = ["model=gpt_tiny", "model.num_query_groups=null"]
+        return base + [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
     raise CheckpointError(f"model_type {kind!r} in config.json: import supports llama and gpt2")
 
 
@@ -125,8 +127,10 @@ def import_(hf_dir: str | Path, output: str | Path, overrides: Sequence[str] = (
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.zero_()[: ours[name].shape[0]].copy_(ours[name])  # extra vocabulary rows: zero padding
-    meta = {"consumed_samples": 0, "model": model_signature(cfg.model, vocab), "padded_vocab_size": padded,
-            "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1}}
+    meta = {
+        "trainer": {"iteration": 0, "consumed_samples": 0}, "model": model_signature(cfg.model, vocab),
+        "padded_vocab_size": padded, "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1},
+    }
     tensors = ShardedState(list(model.named_parameters())).model_tensors()
     return write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
 

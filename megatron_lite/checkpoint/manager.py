@@ -1,11 +1,11 @@
 """The trainer's checkpoints: when to save, what a checkpoint holds, how a run resumes.
 
 Saved (``save``): every parameter and its optimizer state keyed by unsharded name (sharded.py), each
-rank's random generators, and in meta.json the iteration (the learning rate is a function of it), the
-consumed samples (the sampler's whole state), the model's shape and the parallel layout; config.yaml
-holds the resolved config. When: every ``checkpoint.save_interval`` iterations, at the end of
-training, and when the ranks agree to stop early (a preemption signal or
-``training.exit_duration_mins``, see preemption.py).
+rank's random generators, and in meta.json ``Trainer.state_dict()`` (the iteration, of which the
+learning rate is a function, and the consumed samples, the sampler's whole state), the model's shape
+and the parallel layout; config.yaml holds the resolved config. When: every
+``checkpoint.save_interval`` iterations, at the end of training, and when the ranks agree to stop
+early (a preemption signal or ``training.exit_duration_mins``, see preemption.py).
 
 ``checkpoint.async_save``: the state is copied to host memory, then a background thread writes it
 while training continues; the next save and the end of training wait for it, and the tracker is
@@ -123,7 +123,10 @@ class Checkpointer:
             **self.sharded.optimizer_tensors(t.optimizer.named_param_states()),
             **rng_tensors(self.rank, t.chunks[0].rng),
         }
-        meta = {**t.state_dict(), "model": self.signature, "padded_vocab_size": t.vocab_size, "layout": self.layout}
+        meta = {
+            "trainer": t.state_dict(), "model": self.signature, "padded_vocab_size": t.vocab_size,
+            "layout": self.layout,
+        }
         config_yaml, iteration = to_yaml(t.cfg), t.iteration
         if self.cfg.async_save:
             tensors = host_copy(tensors)
@@ -186,7 +189,7 @@ class Checkpointer:
             t.optimizer.load_named_param_states(states)
         if rng:
             restore_rng(self.rank, rng, t.chunks[0].rng)
-        t.load_state_dict({k: info.meta[k] for k in ("iteration", "consumed_samples")})
+        t.load_state_dict(info.meta["trainer"])
         notes = [] if any(fields.values()) else ["no optimizer state: the optimizer starts fresh"]
         if not same_layout:
             notes.append(f"resharded from {info.meta.get('layout')} to {self.layout}; random generators not restored")

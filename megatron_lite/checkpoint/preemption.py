@@ -62,4 +62,5 @@ class StopAgreement:
 
 
 def announce(reason: str, iteration: int) -> None:
-    print(f"stopping at iteration {iteration}: {reason}; saving a checkpoint, then exiting", file=sys.stderr, flush=True)
+    message = f"stopping at iteration {iteration}: {reason}; saving a checkpoint, then exiting"
+    print(message, file=sys.stderr, flush=True)

@@ -95,7 +95,10 @@ class ShardedState:
     # Saving ----------------------------------------------------------------------------------------
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter as a view into the live tensor, keyed ``model/<name>``."""
-        return {MODEL + canonical_name(n): global_view(p.detach(), *self._sharding(n), self.mesh) for n, p in self.params.items()}
+        return {
+            MODEL + canonical_name(n): global_view(p.detach(), *self._sharding(n), self.mesh)
+            for n, p in self.params.items()
+        }
 
     def optimizer_tensors(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``Optimizer.named_param_states()`` keyed ``optimizer/<name>/<field>``; a field shaped like
@@ -111,9 +114,12 @@ class ShardedState:
     # Loading ---------------------------------------------------------------------------------------
     def model_targets(self, info: CheckpointInfo) -> dict[str, torch.Tensor]:
         """Views into the live parameters to read ``model/<name>`` into (in place)."""
-        return {MODEL + canonical_name(n): self._target(MODEL + canonical_name(n), n, p.detach(), info) for n, p in self.params.items()}
+        keys = {n: MODEL + canonical_name(n) for n in self.params}
+        return {keys[n]: self._target(keys[n], n, p.detach(), info) for n, p in self.params.items()}
 
-    def optimizer_targets(self, info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    def optimizer_targets(
+        self, info: CheckpointInfo
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """Fresh tensors for every saved optimizer field of this rank's parameters: (read targets,
         the same tensors as ``{name: {field: local tensor}}`` for ``load_named_param_states``)."""
         targets, states = {}, {}
@@ -132,7 +138,8 @@ class ShardedState:
 
     def _target(self, key: str, name: str, local: torch.Tensor, info: CheckpointInfo) -> torch.Tensor:
         view = global_view(local, *self._sharding(name), self.mesh)
-        if name in VOCAB_PARAMS and info.has(key) and info.shape(key) != view.shape and info.shape(key)[1:] == view.shape[1:]:
+        saved = info.shape(key) if info.has(key) else None
+        if name in VOCAB_PARAMS and saved is not None and saved != view.shape and saved[1:] == view.shape[1:]:
             whole = torch.empty(info.shape(key), dtype=info.dtype(key))  # other vocabulary padding
             self._fixups.append((whole, local))
             return whole

@@ -198,7 +198,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file is damaged") from None
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint version {meta.get('version')!r}; this code reads version {VERSION}")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint version {meta.get('version')!r}; this code reads version {VERSION}"
+        )
     return meta
 
 
@@ -268,7 +270,9 @@ def read_tensors(targets: dict[str, Any], info: CheckpointInfo, group: Optional[
         md = info.index.state_dict_metadata[key]
         if not isinstance(md, TensorStorageMetadata) or md.size != target.shape:
             saved = getattr(md, "size", "a non-tensor")
-            raise CheckpointError(f"{info.path}: {key} has shape {tuple(saved)} in the checkpoint, {tuple(target.shape)} in this model")
+            raise CheckpointError(
+                f"{info.path}: {key} has shape {tuple(saved)} in the checkpoint, {tuple(target.shape)} in this model"
+            )
     dcp.load(targets, storage_reader=_SafeReader(info.path), process_group=group, no_dist=not dist.is_initialized())
 
 

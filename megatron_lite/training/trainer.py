@@ -105,7 +105,8 @@ class Trainer:
         self.checkpointer.load()
 
     def state_dict(self) -> dict[str, int]:
-        """The loop's own state (the rest of a checkpoint is the model, optimizer and RNGs)."""
+        """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
+        and RNGs); checkpoints store it in meta.json and hand it back to ``load_state_dict``."""
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
