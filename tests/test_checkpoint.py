@@ -275,28 +275,43 @@ def test_preemption_signal_on_one_rank_saves_and_exits_0(tmp_path):
 
 
 # HuggingFace export / import ----------------------------------------------------------------------
-def test_hf_export_import_round_trip(saved, tmp_path):
-    """export -> transformers loads it with our logits (1e-4); import -> the same parameters again."""
+GPT2 = ["model=gpt_tiny", "model.num_layers=2", "model.hidden_size=64", "model.seq_length=16",
+        "training.micro_batch_size=2", "training.global_batch_size=4", "training.train_iters=1",
+        "training.eval_iters=0", "logging.log_interval=100"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_export_import_round_trip(ranks, saved, tmp_path, arch):
+    """export -> transformers loads it with our logits (1e-4); import -> the same parameters again,
+    and a checkpoint that trains in another layout (TP=2) with a fresh optimizer."""
     transformers = pytest.importorskip("transformers")
     from megatron_lite.checkpoint.hf import load_model, main
 
-    assert main(["export", "--load", str(saved / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
+    ckpt, overrides = saved / "ckpt", BASE
+    if arch == "gpt2":
+        ckpt, overrides = tmp_path / "ckpt", GPT2
+        ranks(1).run(_train, GPT2 + [f"logging.dir={tmp_path}", f"checkpoint.save={ckpt}"])
+    assert main(["export", "--load", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
         p.name for p in (tmp_path / "hf").iterdir()}
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    assert type(hf_model).__name__ == "LlamaForCausalLM"
-    _, ours = load_model(saved / "ckpt")
+    assert type(hf_model).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    _, ours = load_model(ckpt)
     ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got = hf_model(ids).logits, ours.eval()(ids)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    print(f"export: logits error {err:.1e}")
+    print(f"{arch} export: logits error {err:.1e}")
     assert err < 1e-4
 
-    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
-    _, back = load_model(tmp_path / "imported")
+    imported = tmp_path / "imported"
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(imported)]) == 0
+    _, back = load_model(imported)
     with torch.no_grad():
         assert ((back.eval()(ids) - ref).abs().max() / ref.abs().max()).item() < 1e-4
-    a = read_full(find_checkpoint(saved / "ckpt"), "model/")
-    b = read_full(find_checkpoint(tmp_path / "imported"), "model/")
+    a, b = read_full(find_checkpoint(ckpt), "model/"), read_full(find_checkpoint(imported), "model/")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run_dir = tmp_path / "from_hf"
+    ranks(2).run(_train, overrides + ["parallel.tensor_model_parallel_size=2", "training.train_iters=1",
+                                      f"logging.dir={run_dir}", f"checkpoint.load={imported}"])
+    assert list(losses(run_dir)) == [1]

@@ -60,7 +60,6 @@ def export(load: str | Path, output: str | Path, iteration: Optional[int] = None
         hf_state.pop("lm_head.weight")  # HF ties it to the input embedding on load
     config = hf_config(cfg.model, model.embedding.weight.shape[0])
     config.architectures = [ARCHITECTURES[family(cfg.model)]]
-    config.torch_dtype = "float32"
     config.to_json_file(str(output / "config.json"))
     from safetensors.torch import save_file
 
