@@ -148,7 +148,7 @@ class Checkpointer:
         reason = self.stop.reason()
         interval, iteration = self.cfg.save_interval, self.trainer.iteration
         if reason is not None and self.rank == 0:
-            announce(reason, iteration)
+            announce(reason, iteration, saving=bool(self.cfg.save))
         if self.cfg.save and (reason is not None or (interval and iteration % interval == 0)):
             self.save()
         return reason

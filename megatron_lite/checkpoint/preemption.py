@@ -61,6 +61,6 @@ class StopAgreement:
         self._previous.clear()
 
 
-def announce(reason: str, iteration: int) -> None:
-    message = f"stopping at iteration {iteration}: {reason}; saving a checkpoint, then exiting"
+def announce(reason: str, iteration: int, saving: bool) -> None:
+    message = f"stopping at iteration {iteration}: {reason}" + ("; saving a checkpoint, then exiting" if saving else "")
     print(message, file=sys.stderr, flush=True)
