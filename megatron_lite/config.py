@@ -79,6 +79,20 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 5
     exit_duration_mins: Optional[float] = None
+    # Activation recomputation (Korthikanti et al. 2022): selective recomputes the attention core
+    # (QKᵀ, softmax, dropout, ·V); full recomputes whole layers, in groups of recompute_num_layers
+    # (only each group's input is kept).
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1
+    # fp16 loss scaling: a constant scale when loss_scale is set, else dynamic (Megatron's defaults).
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
+    # the run (exit code 3) rather than train on.
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -96,7 +110,13 @@ class OptimizerConfig:
     # wsd (warmup-stable-decay): the LR stays at optimizer.lr until this many iterations before
     # lr_decay_iters, then falls linearly to min_lr. None: the last 10 % of the decay iterations.
     lr_wsd_decay_iters: Optional[int] = None
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = False  # ZeRO-1: Adam states and fp32 master weights sharded over DP
+    # Start each gradient bucket's DP reduction during the backward of the last microbatch.
+    overlap_grad_reduce: bool = False
+    grad_bucket_elements: int = 40_000_000  # gradient elements per DP-reduction bucket
+    # Distributed optimizer: all-gather the updated parameters in the background, each bucket waited
+    # for by the first forward that uses it.
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -137,7 +157,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    log_interval: int = 1
+    log_interval: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
 
@@ -233,6 +253,7 @@ CHOICES = {
     "model.attention_backend": ("auto", "sdpa", "explicit"),
     "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
     "training.precision": ("fp32", "bf16", "fp16"),
+    "training.recompute": ("none", "selective", "full"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),
     "data.tokenizer.type": ("sentencepiece", "huggingface"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
@@ -245,8 +266,10 @@ POSITIVE = (
     "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
+    "training.recompute_num_layers", "training.loss_scale", "training.initial_loss_scale",
+    "training.min_loss_scale", "training.loss_scale_window", "training.hysteresis", "training.max_skipped_steps",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
-    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters",
+    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )
 NON_NEGATIVE = (
     "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
@@ -395,6 +418,10 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             "model.seq_length",
             f"{m.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
             f"use a multiple of {tp}",
+        )
+    if o.overlap_param_gather and not o.use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
         )
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")

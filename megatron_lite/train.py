@@ -16,17 +16,16 @@ from megatron_lite.checkpoint.storage import CheckpointError
 from megatron_lite.config import CONFIG_DIR, Config, ConfigError, register_schema, to_config, validate
 from megatron_lite.data import DataError
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
+from megatron_lite.training.trainer import Trainer, TrainingStopped, describe_run
 
 ERROR_KINDS = {ConfigError: "config error", DataError: "data error", CheckpointError: "checkpoint error"}
 USER_ERRORS = tuple(ERROR_KINDS)
 
 
-def run(cfg: Config | DictConfig) -> "Trainer":
+def run(cfg: Config | DictConfig) -> Trainer:
     """Validate, create the process groups, build and train; returns the trainer (its process groups
     still alive). Callable from any launcher whose environment says the rank and world size
     (torchrun, SLURM, or a plain single process)."""
-    from megatron_lite.training.trainer import Trainer, describe_run
-
     config = to_config(cfg)
     dims = validate(config, launch_info().world_size)
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)
@@ -51,6 +50,10 @@ def main(cfg: DictConfig) -> None:
             kind = next(label for cls, label in ERROR_KINDS.items() if isinstance(err, cls))
             print(f"{kind}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingStopped as err:
+        if launch_info().rank == 0:
+            print(f"training stopped: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: pretrain a GPT with torchrun on this node (or one node of many).
-#   bash scripts/pretrain_gpt.sh                      # gpt_tiny, 8 CPU ranks, TP2 × PP2 (VPP2) × DP2
-#   bash scripts/pretrain_gpt.sh model=gpt2_124m parallel=single training.train_iters=1000
+#   bash scripts/pretrain_gpt.sh        # no arguments: gpt_tiny on the bundled corpus, 8 CPU ranks as
+#                                       # TP2 × PP2 (VPP2) × DP2, 300 iterations (~5 min on 2 cores)
+#   bash scripts/pretrain_gpt.sh model=gpt2_124m parallel=tp2_pp2_dp2 training.train_iters=1000
 # Environment: NPROC_PER_NODE (default: the GPU count, 8 without GPUs), NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500). Extra arguments are Hydra overrides.
 set -euo pipefail
@@ -20,7 +21,11 @@ if [ "$gpus" -eq 0 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
-defaults=(parallel=tp2_pp2_dp2)
+if [ "$#" -eq 0 ]; then
+  defaults=(parallel=tp2_pp2_dp2 training=cpu_demo logging.dir=runs/main_job)
+else
+  defaults=()  # Hydra rejects a key given twice: the caller's overrides stand alone
+fi
 # Validate once, before any rank starts: a bad config is one line and exit code 2.
 "$PYTHON" -m megatron_lite.config --world-size $((NPROC_PER_NODE * NNODES)) "${defaults[@]}" "$@" >/dev/null
 exec "$PYTHON" -m torch.distributed.run \

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
 from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
+from ..tensor_parallel.random import checkpoint_rng_context
 from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
 from .transformer import Norm, TransformerBlock, rotary_tables
 
@@ -59,11 +62,18 @@ class GPTChunk(nn.Module):
       x: token ids [b, s] on the first chunk, else hidden states [b, s, h] ([b, s/t, h] under SP).
       Returns hidden states for the next chunk; on the last chunk per-token losses [b, s] (fp32)
       when ``labels`` [b, s] are given, else this TP rank's logits [b, s, V/t].
+
+    ``recompute``: none | selective (attention core) | full (groups of ``recompute_num_layers``
+    layers keep only their input; the rest is recomputed in the backward).
     """
 
-    def __init__(self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG):
+    def __init__(
+        self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
+        recompute: str = "none", recompute_num_layers: int = 1,
+    ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
+        self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
         if spec.pre_process:
             self.embedding = VocabParallelEmbedding(vocab_size, h, tp, init_std=cfg.init_std)
@@ -72,7 +82,8 @@ class GPTChunk(nn.Module):
                 self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
                 self.position_embedding.init_std = cfg.init_std
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp, rng) for i in range(spec.first_layer, spec.last_layer)}
+            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective")
+             for i in range(spec.first_layer, spec.last_layer)}
         )
         if spec.post_process:
             self.final_norm = Norm(cfg, tp)
@@ -99,8 +110,14 @@ class GPTChunk(nn.Module):
         if self.spec.pre_process:
             x = self.embed(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.position_embedding == "rope" else None
-        for layer in self.layers.values():
-            x = layer(x, rope)
+        layers = list(self.layers.values())
+        if self.recompute == "full" and self.training:
+            k = self.recompute_num_layers
+            for start in range(0, len(layers), k):
+                x = checkpoint(_run_layers, layers[start : start + k], x, rope, use_reentrant=False,
+                               context_fn=partial(checkpoint_rng_context, self.rng))
+        else:
+            x = _run_layers(layers, x, rope)
         if not self.spec.post_process:
             return x
         x = self.final_norm(x)
@@ -117,6 +134,12 @@ class GPTChunk(nn.Module):
             positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
             x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
         return dropout(x, self.cfg.dropout, self.generator, self.training)
+
+
+def _run_layers(layers: list[nn.Module], x: torch.Tensor, rope) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, rope)
+    return x
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -153,12 +176,14 @@ def build_model_chunks(
     pp_size: int = 1,
     vpp_size: int = 1,
     device: torch.device | str = "cpu",
+    recompute: str = "none",
+    recompute_num_layers: int = 1,
 ) -> list[GPTChunk]:
     """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

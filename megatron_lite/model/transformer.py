@@ -7,6 +7,7 @@ Activations between blocks: [b, s, h], or [b, s/t, h] with sequence parallelism 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,10 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from ..parallel.collectives import TPGroup
+from torch.utils.checkpoint import checkpoint
+
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
+from ..tensor_parallel.random import checkpoint_rng_context
 from ..tensor_parallel.sharding import mark_sharded
 
 
@@ -53,11 +57,13 @@ class Attention(nn.Module):
 
     The fused QKV weight is laid out group by group, [q heads of group 0, k0, v0, q heads of group 1,
     k1, v1, ...], so a TP rank's rows are exactly the query groups it owns (n/t query heads, g/t KV
-    heads). MHA is g = n, MQA g = 1 (validate rejects g < t).
+    heads). MHA is g = n, MQA g = 1 (validate rejects g < t). ``recompute_core``: keep only q, k, v
+    for the backward and recompute the attention core (selective recomputation).
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False):
         super().__init__()
+        self.recompute_core = recompute_core
         n, g = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // n
         self.heads, self.groups = n // tp.size, g // tp.size  # local to this TP rank
@@ -82,15 +88,22 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = ops.rotary(q, cos[:s], sin[:s]), ops.rotary(k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, d]
+        if self.recompute_core and self.training:
+            context = checkpoint(self._core, q, k, v, use_reentrant=False,
+                                 context_fn=partial(checkpoint_rng_context, self.rng))
+        else:
+            context = self._core(q, k, v)
+        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        return self.out(context)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [b, heads, s, d], k, v: [b, groups, s, d] -> context [b, heads, s, d]."""
         if self.use_sdpa:
-            context = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1,
                 dropout_p=self.dropout_p if self.training else 0.0,
             )
-        else:
-            context = self._explicit_attention(q, k, v)
-        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return self.out(context)
+        return self._explicit_attention(q, k, v)
 
     def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(QKᵀ/√d, causal) V with the fused softmax op; dropout masks differ per TP rank."""
@@ -131,10 +144,10 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False):
         super().__init__()
         self.attention_norm = Norm(cfg, tp)
-        self.attention = Attention(cfg, tp, rng)
+        self.attention = Attention(cfg, tp, rng, recompute_core)
         self.mlp_norm = Norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
         self.dropout_p = cfg.dropout

@@ -23,13 +23,13 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 def global_grad_norm(
     grads: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup]
 ) -> float:
-    """sqrt(Σ‖g‖²) over ``grads`` on every rank of ``group`` (the model-parallel group)."""
+    """sqrt(Σ‖g‖²) over ``grads`` on every rank of ``group`` (None: the whole world)."""
     grads = list(grads)
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         squares += g.double().pow(2).sum()
-    if group is not None and dist.get_world_size(group) > 1:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(squares, group=group)
     return math.sqrt(squares.item())
 

@@ -5,65 +5,148 @@ A post-accumulate hook adds each microbatch's ``param.grad`` (fp32, bf16 or fp16
 ``param.grad``, so gradients accumulate over microbatches in fp32 whatever the model dtype, and the
 data-parallel reduction is a few large bucketed collectives on the flat buffer.
 
-``finalize_grads`` runs once per step after the last microbatch's backward, in this order:
-  1. sequence-parallel grads (norms, row-parallel biases) summed over the TP group;
-  2. tied embedding: the first stage's embedding and the last stage's output copy summed over the
-     embedding group;
-  3. data parallelism: every bucket averaged over the DP group.
+The buffer is cut into buckets (in reverse parameter order, roughly the order in which the backward
+produces gradients), each padded to a multiple of the DP size. The DP reduction is an all-reduce of
+every bucket, or with the distributed optimizer a reduce-scatter after which DP rank r holds the
+reduced r-th slice of each bucket (``shard_ranges``). With ``overlap``, a bucket's reduction starts
+(asynchronously) as soon as the backward of the last microbatch has produced all its gradients.
+
+``finalize_grads`` runs once per step after the last backward, in this order:
+  1. tied embedding: the first stage's embedding and the last stage's output copy summed over the
+     embedding group (before DP: their buckets sit at different offsets on the two stages, so they
+     must be whole when this runs; those buckets are never reduced early);
+  2. data parallelism: every bucket averaged over the DP group (waiting for early ones);
+  3. sequence-parallel grads (norms, row-parallel biases) summed over the TP group.
+All three are sums or means, so their order does not change the result.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel.collectives import _all_gather_flat, _reduce_scatter_flat
 from ..parallel.state import ParallelState
 
-DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 per bucket, Megatron's order of magnitude
+DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 (optimizer.grad_bucket_elements)
 
 
 class GradBuffer:
-    """fp32 gradients of ``params`` in one flat tensor, cut into buckets (in reverse parameter order,
-    roughly the order in which the backward produces them)."""
+    """fp32 gradients of ``params`` in one flat tensor, cut into DP-shardable buckets.
 
-    def __init__(self, params: Iterable[nn.Parameter], bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):
+    ``dp_group``/``dp_size``: the group the buckets are reduced over. ``reduce_scatter``: keep only
+    this DP rank's reduced slice of each bucket (distributed optimizer) instead of all-reducing.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        dp_group: Optional[dist.ProcessGroup] = None,
+        dp_size: int = 1,
+        dp_rank: int = 0,
+        reduce_scatter: bool = False,
+        overlap: bool = False,
+        bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
+    ):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("GradBuffer needs at least one trainable parameter")
-        device = self.params[0].device
-        total = sum(p.numel() for p in self.params)
-        self.data = torch.zeros(total, dtype=torch.float32, device=device)
+        self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
+        self.reduce_scatter, self.overlap = reduce_scatter, overlap
+
+        # Layout: buckets of whole parameters, each padded to a multiple of dp_size.
+        self.offsets: dict[nn.Parameter, tuple[int, int]] = {}
         self.buckets: list[tuple[int, int]] = []
-        offset, bucket_start = 0, 0
+        self.bucket_of: dict[nn.Parameter, int] = {}
+        offset = bucket_start = 0
         for p in reversed(self.params):
-            p.main_grad = self.data[offset : offset + p.numel()].view(p.shape)
-            p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+            self.offsets[p] = (offset, offset + p.numel())
+            self.bucket_of[p] = len(self.buckets)
             offset += p.numel()
-            if offset - bucket_start >= bucket_elements:
+            if offset - bucket_start >= bucket_elements or p is self.params[0]:
+                offset = bucket_start + -(-(offset - bucket_start) // dp_size) * dp_size
                 self.buckets.append((bucket_start, offset))
                 bucket_start = offset
-        if bucket_start < offset:
-            self.buckets.append((bucket_start, offset))
+        self.data = torch.zeros(offset, dtype=torch.float32, device=self.params[0].device)
+        for p, (start, end) in self.offsets.items():
+            p.main_grad = self.data[start:end].view(p.shape)
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+        self._members = [sum(1 for q in self.params if self.bucket_of[q] == b) for b in range(len(self.buckets))]
+        # Buckets holding a tied embedding wait for the embedding-group sum (finalize_grads step 1).
+        self.deferred = {self.bucket_of[p] for p in self.params if getattr(p, "shared_embedding", False)}
+        self._expected = 0
+        self._fired: dict[nn.Parameter, int] = {}
+        self._ready = [0] * len(self.buckets)
+        self._pending: dict[int, tuple] = {}
+        self.early_launches = 0
+
+    # Layout ------------------------------------------------------------------------------------
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) of this DP rank's slice of every bucket, in buffer coordinates."""
+        ranges = []
+        for start, end in self.buckets:
+            size = (end - start) // self.dp_size
+            ranges.append((start + self.dp_rank * size, start + (self.dp_rank + 1) * size))
+        return ranges
+
+    # A step ------------------------------------------------------------------------------------
+    def start_step(self, num_microbatches: int) -> None:
+        """Zero the gradients; with overlap, a parameter is complete after this many backwards."""
+        self.data.zero_()
+        self._expected = num_microbatches
+        self._fired = {p: 0 for p in self.params}
+        self._ready = [0] * len(self.buckets)
+        self._pending.clear()
+        self.early_launches = 0  # buckets whose reduction started during the backward
 
     def zero(self) -> None:
-        self.data.zero_()
+        self.start_step(0)
 
-    def all_reduce_mean(self, group: dist.ProcessGroup, size: int) -> None:
-        """Average every bucket over ``group`` (the data-parallel group)."""
-        if size == 1:
+    def _on_grad(self, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if not (self.overlap and self._expected):
             return
-        for start, end in self.buckets:
-            bucket = self.data[start:end]
-            dist.all_reduce(bucket, group=group)
-            bucket.div_(size)
+        self._fired[param] += 1
+        if self._fired[param] == self._expected:
+            bucket = self.bucket_of[param]
+            self._ready[bucket] += 1
+            if self._ready[bucket] == self._members[bucket] and bucket not in self.deferred:
+                self._launch(bucket)
+                self.early_launches += 1
 
+    def _launch(self, bucket: int) -> None:
+        if self.dp_size == 1 or bucket in self._pending:
+            return
+        start, end = self.buckets[bucket]
+        data = self.data[start:end]
+        if self.reduce_scatter:
+            out = torch.empty(data.numel() // self.dp_size, dtype=data.dtype, device=data.device)
+            work = _reduce_scatter_flat(out, data, group=self.dp_group, async_op=True)
+            self._pending[bucket] = (work, out)
+        else:
+            self._pending[bucket] = (dist.all_reduce(data, group=self.dp_group, async_op=True), None)
 
-def _accumulate_into_main_grad(param: nn.Parameter) -> None:
-    param.main_grad.add_(param.grad)
-    param.grad = None
+    def reduce(self) -> None:
+        """Finish the DP mean of every bucket (launching those not started yet)."""
+        if self.dp_size == 1:
+            return
+        for bucket in range(len(self.buckets)):
+            self._launch(bucket)
+        shards = self.shard_ranges()
+        for bucket, (work, out) in sorted(self._pending.items()):
+            work.wait()
+            start, end = self.buckets[bucket]
+            if out is None:
+                self.data[start:end].div_(self.dp_size)
+            else:
+                lo, hi = shards[bucket]
+                self.data[lo:hi].copy_(out).div_(self.dp_size)
+        self._pending.clear()
 
 
 def _sum_over(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
@@ -78,8 +161,22 @@ def _sum_over(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
 
 def finalize_grads(buffer: GradBuffer, state: ParallelState, sequence_parallel: bool) -> None:
     """Steps 1–3 of the module docstring, on ``buffer``'s main_grads."""
-    if sequence_parallel and state.tp_size > 1:
-        _sum_over([p for p in buffer.params if getattr(p, "sequence_parallel", False)], state.tp_group)
     if state.pp_size > 1 and state.in_embedding_group:
         _sum_over([p for p in buffer.params if getattr(p, "shared_embedding", False)], state.embedding_group)
-    buffer.all_reduce_mean(state.dp_group, state.dp_size)
+    buffer.reduce()
+    if sequence_parallel and state.tp_size > 1:
+        _sum_over([p for p in buffer.params if getattr(p, "sequence_parallel", False)], state.tp_group)
+
+
+def gather_params(buffer: GradBuffer, param_data: torch.Tensor, async_op: bool = False) -> dict:
+    """All-gather every bucket of ``param_data`` (laid out like ``buffer``) from the DP rank that
+    owns each slice: after a distributed-optimizer step, every rank holds every updated parameter.
+    With ``async_op``, returns {bucket: work} to wait on; otherwise waits and returns {}."""
+    works = {}
+    if buffer.dp_size == 1:
+        return works
+    for bucket, ((start, end), (lo, hi)) in enumerate(zip(buffer.buckets, buffer.shard_ranges())):
+        works[bucket] = _all_gather_flat(
+            param_data[start:end], param_data[lo:hi].clone(), group=buffer.dp_group, async_op=async_op
+        )
+    return works if async_op else {}

@@ -18,7 +18,8 @@ from ..config import OptimizerConfig
 from .clip import clip_by_norm, counted_once, global_grad_norm
 
 
-def _adamw(groups: list[dict], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_adamw(groups: list[dict], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``groups``: apex FusedAdam or torch's fused kernel on GPU, foreach on CPU."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device.type == "cuda":
         try:
@@ -59,7 +60,7 @@ class Optimizer:
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        self.inner = _adamw([g for g in groups if g["params"]], cfg, self.model_params[0].device)
+        self.inner = make_adamw([g for g in groups if g["params"]], cfg, self.model_params[0].device)
 
     def step(self, lr: float) -> float:
         """Clip and update; returns the global gradient norm before clipping."""
@@ -112,6 +113,9 @@ class Optimizer:
             for master, p in zip(self.master_params, self.model_params):
                 if master is not p:
                     p.copy_(master)
+
+    def finish_param_gather(self) -> None:
+        """Nothing to wait for: every rank updates its own full parameters."""
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

@@ -82,80 +82,33 @@ def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
+def _autograd_pair(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function computing ``forward(x, tp)`` whose backward is ``backward(grad, tp)``."""
+
+    def fwd(ctx, x, tp):
         ctx.tp = tp
-        return x
+        return forward(x, tp)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.tp), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.tp), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        return _all_reduce(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split(x, -1, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.tp), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _all_gather(x, -1, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.tp), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _all_gather(x, SEQ_DIM, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, SEQ_DIM, ctx.tp), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter(x, SEQ_DIM, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.tp), None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split(x, SEQ_DIM, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.tp), None
+# (forward, backward) of each operator; the lambdas look the collectives up at call time.
+_CopyToTP = _autograd_pair("CopyToTP", lambda x, tp: x, lambda g, tp: _all_reduce(g, tp))
+_ReduceFromTP = _autograd_pair("ReduceFromTP", lambda x, tp: _all_reduce(x, tp), lambda g, tp: g)
+_ScatterToTP = _autograd_pair("ScatterToTP", lambda x, tp: _split(x, -1, tp), lambda g, tp: _all_gather(g, -1, tp))
+_GatherFromTP = _autograd_pair("GatherFromTP", lambda x, tp: _all_gather(x, -1, tp), lambda g, tp: _split(g, -1, tp))
+_GatherFromSP = _autograd_pair(
+    "GatherFromSP", lambda x, tp: _all_gather(x, SEQ_DIM, tp), lambda g, tp: _reduce_scatter(g, SEQ_DIM, tp)
+)
+_ReduceScatterToSP = _autograd_pair(
+    "ReduceScatterToSP", lambda x, tp: _reduce_scatter(x, SEQ_DIM, tp), lambda g, tp: _all_gather(g, SEQ_DIM, tp)
+)
+_ScatterToSP = _autograd_pair(
+    "ScatterToSP", lambda x, tp: _split(x, SEQ_DIM, tp), lambda g, tp: _all_gather(g, SEQ_DIM, tp)
+)
 
 
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:

@@ -36,3 +36,22 @@ def dropout(x: torch.Tensor, p: float, generator: torch.Generator, training: boo
         return x
     keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
     return x * keep / (1.0 - p)
+
+
+def checkpoint_rng_context(rng: ModelRNG):
+    """``context_fn`` for torch.utils.checkpoint: the recomputation replays the generators' states
+    from the original forward (so dropout masks match), then puts the current states back."""
+    from contextlib import contextmanager, nullcontext
+
+    snapshot = rng.get_state()
+
+    @contextmanager
+    def replay():
+        current = rng.get_state()
+        rng.set_state(snapshot)
+        try:
+            yield
+        finally:
+            rng.set_state(current)
+
+    return nullcontext(), replay()

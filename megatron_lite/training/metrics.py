@@ -7,6 +7,7 @@ the loss) creates a ``MetricsLogger``; every other rank logs nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,13 +35,14 @@ class MetricsLogger:
             self._tensorboard = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
 
     def log(self, record: dict[str, Any], console: Optional[str] = None) -> None:
-        """Append ``record`` (must hold ``iteration``); print ``console`` if given."""
-        self._file.write(json.dumps(record) + "\n")
+        """Append ``record`` (must hold ``iteration``; NaN/inf are written as null); print ``console``."""
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(finite) + "\n")
         if console is not None:
             print(console, flush=True)
         step = record["iteration"]
         prefix = f"{record['split']}/" if "split" in record else "train/"
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+        numbers = {k: v for k, v in finite.items() if isinstance(v, (int, float)) and k != "iteration"}
         if self._wandb is not None:
             self._wandb.log({prefix + k: v for k, v in numbers.items()}, step=step)
         if self._tensorboard is not None:
@@ -81,8 +83,12 @@ def console_line(r: dict[str, Any], train_iters: int) -> str:
         f"loss {r['loss']:.4f}",
         f"grad norm {r['grad_norm']:.3f}",
         f"tokens/s {r['tokens_per_s']:,.0f}",
-        f"TFLOP/s/device {r['tflops_per_device']:.2f}",
+        f"TFLOP/s/device {r['tflops_per_device']:.3g}",
     ]
+    if r.get("loss_scale", 1.0) != 1.0:
+        parts.append(f"loss scale {r['loss_scale']:.1f}")
+    if r.get("skipped_iterations"):
+        parts.append(f"skipped {r['skipped_iterations']}")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts.append(f"peak mem {r['peak_memory_gb']:.2f} GB")

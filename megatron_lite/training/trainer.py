@@ -26,7 +26,8 @@ from ..checkpoint.manager import Checkpointer
 from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..model import build_model_chunks, model_flops_per_iteration
-from ..optim import GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
 from ..parallel.state import ParallelState
 from ..pipeline import schedules
@@ -51,6 +52,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
+
+
 class Trainer:
     """Builds everything for this rank from a validated config and runs ``train()``."""
 
@@ -68,16 +73,28 @@ class Trainer:
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
         self.chunks = build_model_chunks(
-            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device
+            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
+            t.recompute, t.recompute_num_layers,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
         self.named_params = _unique_named_params(self.chunks)
         self.params = [p for _, p in self.named_params]
-        self.grads = GradBuffer(self.params)
-        self.optimizer = Optimizer(
-            self.params, cfg.optimizer, state.mp_group, state.tp_rank, names=[n for n, _ in self.named_params]
+        names = [n for n, _ in self.named_params]
+        o = cfg.optimizer
+        self.grads = GradBuffer(
+            self.params, state.dp_group, state.dp_size, state.dp_rank,
+            reduce_scatter=o.use_distributed_optimizer, overlap=o.overlap_grad_reduce,
+            bucket_elements=o.grad_bucket_elements,
         )
+        if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
+            self.optimizer = DistributedOptimizer(
+                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather
+            )
+            if o.overlap_param_gather:
+                self.optimizer.install_param_gather_hooks(self.chunks)
+        else:
+            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank, names=names)
 
         gbs = t.global_batch_size
         evaluations = t.train_iters // t.eval_interval + 1
@@ -89,6 +106,14 @@ class Trainer:
         self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
         self.iteration = 0
         self.consumed_samples = 0
+        self.skipped_iterations = 0
+        self.consecutive_skips = 0
+        self.scaler = None
+        if t.precision == "fp16":
+            self.scaler = LossScaler(
+                t.loss_scale or t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale,
+                dynamic=t.loss_scale is None,
+            )
 
         seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
         self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
@@ -104,13 +129,21 @@ class Trainer:
         self.checkpointer = Checkpointer(self)
         self.checkpointer.load()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
         and RNGs); checkpoints store it in meta.json and hand it back to ``load_state_dict``."""
-        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples}
+        state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                 "skipped_iterations": self.skipped_iterations}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s keys; a loss scaler's state only if both runs use fp16."""
         self.iteration, self.consumed_samples = int(state["iteration"]), int(state["consumed_samples"])
+        self.skipped_iterations = int(state.get("skipped_iterations", 0))
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
 
     # One step ----------------------------------------------------------------------------------
     def _forward_step(self, chunk_index: int, x: Optional[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,7 +154,10 @@ class Trainer:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
         mask = batch["loss_mask"].to(self.device)
-        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        if self.scaler is not None and chunk.training:
+            loss = loss * self.scaler.scale  # reported losses are divided back in train_step
+        return loss
 
     def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
         sampler = MicrobatchSampler(
@@ -140,11 +176,21 @@ class Trainer:
             loss /= self.state.dp_size
         return loss.item()
 
+    def _grads_are_finite(self) -> bool:
+        """False if any rank's gradients hold an inf or NaN (agreed over the whole world)."""
+        bad = (~torch.isfinite(self.grads.data)).any().float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
+
     def train_step(self) -> dict[str, float]:
-        """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr."""
+        """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr.
+
+        A step with non-finite gradients anywhere is skipped on every rank (fp16 overflow, or a NaN
+        in any precision); ``training.max_skipped_steps`` of them in a row raise TrainingStopped.
+        """
         for chunk in self.chunks:
             chunk.train()
-        self.grads.zero()
+        self.grads.start_step(self.dims.num_microbatches)
         batches = self._microbatches(self.train_data, self.consumed_samples)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
@@ -156,10 +202,31 @@ class Trainer:
                        self.dims.vpp, self.dims.num_microbatches)
         finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
         lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
-        grad_norm = self.optimizer.step(lr)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        finite = self._grads_are_finite()
+        if finite:
+            if scale != 1.0:
+                self.grads.data.mul_(1.0 / scale)
+            grad_norm = self.optimizer.step(lr)
+            self.consecutive_skips = 0
+        else:
+            grad_norm = math.nan
+            self.skipped_iterations += 1
+            self.consecutive_skips += 1
+        if self.scaler is not None:
+            self.scaler.update(found_inf=not finite)
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
-        return {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr}
+        limit = self.cfg.training.max_skipped_steps
+        if self.consecutive_skips >= limit:
+            raise TrainingStopped(
+                f"{limit} consecutive iterations (up to {self.iteration}) had inf/NaN gradients and were "
+                "skipped (training.max_skipped_steps); nothing was saved after the last good step: "
+                "resume from the last checkpoint with a lower optimizer.lr or fp16 → bf16"
+            )
+        loss = self._global_mean(loss) / scale
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
+                "skipped_iterations": self.skipped_iterations}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -200,6 +267,7 @@ class Trainer:
             # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
             # signal or training.exit_duration_mins).
             stop_reason = self.checkpointer.after_step()
+        self.optimizer.finish_param_gather()
         self.checkpointer.finish()
         if stop_reason is None or not stop_reason.startswith("signal"):
             self._log_eval()
@@ -218,6 +286,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
             "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
+            "loss_scale": out["loss_scale"], "skipped_iterations": out["skipped_iterations"],
         }
         show = self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == t.train_iters
         self.logger.log(record, console_line(record, t.train_iters) if show else None)

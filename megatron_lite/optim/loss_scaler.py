@@ -1,0 +1,46 @@
+"""Loss scaling for fp16 training (Micikevicius et al. 2018, with Megatron's hysteresis).
+
+The loss is multiplied by ``scale`` before the backward so small fp16 gradients do not flush to zero;
+the fp32 main gradients are divided by it before the optimizer step. A step whose gradients hold an
+inf or NaN on any rank is skipped on every rank. Dynamic scaling: after ``window`` clean steps in a
+row the scale doubles; every ``hysteresis``-th overflow (counted since the last growth) halves it,
+never below ``min_scale``. A constant scale never changes.
+"""
+
+from __future__ import annotations
+
+
+class LossScaler:
+    def __init__(
+        self, initial_scale: float = 2.0**32, window: int = 1000, hysteresis: int = 2,
+        min_scale: float = 1.0, dynamic: bool = True,
+    ):
+        self.scale = float(initial_scale)
+        self.window, self.hysteresis, self.min_scale, self.dynamic = window, hysteresis, min_scale, dynamic
+        self._clean_steps = 0
+        self._overflows_left = hysteresis
+
+    def update(self, found_inf: bool) -> None:
+        """Account for one step: an overflow (skipped step) or a clean one."""
+        if not self.dynamic:
+            return
+        if found_inf:
+            self._clean_steps = 0
+            self._overflows_left -= 1
+            if self._overflows_left <= 0:
+                self.scale = max(self.scale * 0.5, self.min_scale)
+                self._overflows_left = self.hysteresis
+            return
+        self._clean_steps += 1
+        if self._clean_steps == self.window:
+            self.scale *= 2.0
+            self._clean_steps = 0
+            self._overflows_left = self.hysteresis
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self._clean_steps, "overflows_left": self._overflows_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self._clean_steps = int(state["clean_steps"])
+        self._overflows_left = int(state["overflows_left"])
