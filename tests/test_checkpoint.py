@@ -19,6 +19,7 @@ import torch
 from test_training import REPO, read_metrics, rel
 
 from megatron_lite.checkpoint.storage import CheckpointError, find_checkpoint, read_full, write_checkpoint
+from megatron_lite.optim import DistributedOptimizer
 
 TOLERANCE = 1e-5
 BASE = [
@@ -105,6 +106,22 @@ def test_resume_same_layout_is_bit_identical(ranks, saved, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.skipif(not hasattr(DistributedOptimizer, "named_param_states"),
+                    reason="DistributedOptimizer.named_param_states() not implemented yet")
+def test_distributed_optimizer_resume(ranks, tmp_path):
+    """ZeRO-1 optimizer state saved by parameter name: TP2×PP2×DP2 resumes bit-identically, and a
+    TP1×PP4×DP2 run with the plain optimizer continues within 1e-5."""
+    zero = BASE + TP2_PP2_DP2 + ["optimizer.use_distributed_optimizer=true"]
+    ranks(8).run(_train, zero + [f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'ckpt'}",
+                                 "checkpoint.save_interval=3"])
+    load = [f"checkpoint.load={tmp_path / 'ckpt'}", "checkpoint.load_iteration=3"]
+    ranks(8).run(_train, zero + load + [f"logging.dir={tmp_path / 'b'}"])
+    ranks(8).run(_train, BASE + RESHARDED["tp1_pp4_vpp1_dp2"][1] + load + [f"logging.dir={tmp_path / 'c'}"])
+    a, b, c = (losses(tmp_path / x) for x in "abc")
+    assert sorted(b) == [4, 5, 6] and all(a[i] == b[i] for i in b), (a, b)
+    assert rel([c[i] for i in b], [a[i] for i in b]) < TOLERANCE
+
+
 @pytest.mark.parametrize("layout", list(RESHARDED))
 def test_resume_in_another_layout(ranks, saved, tmp_path, layout):
     world, overrides = RESHARDED[layout]
@@ -118,11 +135,13 @@ def test_resume_in_another_layout(ranks, saved, tmp_path, layout):
     assert err < TOLERANCE
 
 
-@pytest.mark.parametrize("what", ["dropout", "bf16"])
+@pytest.mark.parametrize("what", ["dropout", "bf16", "fp16"])
 def test_single_rank_resume_is_bit_identical(ranks, tmp_path, what):
     """dropout: the resumed run draws the same masks (model RNG restored); bf16: the fp32 master
-    weights come back from the optimizer state, not from the rounded bf16 parameters."""
-    extra = {"dropout": ["model.dropout=0.2"], "bf16": ["training.precision=bf16"]}[what]
+    weights come back from the optimizer state, not from the rounded bf16 parameters; fp16: the
+    dynamic loss scale (here growing every iteration) comes back too."""
+    extra = {"dropout": ["model.dropout=0.2"], "bf16": ["training.precision=bf16"],
+             "fp16": ["training.precision=fp16", "training.loss_scale_window=1", "training.initial_loss_scale=1024"]}[what]
     base = BASE + extra + ["training.train_iters=4"]
     ranks(1).run(_train, base + [f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'ckpt'}",
                                  "checkpoint.save_interval=2"])
@@ -130,6 +149,8 @@ def test_single_rank_resume_is_bit_identical(ranks, tmp_path, what):
                                  "checkpoint.load_iteration=2"])
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == [3, 4] and all(a[i] == b[i] for i in b), (a, b)
+    scales = [r.get("loss_scale") for r in read_metrics(tmp_path / "b")[0]]
+    assert scales == [r.get("loss_scale") for r in read_metrics(tmp_path / "a")[0]][2:]
 
 
 def test_keep_last_and_fresh_start(ranks, tmp_path):
