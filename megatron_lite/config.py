@@ -138,11 +138,12 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    async_save: bool = False
-    keep_last: Optional[int] = None
+    save: Optional[str] = None  # directory: iter_NNNNNNN/ checkpoints + latest_checkpointed_iteration.txt
+    load: Optional[str] = None  # directory to resume from (no tracker there: start from scratch)
+    load_iteration: Optional[int] = None  # None: the tracker's (latest complete) iteration
+    save_interval: Optional[int] = None  # None: save only at the end and when stopping early
+    async_save: bool = False  # copy to host memory, write in a background thread
+    keep_last: Optional[int] = None  # None: keep every checkpoint
 
 
 @dataclass
@@ -273,6 +274,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
     "optimizer.clip_grad", "optimizer.lr_warmup_iters", "optimizer.eps", "data.num_workers",
+    "checkpoint.load_iteration",
     "model.init_std", "model.norm_epsilon",
 )
 
@@ -305,7 +307,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
         if value is not None and value <= 0:
             raise ConfigError(key, f"must be positive, got {value}")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
+        if _get(cfg, key) is not None and _get(cfg, key) < 0:
             raise ConfigError(key, f"must not be negative, got {_get(cfg, key)}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")

@@ -12,12 +12,14 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from megatron_lite.checkpoint.storage import CheckpointError
 from megatron_lite.config import CONFIG_DIR, Config, ConfigError, register_schema, to_config, validate
 from megatron_lite.data import DataError
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
 from megatron_lite.training.trainer import Trainer, TrainingStopped, describe_run
 
-USER_ERRORS = (ConfigError, DataError)
+ERROR_KINDS = {ConfigError: "config error", DataError: "data error", CheckpointError: "checkpoint error"}
+USER_ERRORS = tuple(ERROR_KINDS)
 
 
 def run(cfg: Config | DictConfig) -> Trainer:
@@ -45,7 +47,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except USER_ERRORS as err:
         if launch_info().rank == 0:
-            kind = "config error" if isinstance(err, ConfigError) else "data error"
+            kind = next(label for cls, label in ERROR_KINDS.items() if isinstance(err, cls))
             print(f"{kind}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingStopped as err:

@@ -8,7 +8,7 @@ torch's fused (GPU) or foreach (CPU) AdamW is used; apex's FusedAdam when instal
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,9 +44,12 @@ class Optimizer:
         cfg: OptimizerConfig,
         norm_group: Optional[dist.ProcessGroup],
         tp_rank: int = 0,
+        names: Optional[Sequence[str]] = None,
     ):
         self.cfg, self.norm_group = cfg, norm_group
         self.model_params = list(params)
+        # Names of the parameters (the model's, global layer indices): what checkpoints key state by.
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.model_params))]
         self.master_params = [
             p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params
         ]
@@ -75,6 +78,41 @@ class Optimizer:
                     p.copy_(master)
                 master.grad = None
         return norm
+
+    def named_param_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each parameter's AdamW state by parameter name, in that parameter's local (TP-shard) shape,
+        the same on every DP rank: ``exp_avg``, ``exp_avg_sq`` (fp32), ``step`` (0-d fp32) and, when
+        the model is not fp32, the fp32 ``master`` weights. Live tensors, not copies; a parameter
+        that has not been stepped yet has no moments."""
+        out = {}
+        for name, master, p in zip(self.names, self.master_params, self.model_params):
+            state = self.inner.state.get(master, {})
+            fields = {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
+            if "step" in state:
+                fields["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().cpu().reshape(())
+            if master is not p:
+                fields["master"] = master.detach()
+            out[name] = fields
+        return out
+
+    def load_named_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of ``named_param_states`` (every name of this optimizer must be present)."""
+        index = {id(m): i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
+        packed = self.inner.state_dict()
+        packed["state"] = {}
+        for name, master in zip(self.names, self.master_params):
+            fields = states[name]
+            if "master" in fields:
+                with torch.no_grad():
+                    master.copy_(fields["master"])
+            moments = {k: fields[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in fields}
+            if moments:
+                packed["state"][index[id(master)]] = moments
+        self.inner.load_state_dict(packed)  # casts each field to torch's device/dtype policy
+        with torch.no_grad():
+            for master, p in zip(self.master_params, self.model_params):
+                if master is not p:
+                    p.copy_(master)
 
     def finish_param_gather(self) -> None:
         """Nothing to wait for: every rank updates its own full parameters."""

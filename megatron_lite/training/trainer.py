@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import resource
-import sys
 import time
 from typing import Any, Optional
 
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..checkpoint.manager import Checkpointer
 from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.sampler import microbatch_loader
@@ -70,8 +70,8 @@ class Trainer:
             print(f"kernel backend: {ops.describe()}", flush=True)
 
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        vocab = m.vocab_size or self.tokenizer.vocab_size
-        self.vocab_size = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, dims.tp)
+        self.unpadded_vocab_size = m.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
         self.chunks = build_model_chunks(
             m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
@@ -79,7 +79,9 @@ class Trainer:
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
-        self.params = _unique_params(self.chunks)
+        self.named_params = _unique_named_params(self.chunks)
+        self.params = [p for _, p in self.named_params]
+        names = [n for n, _ in self.named_params]
         o = cfg.optimizer
         self.grads = GradBuffer(
             self.params, state.dp_group, state.dp_size, state.dp_rank,
@@ -93,7 +95,7 @@ class Trainer:
             if o.overlap_param_gather:
                 self.optimizer.install_param_gather_hooks(self.chunks)
         else:
-            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank)
+            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank, names=names)
 
         gbs = t.global_batch_size
         evaluations = t.train_iters // t.eval_interval + 1
@@ -126,6 +128,24 @@ class Trainer:
         # The logging rank holds the loss: last pipeline stage, first TP rank, first DP replica.
         self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
         self.logger: Optional[MetricsLogger] = None
+        self.checkpointer = Checkpointer(self)
+        self.checkpointer.load()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
+        and RNGs); checkpoints store it in meta.json and hand it back to ``load_state_dict``."""
+        state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                 "skipped_iterations": self.skipped_iterations}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s keys; a loss scaler's state only if both runs use fp16."""
+        self.iteration, self.consumed_samples = int(state["iteration"]), int(state["consumed_samples"])
+        self.skipped_iterations = int(state.get("skipped_iterations", 0))
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
 
     # One step ----------------------------------------------------------------------------------
     def _forward_step(self, chunk_index: int, x: Optional[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -244,7 +264,8 @@ class Trainer:
         start_iteration = self.iteration
         if self.iteration == 0:
             self._log_eval()  # the starting point, about ln(vocabulary size)
-        while self.iteration < t.train_iters:
+        stop_reason = None
+        while self.iteration < t.train_iters and stop_reason is None:
             start = time.perf_counter()
             out = self.train_step()
             elapsed = time.perf_counter() - start
@@ -252,10 +273,13 @@ class Trainer:
                 self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self._log_eval()
-            if self._time_is_up(run_start):
-                break
-        self._log_eval()
+            # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
+            # signal or training.exit_duration_mins).
+            stop_reason = self.checkpointer.after_step()
         self.optimizer.finish_param_gather()
+        self.checkpointer.finish()
+        if stop_reason is None or not stop_reason.startswith("signal"):
+            self._log_eval()
         if self.logger is not None:
             print(f"metrics: {self.logger.path}  (plot: python scripts/plot_metrics.py {self.logger.path})", flush=True)
             self.logger.close()
@@ -286,23 +310,13 @@ class Trainer:
                 f"validation at iteration {self.iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}",
             )
 
-    def _time_is_up(self, run_start: float) -> bool:
-        """training.exit_duration_mins reached, agreed across ranks (all stop at the same iteration)."""
-        limit = self.cfg.training.exit_duration_mins
-        if limit is None:
-            return False
-        flag = torch.tensor([float(time.time() - run_start > 60 * limit)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.state.rank == 0:
-            print(f"training.exit_duration_mins={limit} reached at iteration {self.iteration}", file=sys.stderr)
-        return bool(flag.item())
 
-
-def _unique_params(chunks) -> list[torch.nn.Parameter]:
-    seen: dict[int, torch.nn.Parameter] = {}
+def _unique_named_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every chunk; names are global (``layers.9.mlp.fc1.weight``)."""
+    seen: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for chunk in chunks:
-        for p in chunk.parameters():
-            seen.setdefault(id(p), p)
+        for name, p in chunk.named_parameters():
+            seen.setdefault(id(p), (name, p))
     return list(seen.values())
 
 

@@ -1,0 +1,286 @@
+"""A checkpoint directory on disk: writing it crash-safely, finding it, and checking it before a load.
+
+    ${checkpoint.save}/
+      latest_checkpointed_iteration.txt   the newest complete iteration; rewritten last
+      iter_0000100/
+        .metadata                         DCP's index: each tensor's global shape, its chunks, their files
+        __0_0.distcp, __1_0.distcp, ...   DCP data files, one per writing rank
+        meta.json                         format version, iteration, consumed samples, model shape, layout
+        config.yaml                       the resolved config of the run that saved it
+      iter_0000200.tmp/                   a save in progress, or one killed mid-way: never read
+
+torch.distributed.checkpoint (DCP) does the file I/O: every rank writes the chunks it holds, in
+parallel, and a tensor held by several ranks (DP replicas, TP-replicated norms) is written once. A save
+goes into ``iter_N.tmp/``; when every rank's file is complete, rank 0 adds meta.json and config.yaml,
+renames the directory to ``iter_N/``, then rewrites the tracker (write + rename), so a reader never sees
+a partial checkpoint. Loading reads DCP's index through an allow-list unpickler (DCP metadata classes,
+torch sizes and dtypes only) and the tensors with ``torch.load(weights_only=True)``: no arbitrary
+Python objects are unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+VERSION = 1
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "meta.json"
+CONFIG = "config.yaml"
+DCP_INDEX = ".metadata"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded or written; ``str(err)`` is one line naming the file."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _temp_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}.tmp"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_coordinator(group: Optional[dist.ProcessGroup]) -> bool:
+    return not dist.is_initialized() or dist.get_rank(group) == 0
+
+
+def _say(text: str) -> None:
+    """Print once per job (global rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"checkpoint: {text}", flush=True)
+
+
+def _barrier(group: Optional[dist.ProcessGroup]) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+# Writing ------------------------------------------------------------------------------------------
+def remove_partial_saves(root: str | Path) -> list[Path]:
+    """Delete ``iter_N.tmp`` directories left by a killed save; returns them (coordinator only)."""
+    partial = sorted(Path(root).glob("iter_*.tmp"))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def write_checkpoint(
+    tensors: dict[str, Any],
+    meta: dict[str, Any],
+    config_yaml: str,
+    root: str | Path,
+    iteration: int,
+    group: Optional[dist.ProcessGroup] = None,
+    keep_last: Optional[int] = None,
+) -> Path:
+    """Write ``tensors`` (plain tensors and DTensors, keyed by name) as ``root/iter_N``; collective
+    over ``group`` (every rank of the job). Returns the published directory once it is complete on
+    disk and the tracker names it."""
+    root, final, temp = Path(root), iteration_dir(root, iteration), _temp_dir(root, iteration)
+    coordinator = _is_coordinator(group)
+    if coordinator:
+        root.mkdir(parents=True, exist_ok=True)
+        for path in remove_partial_saves(root):
+            _say(f"removed {path}, an interrupted save")
+        temp.mkdir()
+    _barrier(group)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), process_group=group, no_dist=not dist.is_initialized())
+    # dcp.save returns on the coordinator after every rank's files are written and synced.
+    if coordinator:
+        _fsync_write(temp / META, json.dumps({"version": VERSION, "iteration": iteration, **meta}, indent=1))
+        _fsync_write(temp / CONFIG, config_yaml)
+        if final.exists():  # the same iteration saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        temp.rename(final)
+        _fsync_write(root / (TRACKER + ".tmp"), f"{iteration}\n")
+        os.replace(root / (TRACKER + ".tmp"), root / TRACKER)
+        if keep_last:
+            prune(root, keep_last)
+    _barrier(group)
+    return final
+
+
+def prune(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns the deleted ones."""
+    done = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    old = done[:-keep_last]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
+# Finding and checking ----------------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint directory, checked: its meta.json and DCP index."""
+
+    path: Path
+    meta: dict[str, Any]
+    index: Metadata
+
+    @property
+    def iteration(self) -> int:
+        return int(self.meta["iteration"])
+
+    def has(self, key: str) -> bool:
+        return key in self.index.state_dict_metadata
+
+    def keys(self) -> list[str]:
+        return list(self.index.state_dict_metadata)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.index.state_dict_metadata[key].size
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.index.state_dict_metadata[key].properties.dtype
+
+
+def read_tracker(root: str | Path) -> Optional[int]:
+    """The iteration named by ``root``'s tracker file; None if there is none."""
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def find_checkpoint(root: str | Path, iteration: Optional[int] = None) -> Optional[CheckpointInfo]:
+    """The checkpoint to load from ``root``: ``iteration`` if given, else the tracker's. None when
+    ``root`` holds no tracker and no iteration was asked for (a fresh start). Raises CheckpointError
+    (one line naming the file) for anything missing, truncated or of an unknown version."""
+    root = Path(root)
+    partial = sorted(root.glob("iter_*.tmp"))
+    for path in partial:
+        _say(f"ignoring {path}: an interrupted save (never renamed to its final name)")
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            return None
+        path = iteration_dir(root, iteration)
+        if not path.is_dir():
+            raise CheckpointError(f"{root / TRACKER}: names iteration {iteration} but {path} does not exist")
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        found = ", ".join(p.name for p in sorted(root.glob("iter_*")) if not p.name.endswith(".tmp")) or "none"
+        raise CheckpointError(f"{path}: no such checkpoint (found: {found}); fix checkpoint.load_iteration")
+    meta = _read_meta(path / META)
+    index = _read_index(path / DCP_INDEX)
+    _check_files(path, index)
+    return CheckpointInfo(path, meta, index)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is damaged") from None
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint version {meta.get('version')!r}; this code reads version {VERSION}"
+        )
+    return meta
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's index and nothing else: DCP metadata classes, torch.Size, dtypes, layouts."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": None,  # every name in the module
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "WindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+        "builtins": {"set", "frozenset", "slice"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self.ALLOWED.get(module, set())
+        value = super().find_class(module, name) if module in self.ALLOWED else None
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if value is not None and (allowed is None or name in allowed):
+            return value
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+
+
+def _read_index(path: Path) -> Metadata:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        with open(path, "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except Exception as err:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise CheckpointError(f"{path}: unreadable DCP index ({type(err).__name__}: {err})") from None
+    if not isinstance(index, Metadata) or index.storage_data is None:
+        raise CheckpointError(f"{path}: not a DCP index")
+    return index
+
+
+def _check_files(path: Path, index: Metadata) -> None:
+    """Every data file the index points to exists and is long enough for every chunk in it."""
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing shard (listed in {path / DCP_INDEX})")
+        actual = file.stat().st_size
+        if actual < size:
+            raise CheckpointError(f"{file}: truncated: {actual} bytes, the index needs {size}")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return _read_index(Path(self.path) / DCP_INDEX)
+
+
+def read_tensors(targets: dict[str, Any], info: CheckpointInfo, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Fill ``targets`` (plain tensors and DTensors, keyed as saved) in place from ``info``'s files,
+    reading only the overlap of each saved chunk with each target chunk (resharding). Collective
+    over ``group``. Checks every key exists with the same global shape first."""
+    for key, target in targets.items():
+        if not info.has(key):
+            raise CheckpointError(f"{info.path}: has no {key!r}; the checkpoint is of another model")
+        md = info.index.state_dict_metadata[key]
+        if not isinstance(md, TensorStorageMetadata) or md.size != target.shape:
+            saved = getattr(md, "size", "a non-tensor")
+            raise CheckpointError(
+                f"{info.path}: {key} has shape {tuple(saved)} in the checkpoint, {tuple(target.shape)} in this model"
+            )
+    dcp.load(targets, storage_reader=_SafeReader(info.path), process_group=group, no_dist=not dist.is_initialized())
+
+
+def read_full(info: CheckpointInfo, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor whose key starts with ``prefix``, whole, in this process (no process group):
+    for tools (export, inspection) and tests."""
+    md = info.index.state_dict_metadata
+    targets = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()
+               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    dcp.load(targets, storage_reader=_SafeReader(info.path), no_dist=True)
+    return targets
