@@ -101,11 +101,6 @@ class Checkpointer:
         self.layout = {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}
         self.signature = model_signature(trainer.cfg.model, trainer.unpadded_vocab_size)
         active = bool(self.cfg.save or self.cfg.load)
-        if active and not hasattr(trainer.optimizer, "named_param_states"):
-            raise CheckpointError(
-                f"{type(trainer.optimizer).__name__} has no named_param_states(): checkpoints cannot hold its "
-                "state yet; set optimizer.use_distributed_optimizer=false to save or load"
-            )
         # Every rank creates it (new_group is collective); DCP's planning and barriers run on it.
         self.group = dist.new_group(backend="gloo") if active and dist.is_initialized() else None
         self.sharded = ShardedState(trainer.named_params, tp_mesh(state)) if active else None

@@ -13,7 +13,7 @@ Bytes per parameter on each rank (Megatron's table; d = DP size):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ class DistributedOptimizer:
         norm_group: Optional[dist.ProcessGroup] = None,
         tp_rank: int = 0,
         overlap_param_gather: bool = False,
+        names: Optional[Sequence[str]] = None,
     ):
         if not grads.reduce_scatter:
             raise ValueError("the distributed optimizer needs a GradBuffer with reduce_scatter=True")
@@ -49,6 +50,8 @@ class DistributedOptimizer:
         self.overlap_param_gather = overlap_param_gather
         self._gathers: dict[int, object] = {}  # bucket -> in-flight all-gather
         self.model_params = list(params)
+        # The model's parameter names: what checkpoints key the optimizer state by.
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.model_params))]
         dtype = self.model_params[0].dtype
         self.param_data = torch.zeros(grads.data.numel(), dtype=dtype, device=grads.data.device)
         with torch.no_grad():
@@ -117,6 +120,72 @@ class DistributedOptimizer:
                 own = list(module.parameters(recurse=False))
                 if own:
                     module.register_forward_pre_hook(lambda _m, _args, own=own: self.wait_for(own))
+
+    # Checkpoint interface (the same as Optimizer's) -------------------------------------------
+    def _full_flat_states(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Adam moments (and fp32 masters for low-precision models) as full flat buffers laid out like
+        the gradient buffer, assembled from every DP rank's slices (all-reduce over DP of zero-filled
+        buffers); and the step count."""
+        n, device = self.grads.data.numel(), self.param_data.device
+        fields = ["exp_avg", "exp_avg_sq"] + ([] if self.param_data.dtype == torch.float32 else ["master"])
+        flats = {k: torch.zeros(n, dtype=torch.float32, device=device) for k in fields}
+        step = torch.zeros(1, device=device)
+        for _, piece, grad, _ in self.pieces:
+            start = grad.storage_offset() - self.grads.data.storage_offset()
+            state = self.inner.state.get(piece, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    flats[k][start : start + piece.numel()] = state[k]
+            if "master" in flats:
+                flats["master"][start : start + piece.numel()] = piece.detach()
+            if "step" in state:
+                step = torch.maximum(step, torch.as_tensor(state["step"], dtype=torch.float32, device=device).reshape(1))
+        if self.grads.dp_size > 1:
+            for t in flats.values():
+                dist.all_reduce(t, group=self.grads.dp_group)
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.grads.dp_group)
+        return flats, step
+
+    def named_param_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each parameter's full AdamW state (its local TP-shard shape), the same on every DP rank:
+        collective over DP. Fields as ``Optimizer.named_param_states``."""
+        flats, step = self._full_flat_states()
+        out = {}
+        for name, p in zip(self.names, self.model_params):
+            start, end = self.grads.offsets[p]
+            fields = {k: t[start:end].view(p.shape) for k, t in flats.items()}
+            if step.item() > 0:
+                fields["step"] = step.cpu().reshape(())
+            else:
+                fields.pop("exp_avg"), fields.pop("exp_avg_sq")
+            out[name] = fields
+        return out
+
+    def load_named_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Keep this DP rank's slices of every parameter's state, then re-gather the parameters."""
+        index = {id(m): i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
+        packed = self.inner.state_dict()
+        packed["state"] = {}
+        name_of = dict(zip(self.model_params, self.names))
+        for p, piece, grad, _ in self.pieces:
+            fields = states[name_of[p]]
+            offset = grad.storage_offset() - self.grads.data.storage_offset() - self.grads.offsets[p][0]
+
+            def mine(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1)[offset : offset + piece.numel()].clone()
+
+            if "master" in fields:
+                with torch.no_grad():
+                    piece.copy_(mine(fields["master"]))
+            moments = {k: fields[k] if k == "step" else mine(fields[k]) for k in ("step", "exp_avg", "exp_avg_sq") if k in fields}
+            if moments:
+                packed["state"][index[id(piece)]] = moments
+        self.inner.load_state_dict(packed)
+        with torch.no_grad():
+            for (lo, hi), master in zip(self.shards, self.master_slices):
+                if master.data_ptr() != self.param_data[lo:hi].data_ptr():
+                    self.param_data[lo:hi].copy_(master)
+        gather_params(self.grads, self.param_data)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

@@ -90,7 +90,7 @@ class Trainer:
         )
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
             self.optimizer = DistributedOptimizer(
-                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather
+                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather, names=names
             )
             if o.overlap_param_gather:
                 self.optimizer.install_param_gather_hooks(self.chunks)
