@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 VERSION = 1
@@ -97,13 +98,21 @@ def write_checkpoint(
     disk and the tracker names it."""
     root, final, temp = Path(root), iteration_dir(root, iteration), _temp_dir(root, iteration)
     coordinator = _is_coordinator(group)
+    error: Optional[BaseException] = None
     if coordinator:
-        root.mkdir(parents=True, exist_ok=True)
-        for path in remove_partial_saves(root):
-            _say(f"removed {path}, an interrupted save")
-        temp.mkdir()
-    _barrier(group)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), process_group=group, no_dist=not dist.is_initialized())
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for path in remove_partial_saves(root):
+                _say(f"removed {path}, an interrupted save")
+            temp.mkdir()
+        except OSError as err:
+            error = err
+    _raise_if_any_failed(error, root, iteration, group)
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), process_group=group,
+                 no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP raises the same failure on every rank
+        raise CheckpointError(_save_failure(root, iteration, err)) from None
     # dcp.save returns on the coordinator after every rank's files are written and synced.
     if coordinator:
         _fsync_write(temp / META, json.dumps({"version": VERSION, "iteration": iteration, **meta}, indent=1))
@@ -117,6 +126,27 @@ def write_checkpoint(
             prune(root, keep_last)
     _barrier(group)
     return final
+
+
+def _save_failure(root: Path, iteration: int, err: BaseException) -> str:
+    """One line: what failed, and that the previous checkpoint (if any) is untouched."""
+    text = " ".join(str(err).split())
+    for cause in (getattr(err, "failures", None) or {}).values():  # DCP's per-rank exceptions
+        text = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+        break
+    previous = read_tracker(root) if (root / TRACKER).is_file() else None
+    kept = f"the previous checkpoint {iteration_dir(root, previous)} is intact" if previous is not None else "no earlier checkpoint"
+    return f"saving iteration {iteration} under {root} failed ({text[:300]}); {kept}"
+
+
+def _raise_if_any_failed(error: Optional[BaseException], root: Path, iteration: int,
+                         group: Optional[dist.ProcessGroup]) -> None:
+    """Agree over ``group`` whether any rank failed; if so, raise the same CheckpointError everywhere."""
+    failed = torch.tensor([float(error is not None)])
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if failed.item():
+        raise CheckpointError(_save_failure(root, iteration, error or OSError("failed on another rank")))
 
 
 def prune(root: str | Path, keep_last: int) -> list[Path]:
