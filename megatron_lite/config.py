@@ -93,6 +93,10 @@ class TrainingConfig:
     # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
     # the run (exit code 3) rather than train on.
     max_skipped_steps: int = 10
+    # Hang watchdog: a step running longer than this many seconds ends the rank (exit code 4) with a
+    # line naming the schedule action and the collective it waits in. None: max(10 × the median of
+    # the first 3 steps, 60 s), and parallel.distributed_timeout_minutes until those are timed.
+    step_timeout: Optional[float] = None
 
 
 @dataclass
@@ -267,6 +271,7 @@ POSITIVE = (
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
     "training.recompute_num_layers", "training.loss_scale", "training.initial_loss_scale",
     "training.min_loss_scale", "training.loss_scale_window", "training.hysteresis", "training.max_skipped_steps",
+    "training.step_timeout",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
     "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )
