@@ -223,11 +223,16 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _one_line(err: Exception) -> str:
-    """The first line of an OmegaConf/Hydra message, plus the key it names."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    detail = [ln for ln in lines[1:] if ln.startswith("full_key:")]
-    return " ".join(lines[:1] + detail)
+def _one_line(err: BaseException) -> str:
+    """The first line of an OmegaConf/Hydra message and of its cause, plus the key they name (and
+    the override text that did not parse)."""
+    override = getattr(err, "override", None)  # hydra's OverrideParseException
+    parts = [f"override {override!r}:"] if override else []
+    for e in (err, err.__cause__):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] if e is not None else []
+        head = 2 if lines and lines[0].endswith(":") else 1  # "... while composing config:" + why
+        parts += lines[:head] + [ln for ln in lines[head:] if ln.startswith("full_key:")]
+    return " ".join(dict.fromkeys(parts))  # a cause often repeats the first line
 
 
 @dataclass(frozen=True)

@@ -124,3 +124,18 @@ def test_hung_rank_is_reported_by_the_watchdog(tmp_path):
     assert any("exceeded training.step_timeout=5.0 s" in line for line in lines), out[-3000:]
     for line in lines:
         assert "pipeline action" in line and "waiting in" in line, line
+
+
+def test_derived_step_timeout():
+    """None: the collective timeout until 3 steps are timed, then max(10 × their median, 60 s)."""
+    from datetime import timedelta
+
+    from megatron_lite.training.watchdog import Watchdog
+
+    dog = Watchdog(None, None, timedelta(minutes=2))
+    assert dog.limit() == 120.0 and dog.limit(scale=5) == 600.0
+    dog.step_times = [0.5, 1.0, 20.0]
+    assert dog.limit() == 60.0  # the floor: 10 × median 1 s is less
+    dog.step_times = [10.0, 12.0, 11.0]
+    assert dog.limit() == 110.0
+    assert Watchdog(None, 5.0, timedelta(minutes=2)).limit(scale=2) == 10.0

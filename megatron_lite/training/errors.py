@@ -13,7 +13,7 @@ from typing import Optional
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import ConfigError
+from ..config import ConfigError, _one_line
 from ..data import DataError
 from .trainer import TrainingStopped
 
@@ -45,7 +45,7 @@ def user_error_line(err: BaseException) -> Optional[tuple[int, str]]:
     if isinstance(err, yaml.MarkedYAMLError):
         return USER_ERROR_EXIT_CODE, f"config error: {_yaml_line(err)}"
     if isinstance(err, (HydraException, OmegaConfBaseException)):
-        return USER_ERROR_EXIT_CODE, f"config error: {_hydra_line(err)}"
+        return USER_ERROR_EXIT_CODE, f"config error: {_one_line(err)}"
     if isinstance(err, OSError) and err.filename is not None:
         return USER_ERROR_EXIT_CODE, f"file error: {err.filename}: {err.strerror or err}"
     return None
@@ -56,17 +56,3 @@ def _yaml_line(err: yaml.MarkedYAMLError) -> str:
     where = f"{mark.name} line {mark.line + 1} column {mark.column + 1}" if mark else "a YAML file"
     context = f" ({err.context})" if err.context else ""
     return f"{where}: malformed YAML: {err.problem}{context}"
-
-
-def _hydra_line(err: BaseException) -> str:
-    """The first line of Hydra's message and of its cause, plus the ``full_key`` they name."""
-    parts: list[str] = []
-    override = getattr(err, "override", None)  # OverrideParseException: the text that did not parse
-    if override:
-        parts.append(f"override {override!r}:")
-    for e in (err, err.__cause__):
-        if e is None:
-            continue
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        parts += lines[:1] + [ln for ln in lines[1:] if ln.startswith("full_key:")]
-    return " ".join(dict.fromkeys(parts))  # the cause often repeats the first line
