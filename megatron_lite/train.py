@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest re-raised
-        exit_on_user_error(err, print_it=launch_info().rank == 0)
+        exit_on_user_error(err, launch_info().rank)
         raise
 
 
@@ -55,5 +55,5 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as err:  # noqa: BLE001 - composition errors (before main runs): one line
-        exit_on_user_error(err, print_it=launch_info().rank == 0)
+        exit_on_user_error(err, launch_info().rank)
         raise

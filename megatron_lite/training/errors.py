@@ -21,13 +21,14 @@ USER_ERROR_EXIT_CODE = 2
 STOPPED_EXIT_CODE = 3
 
 
-def exit_on_user_error(err: BaseException, print_it: bool = True) -> None:
-    """For a user error, print its line (when ``print_it``: one rank speaks) and exit with its code;
-    return for anything else, whose traceback the caller lets through."""
+def exit_on_user_error(err: BaseException, rank: int) -> None:
+    """For a user error, print its line and exit with its code; return for anything else, whose
+    traceback the caller lets through. Errors every rank meets alike (config, data) print on rank 0
+    only; a file error may concern one rank's own file, so every rank meeting it prints it."""
     handled = user_error_line(err)
     if handled is None:
         return
-    if print_it:
+    if rank == 0 or isinstance(err, OSError):
         print(handled[1], file=sys.stderr, flush=True)
     sys.exit(handled[0])
 
