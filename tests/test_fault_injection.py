@@ -134,8 +134,9 @@ def test_derived_step_timeout():
 
     dog = Watchdog(None, None, timedelta(minutes=2))
     assert dog.limit() == 120.0 and dog.limit(scale=5) == 600.0
+    assert "distributed_timeout_minutes" in dog._limit_source()
     dog.step_times = [0.5, 1.0, 20.0]
     assert dog.limit() == 60.0  # the floor: 10 × median 1 s is less
     dog.step_times = [10.0, 12.0, 11.0]
-    assert dog.limit() == 110.0
+    assert dog.limit() == 110.0 and "derived" in dog._limit_source()
     assert Watchdog(None, 5.0, timedelta(minutes=2)).limit(scale=2) == 10.0

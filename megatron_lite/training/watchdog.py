@@ -88,6 +88,13 @@ class Watchdog:
             return self.startup_timeout_s * scale
         return max(TIMEOUT_FACTOR * statistics.median(self.step_times), TIMEOUT_FLOOR_S) * scale
 
+    def _limit_source(self) -> str:
+        if self.step_timeout is not None:
+            return "training.step_timeout"
+        if len(self.step_times) < CALIBRATION_STEPS:
+            return "the start-up bound parallel.distributed_timeout_minutes"
+        return f"the derived step timeout max({TIMEOUT_FACTOR:g} × median first steps, {TIMEOUT_FLOOR_S:g} s)"
+
     def on_action(self, label: str) -> None:
         """The executor's callback: ``label`` is the schedule action about to run (``F3.0``, …)."""
         self.action = label
@@ -132,8 +139,7 @@ class Watchdog:
             ran = time.monotonic() - start
             if ran > limit:
                 frame = sys._current_frames().get(thread)
-                setting = "training.step_timeout" if self.step_timeout is not None else "derived step timeout"
-                self._exit(f"{what} exceeded {setting}={limit:.1f} s (ran {ran:.1f} s); "
+                self._exit(f"{what} exceeded {self._limit_source()}={limit:.1f} s (ran {ran:.1f} s); "
                            f"{describe_wait(_stack_frames(frame), self.state)}")
 
     def _exit(self, message: str) -> None:
