@@ -93,6 +93,10 @@ class TrainingConfig:
     # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
     # the run (exit code 3) rather than train on.
     max_skipped_steps: int = 10
+    # Hang watchdog: a step running longer than this many seconds ends the rank (exit code 4) with a
+    # line naming the schedule action and the collective it waits in. None: max(10 × the median of
+    # the first 3 steps, 60 s), and parallel.distributed_timeout_minutes until those are timed.
+    step_timeout: Optional[float] = None
 
 
 @dataclass
@@ -220,11 +224,16 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _one_line(err: Exception) -> str:
-    """The first line of an OmegaConf/Hydra message, plus the key it names."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    detail = [ln for ln in lines[1:] if ln.startswith("full_key:")]
-    return " ".join(lines[:1] + detail)
+def _one_line(err: BaseException) -> str:
+    """The first line of an OmegaConf/Hydra message and of its cause, plus the key they name (and
+    the override text that did not parse)."""
+    override = getattr(err, "override", None)  # hydra's OverrideParseException
+    parts = [f"override {override!r}:"] if override else []
+    for e in (err, err.__cause__):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] if e is not None else []
+        head = 2 if lines and lines[0].endswith(":") else 1  # "... while composing config:" + why
+        parts += lines[:head] + [ln for ln in lines[head:] if ln.startswith("full_key:")]
+    return " ".join(dict.fromkeys(parts))  # a cause often repeats the first line
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,7 @@ POSITIVE = (
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
     "training.recompute_num_layers", "training.loss_scale", "training.initial_loss_scale",
     "training.min_loss_scale", "training.loss_scale_window", "training.hysteresis", "training.max_skipped_steps",
+    "training.step_timeout",
     "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
     "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
 )

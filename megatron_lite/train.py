@@ -1,25 +1,23 @@
 """Hydra entry point: ``python -m megatron_lite.train [overrides]`` (under torchrun for many ranks).
 
 Order: compose config → validate against the world size (one-line error, exit 2) → create the
-process groups → build → train. User errors print one line without a traceback and exit 2.
+process groups → build → train. User errors print one line without a traceback and exit 2
+(``training/errors.py``); a hung step or a dead peer ends a rank with exit 4 (``training/watchdog.py``).
 """
 
 from __future__ import annotations
 
-import sys
+import os
 import time
 
 import hydra
 from omegaconf import DictConfig
 
-from megatron_lite.checkpoint.storage import CheckpointError
-from megatron_lite.config import CONFIG_DIR, Config, ConfigError, register_schema, to_config, validate
-from megatron_lite.data import DataError
+from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
-from megatron_lite.training.trainer import Trainer, TrainingStopped, describe_run
-
-ERROR_KINDS = {ConfigError: "config error", DataError: "data error", CheckpointError: "checkpoint error"}
-USER_ERRORS = tuple(ERROR_KINDS)
+from megatron_lite.training.errors import exit_on_user_error
+from megatron_lite.training.trainer import Trainer, describe_run
+from megatron_lite.training.watchdog import configure_nccl
 
 
 def run(cfg: Config | DictConfig) -> Trainer:
@@ -29,6 +27,7 @@ def run(cfg: Config | DictConfig) -> Trainer:
     config = to_config(cfg)
     dims = validate(config, launch_info().world_size)
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)
+    configure_nccl(config.logging.dir)
     info = init_distributed(timeout)
     start = time.perf_counter()
     state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp, timeout=timeout)
@@ -45,17 +44,16 @@ def run(cfg: Config | DictConfig) -> Trainer:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except USER_ERRORS as err:
-        if launch_info().rank == 0:
-            kind = next(label for cls, label in ERROR_KINDS.items() if isinstance(err, cls))
-            print(f"{kind}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except TrainingStopped as err:
-        if launch_info().rank == 0:
-            print(f"training stopped: {err}", file=sys.stderr, flush=True)
-        sys.exit(3)
+    except Exception as err:  # noqa: BLE001 - user errors become one line, the rest re-raised
+        exit_on_user_error(err, launch_info().rank)
+        raise
 
 
 if __name__ == "__main__":
     register_schema()
-    main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach the handler below, not its printer
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - composition errors (before main runs): one line
+        exit_on_user_error(err, launch_info().rank)
+        raise

@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"preprocess: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. the output prefix lies under a regular file, or a full disk
+        print(f"preprocess: {err.filename or args.output_prefix}: {err.strerror or err}; cannot write there, "
+              "choose another --output-prefix", file=sys.stderr)
+        return 2
     skipped = f", skipped {stats.skipped_empty} empty documents" if stats.skipped_empty else ""
     print(f"wrote {prefix}.bin/.idx in {stats.seconds:.1f} s{skipped}")
     return 0

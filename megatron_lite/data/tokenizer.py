@@ -37,11 +37,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | Path):
         import sentencepiece as spm
 
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise TokenizerError(
-                f"{self.path}: tokenizer model not found; check data.tokenizer.model"
-            )
+        self.path = _existing_file(model_path, "tokenizer model")
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(self.path))
@@ -81,11 +77,7 @@ class HuggingFaceTokenizer:
                 "data.tokenizer.type=huggingface needs the `tokenizers` package: "
                 "pip install tokenizers"
             ) from None
-        self.path = Path(json_path)
-        if not self.path.is_file():
-            raise TokenizerError(
-                f"{self.path}: tokenizer file not found; check data.tokenizer.model"
-            )
+        self.path = _existing_file(json_path, "tokenizer file")
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - the library raises its own exception type
@@ -107,6 +99,15 @@ class HuggingFaceTokenizer:
 
     def detokenize(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise TokenizerError(f"{path}: a directory, not a {what} file; check data.tokenizer.model")
+    if not path.is_file():
+        raise TokenizerError(f"{path}: {what} not found; check data.tokenizer.model")
+    return path
 
 
 def _first_known_id(tok, names: tuple[str, ...]) -> Optional[int]:

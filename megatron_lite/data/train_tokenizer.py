@@ -43,8 +43,31 @@ def train(
         )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # sentencepiece turns an exception raised in the iterator into a RuntimeError with a C++ trace:
+    # the iterator stops at a bad input instead and its DataError is raised here.
+    failed: list[DataError] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield from _sentences(inputs, json_key)
+        except DataError as err:
+            failed.append(err)
+
+    try:
+        _train_from(spm, sentences(), output, vocab_size, max_sentences, threads)
+    except RuntimeError:
+        if failed:
+            raise failed[0] from None
+        raise
+    if failed:
+        raise failed[0]
+    return Path(f"{output}.model")
+
+
+def _train_from(spm, sentences: Iterator[str], output: Path, vocab_size: int, max_sentences: int,
+                threads: int) -> None:
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=_sentences(inputs, json_key),
+        sentence_iterator=sentences,
         model_prefix=str(output),
         model_type="bpe",
         vocab_size=vocab_size,
@@ -61,7 +84,6 @@ def train(
         minloglevel=2,
         **SPECIAL_IDS,
     )
-    return Path(f"{output}.model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                       args.max_sentences, args.threads)
     except DataError as err:
         print(f"train_tokenizer: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the output prefix lies under a regular file
+        print(f"train_tokenizer: {err.filename or args.output}: {err.strerror or err}; cannot write there, "
+              "choose another --output", file=sys.stderr)
         return 2
     print(f"wrote {model} and {Path(str(args.output) + '.vocab')}")
     return 0

@@ -3,7 +3,8 @@
 Interface (what the trainer and a model's pipeline wrapper rely on)::
 
     loss = run_schedule(actions, chunks, state, microbatches, forward_step, tensor_shape, dtype,
-                        forward_only=False, trace=None, broadcast_loss=False, stats=None)
+                        forward_only=False, trace=None, broadcast_loss=False, stats=None,
+                        on_action=None)
 
 - ``actions``: this rank's list from ``schedules.schedule(name, p, v, m, state.pp_rank)``.
 - ``chunks``: this rank's ``v`` model chunks; local chunk ``c`` is global chunk ``c·p + pp_rank``.
@@ -27,6 +28,8 @@ list must be forward-only too). ``trace``, a list, receives one event per comput
 message batch with wall-clock start and end (``save_trace`` writes a run's events for ``simulate
 --trace``; on a GPU these are host times: kernels may still run after an event ends). ``stats``, a
 ``ScheduleStats``, receives the peak number of live (microbatch, chunk) activation sets.
+``on_action(label)`` is called before each computation (``F3.0``: forward of microbatch 3 on local
+chunk 0) and each message batch (``recvA3.0<-0 sendG2.0->1``), e.g. by the hang watchdog.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def run_schedule(
     trace: Optional[list[dict[str, Any]]] = None,
     broadcast_loss: bool = False,
     stats: Optional[ScheduleStats] = None,
+    on_action: Optional[Callable[[str], None]] = None,
 ) -> Optional[torch.Tensor]:
     """Run ``actions`` on this pipeline rank (see the module docstring for every argument).
 
@@ -159,6 +163,8 @@ def run_schedule(
         op = actions[i]
         start = time.time()
         if isinstance(op, S.COMPUTE):
+            if on_action is not None:
+                on_action(S.describe(op))
             if isinstance(op, S.Forward):
                 _forward(run, op, microbatches, forward_step, tensor_shape)
             else:
@@ -170,8 +176,11 @@ def run_schedule(
             j = i
             while j < len(actions) and not isinstance(actions[j], S.COMPUTE):
                 j += 1
+            label = " ".join(S.describe(a) for a in actions[i:j])
+            if on_action is not None:
+                on_action(label)
             _exchange(run, link, actions[i:j], tensor_shape, dtype, state.device)
-            event = dict(kind="p2p", label=" ".join(S.describe(a) for a in actions[i:j]))
+            event = dict(kind="p2p", label=label)
             i = j
         if trace is not None:
             trace.append(dict(rank=run.rank, start=start, end=time.time(), **event))

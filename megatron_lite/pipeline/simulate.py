@@ -257,6 +257,22 @@ def simulate_schedule(
                     **costs)
 
 
+def _read_trace(path: str) -> dict[str, Any]:
+    """A trace file written by ``executor.save_trace``; ValueError (one line naming it) otherwise."""
+    try:
+        with open(path) as f:
+            trace = json.load(f)
+    except OSError as err:
+        raise ValueError(f"--trace {path}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--trace {path}: not JSON ({err}); pass a file written by a run's "
+                         "parallel.pipeline_trace") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("events"), list):
+        raise ValueError(f"--trace {path}: no 'events' list; pass a file written by a run's "
+                         "parallel.pipeline_trace")
+    return trace
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI (see the module docstring). Exit code 2 with one line for sizes a schedule rejects."""
     parser = argparse.ArgumentParser(prog="python -m megatron_lite.pipeline.simulate",
@@ -275,15 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.trace:
-        with open(args.trace) as f:
-            trace = json.load(f)
+        try:
+            trace = _read_trace(args.trace)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         events, v = trace["events"], trace.get("vpp", 1)
         report = trace_bubble(events)
         title = (f"recorded {trace.get('schedule', '')}: p={trace.get('pp')} v={v} "
                  f"m={trace.get('microbatches')}, bubble {report['bubble_fraction']:.3f}")
     else:
-        name = S.resolve(args.schedule, args.vpp)
         try:
+            name = S.resolve(args.schedule, args.vpp)
             result = simulate_schedule(name, args.pp, args.vpp, args.microbatches, args.forward_only,
                                        t_f=args.t_forward, t_b=args.t_backward, t_comm=args.t_comm)
         except ValueError as err:

@@ -30,10 +30,11 @@ from ..model import build_model_chunks, model_flops_per_iteration
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
-from ..parallel.state import ParallelState
+from ..parallel.state import ParallelState, default_timeout
 from ..pipeline import schedules
 from ..pipeline.executor import run_schedule, save_trace
 from .metrics import MetricsLogger, console_line
+from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s by device name (vendor datasheets), for MFU.
@@ -128,6 +129,7 @@ class Trainer:
         # The logging rank holds the loss: last pipeline stage, first TP rank, first DP replica.
         self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
         self.logger: Optional[MetricsLogger] = None
+        self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
         self.checkpointer = Checkpointer(self)
         self.checkpointer.load()
 
@@ -204,7 +206,7 @@ class Trainer:
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
             self.actions, self.chunks, self.state, batches, self._forward_step,
-            self.activation_shape, self.dtype, trace=trace,
+            self.activation_shape, self.dtype, trace=trace, on_action=self.watchdog.on_action,
         )
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
@@ -249,7 +251,7 @@ class Trainer:
             batches = self._microbatches(self.valid_data, start + k * t.global_batch_size)
             loss = run_schedule(
                 self.eval_actions, self.chunks, self.state, batches, self._forward_step,
-                self.activation_shape, self.dtype, forward_only=True,
+                self.activation_shape, self.dtype, forward_only=True, on_action=self.watchdog.on_action,
             )
             total += self._global_mean(loss)
         return total / max(1, t.eval_iters)
@@ -267,7 +269,8 @@ class Trainer:
         stop_reason = None
         while self.iteration < t.train_iters and stop_reason is None:
             start = time.perf_counter()
-            out = self.train_step()
+            with self.watchdog.watch(f"iteration {self.iteration + 1}", calibrate=True):
+                out = self.train_step()
             elapsed = time.perf_counter() - start
             if self.logger is not None:
                 self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
@@ -303,7 +306,8 @@ class Trainer:
     def _log_eval(self) -> None:
         if not self.cfg.training.eval_iters or self.valid_data is None:
             return
-        loss = self.evaluate()
+        with self.watchdog.watch(f"evaluation at iteration {self.iteration}", scale=self.cfg.training.eval_iters):
+            loss = self.evaluate()
         if self.logger is not None:
             self.logger.log(
                 {"iteration": self.iteration, "split": "valid", "loss": loss},
