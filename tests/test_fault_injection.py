@@ -2,7 +2,8 @@
 iterations). One rank is killed (kill -9) or frozen (SIGSTOP, a hang) after a few iterations; every
 other rank must be gone within the collective timeout with a message naming what happened.
 
-The checkpoint half of the issue (resume after the kill, SIGTERM → checkpoint) is not here yet.
+With checkpoints: after the kill the last checkpoint loads and training resumes; SIGTERM to every
+rank saves a checkpoint and exits 0, and the resumed run continues exactly (same losses).
 """
 
 import json
@@ -96,11 +97,27 @@ def _inject(tmp_path: Path, extra: list[str], rank: int, sig: int) -> tuple[str,
     return out, proc.returncode, others, gone_after
 
 
+def _losses(metrics: Path) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "split" not in r}
+
+
+def _torchrun(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         "-m", "megatron_lite.train", *TINY, *extra, f"logging.dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_killed_rank_ends_the_job_and_is_named(tmp_path):
     """Rank 2 is killed: the others' next collective fails at once (gloo: connection reset), each
     prints one watchdog line naming itself, the collective and its group, and torchrun's summary
-    names rank 2 and SIGKILL as the root cause."""
-    out, code, others, gone_after = _inject(tmp_path, [], rank=2, sig=signal.SIGKILL)
+    names rank 2 and SIGKILL as the root cause. The last checkpoint then loads and training resumes."""
+    ckpt = tmp_path / "ckpt"
+    out, code, others, gone_after = _inject(
+        tmp_path, [f"checkpoint.save={ckpt}", "checkpoint.save_interval=2"], rank=2, sig=signal.SIGKILL
+    )
     (tmp_path / "kill_output.txt").write_text(out)
     assert not any(_alive(p) for p in others), f"ranks still alive {gone_after:.0f} s after the kill"
     assert code != 0
@@ -108,6 +125,33 @@ def test_killed_rank_ends_the_job_and_is_named(tmp_path):
     assert "rank      : 2 (local_rank: 2)" in root_cause and "Signal 9 (SIGKILL)" in root_cause, out[-3000:]
     for line in (ln for ln in out.splitlines() if "watchdog: rank" in ln):
         assert "a peer rank has probably died" in line and "waiting in" in line, line
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 2
+    resumed = _torchrun(tmp_path / "resumed", [f"checkpoint.load={ckpt}", f"training.train_iters={saved + 2}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(_losses(tmp_path / "resumed" / "metrics.jsonl")) == [saved + 1, saved + 2]
+
+
+def test_sigterm_to_every_rank_saves_then_resume_is_exact(tmp_path):
+    """SIGTERM to all 4 ranks: they agree, save, exit 0; the resumed run's losses equal those of an
+    uninterrupted run bit for bit."""
+    fixed = ["training.train_iters=40", "optimizer.lr_decay_style=constant"]
+    ckpt = tmp_path / "ckpt"
+    proc = _start(tmp_path / "stopped", fixed + [f"checkpoint.save={ckpt}"])
+    _wait_for_iterations(proc, tmp_path / "stopped" / "metrics.jsonl", 3)
+    for pid in _rank_pids(proc.pid).values():
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= saved < 40, out[-3000:]
+    resumed = _torchrun(tmp_path / "resumed", fixed + [f"checkpoint.load={ckpt}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = _torchrun(tmp_path / "reference", fixed)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    got, ref = _losses(tmp_path / "resumed" / "metrics.jsonl"), _losses(tmp_path / "reference" / "metrics.jsonl")
+    assert sorted(got) == list(range(saved + 1, 41))
+    assert all(got[i] == ref[i] for i in got), [(i, got[i], ref[i]) for i in got if got[i] != ref[i]][:3]
 
 
 def test_hung_rank_is_reported_by_the_watchdog(tmp_path):
