@@ -1,4 +1,5 @@
-"""Every valid layout for a world size, predicted and ranked (fastest first among those that fit)."""
+"""Every valid layout for a world size, predicted and ranked: fastest first among those that fit,
+the smaller memory first among equally fast ones."""
 
 from __future__ import annotations
 
@@ -44,4 +45,4 @@ def search(cfg: Config, world_size: int, vocab_size: int, dev: Device, recompute
         prediction = predict(setup, dev)
         if prediction.fits or include_unfit:
             predictions.append(prediction)
-    return sorted(predictions, key=lambda p: (not p.fits, p.time.total))
+    return sorted(predictions, key=lambda p: (not p.fits, p.time.total, p.memory.total))
