@@ -95,7 +95,8 @@ class CommCounter:
         self._wrap(dist, "all_reduce", "all_reduce", lambda t, *a, **k: (t, group(k, a, 1)))
         self._wrap(dist, "broadcast", "broadcast", lambda t, *a, **k: (t, group(k, a, 1)))
         # all-gather: the full output; reduce-scatter: the full input (both positional first two).
-        for owner, names in ((dist, ("all_gather_into_tensor", "all_gather_single")), (collectives, ("_all_gather_flat",))):
+        for owner, names in ((dist, ("all_gather_into_tensor", "all_gather_single")),
+                             (collectives, ("_all_gather_flat",))):
             for name in names:
                 self._wrap(owner, name, "all_gather", lambda out, inp, *a, **k: (out, k.get("group")))
         for owner, names in ((dist, ("reduce_scatter_tensor", "reduce_scatter_single")),
@@ -129,7 +130,8 @@ def analytic(trainer) -> Counter:
             # outputs reduce-scattered (backward: gathered).
             # The embedding's reduce-scatter gathers its gradient backward; the position embedding
             # [1, s, h] is split forward (no communication) and its gradient gathered backward.
-            out[("all_gather", "TP")] += m * (4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0))
+            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
+            out[("all_gather", "TP")] += m * gathers
             out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
             norms = 6 * h * layers + (2 * h if last else 0)
             out[("all_reduce", "TP")] += norms * FP32
@@ -192,7 +194,7 @@ def main() -> None:
     print(f"one training step, {' '.join(overrides)}, world {args.world_size}: TP{d['tp']} PP{d['pp']} "
           f"VPP{d['vpp']} DP{d['dp']}, {d['m']} microbatches, SP {d['sp']}; bytes per rank (logical payload)")
     mismatches = []
-    shown = {(r["pp_rank"]) : r for r in reversed(results) if r["tp_rank"] == 0 and r["dp_rank"] == 0}
+    shown = {r["pp_rank"]: r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0}  # one rank per stage
     for r in results:
         for key in sorted(set(r["measured"]) | set(r["analytic"])):
             got, want = r["measured"].get(key, 0), r["analytic"].get(key, 0)

@@ -197,7 +197,8 @@ def main() -> None:
     print(f"\n{'model':<10} {'b×s':>8} {'part':>10} {'ours ms':>9} {'plain ms':>9} {'plain/ours time':>16}")
     for r in rows:
         for label in ("step", "fwd_bwd", "optimizer"):
-            print(f"{r['model']:<10} {r['micro_batch']:>3}×{r['seq_length']:<4} {label:>10} {r[f'ours_{label}_ms']:>9.1f} "
+            print(f"{r['model']:<10} {r['micro_batch']:>3}×{r['seq_length']:<4} {label:>10} "
+                  f"{r[f'ours_{label}_ms']:>9.1f} "
                   f"{r[f'plain_{label}_ms']:>9.1f} {r[f'{label}_ratio']:>15.3f}×")
     print("plain/ours time > 1: megatron_lite is faster (its throughput relative to the plain model)")
     print(json.dumps({"benchmark": "step_overhead", "backend": ops.backend(), "rounds": args.rounds, "rows": rows}))

@@ -85,12 +85,52 @@ def test_cli(capsys):
     assert err.startswith("plan error: parallel.tensor_model_parallel_size: world size 6") and "\n" not in err
 
 
-# Reality check on gloo ranks ------------------------------------------------------------------------
+# Reality checks ----------------------------------------------------------------------------------
 def _storage_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for the backward, parameters excluded."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.saved: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+
+@pytest.mark.parametrize("overrides", [["model=gpt_tiny", "model.dropout=0.1"],
+                                       ["model=llama_tiny", "model.dropout=0.1"],
+                                       ["model=gpt_tiny", "model.attention_backend=explicit"]])
+def test_activation_prediction_on_one_rank(overrides):
+    """The explicit-softmax attention and dropout paths (the multi-rank test below runs SDPA)."""
+    cfg = load_config(overrides + ["training.micro_batch_size=2", "training.global_batch_size=2"])
+    model = build_gpt(cfg.model, VOCAB).train()
+    ids = torch.randint(0, VOCAB, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    with SavedBytes(model.parameters()) as saved:
+        model(ids, ids).mean()
+    predicted = microbatch_activation_bytes(setup_from_config(cfg, 1, VOCAB), 0)
+    assert predicted == pytest.approx(saved.total, rel=MEMORY_TOLERANCE)
 
 
 def _measure_memory(overrides: list[str]) -> dict:
@@ -107,24 +147,15 @@ def _measure_memory(overrides: list[str]) -> dict:
     trainer = Trainer(cfg, dims, state)
     trainer.train_step()
     state_tensors = [t for s in trainer.optimizer.inner.state.values() for t in s.values() if torch.is_tensor(t)]
-    params = {t.untyped_storage().data_ptr() for t in trainer.params}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     batch = trainer._microbatches(trainer.train_data, 0)[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(trainer.params) as saved:
         for index, chunk in enumerate(trainer.chunks):
             x = None if chunk.spec.pre_process else torch.randn(trainer.activation_shape, requires_grad=True)
             trainer._forward_step(index, x, batch)
     result = {
         "pp_rank": state.pp_rank, "parameters": _storage_bytes(trainer.params),
         "gradients": trainer.grads.data.untyped_storage().nbytes(), "optimizer": _storage_bytes(state_tensors),
-        "activations": sum(saved.values()), "vocab": trainer.vocab_size,
+        "activations": saved.total, "vocab": trainer.vocab_size,
     }
     state.destroy()
     return result

@@ -58,7 +58,8 @@ def print_prediction(p: Prediction) -> None:
     for label, key in (("parameters", "parameters"), ("gradients (fp32)", "gradients"),
                        ("optimizer", "optimizer"), ("activations", "activations")):
         print(f"  {label:<34}" + "".join(f"{getattr(plain[m], key) / GiB:>11.2f}" for m in RECOMPUTE))
-    print(f"  {'optimizer, distributed (÷ DP)':<34}" + "".join(f"{sharded[m].optimizer / GiB:>11.2f}" for m in RECOMPUTE))
+    print(f"  {'optimizer, distributed (÷ DP)':<34}"
+          + "".join(f"{sharded[m].optimizer / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total':<34}" + "".join(f"{plain[m].total / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total, distributed optimizer':<34}" + "".join(f"{sharded[m].total / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  in-flight microbatches on the fullest stage: {p.memory.in_flight:g}; device memory "
@@ -80,7 +81,8 @@ def print_search(predictions: list[Prediction], top: int) -> None:
 
 
 def print_validation(rows: list[dict]) -> None:
-    print(f"{'source':<48} {'model':>6} {'GPUs':>5} {'TP':>3} {'PP':>3} {'published':>10} {'predicted':>10} {'error':>7}")
+    print(f"{'source':<48} {'model':>6} {'GPUs':>5} {'TP':>3} {'PP':>3} {'published':>10} {'predicted':>10} "
+          f"{'error':>7}")
     for r in rows:
         print(f"{r['source']:<48} {r['model']:>6} {r['gpus']:>5} {r['tp']:>3} {r['pp']:>3} "
               f"{r['published_tflops']:>10.1f} {r['predicted_tflops']:>10.1f} {r['error']:>+7.1%}")
