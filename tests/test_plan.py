@@ -121,11 +121,14 @@ class SavedBytes:
 
 @pytest.mark.parametrize("overrides", [["model=gpt_tiny", "model.dropout=0.1"],
                                        ["model=llama_tiny", "model.dropout=0.1"],
-                                       ["model=gpt_tiny", "model.attention_backend=explicit"]])
+                                       ["model=gpt_tiny", "model.attention_backend=explicit"],
+                                       ["model=gpt_tiny", "training.precision=bf16"],
+                                       ["model=llama_tiny", "model.dropout=0.1", "training.precision=bf16"]])
 def test_activation_prediction_on_one_rank(overrides):
-    """The explicit-softmax attention and dropout paths (the multi-rank test below runs SDPA)."""
+    """The explicit-softmax attention and dropout paths, and bf16 (the multi-rank test runs fp32 SDPA)."""
     cfg = load_config(overrides + ["training.micro_batch_size=2", "training.global_batch_size=2"])
-    model = build_gpt(cfg.model, VOCAB).train()
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+    model = build_gpt(cfg.model, VOCAB).to(dtype).train()
     ids = torch.randint(0, VOCAB, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
     with SavedBytes(model.parameters()) as saved:
         model(ids, ids).mean()

@@ -14,7 +14,8 @@ tests/test_plan.py). Where megatron_lite differs from the paper's Megatron:
 - under sequence parallelism the column-parallel layers keep their all-gathered input (Megatron keeps
   the shard and gathers it again in the backward): 2·h per token per layer not divided by t;
 - dropout masks are stored in the activation dtype, not as bytes;
-- norms keep fp32 statistics, and the unfused (torch backend) RMSNorm its normalised output too.
+- norms keep fp32 statistics, and the unfused (torch backend) RMSNorm fp32 copies of its input and
+  normalised output; the explicit attention's softmax keeps its fp32 output.
 
 Recomputation (Korthikanti §5): ``selective`` recomputes the attention core (drops the s×s terms);
 ``full`` keeps each layer's input only and recomputes the layer in the backward, which needs one
@@ -43,6 +44,7 @@ class Impl:
     sp_keeps_gathered_input: bool  # column-parallel layers keep the all-gathered input under SP
     q_copy: bool = False  # the query heads are copied out of the fused QKV output
     rmsnorm_keeps_output: bool = False  # an unfused RMSNorm also keeps x/rms for the weight's grad
+    softmax_bytes: int = 0  # bytes per attention-probability element; 0: the activation dtype's
 
 
 # Megatron-LM as Korthikanti et al. count it (bf16/fp16).
@@ -55,7 +57,7 @@ def megatron_lite_impl(model: ModelConfig, precision: str) -> Impl:
     sdpa = model.attention_backend == "sdpa" or (model.attention_backend == "auto" and model.dropout == 0.0)
     grouped = (model.num_query_groups or model.num_attention_heads) != model.num_attention_heads
     return Impl(act_bytes=e, mask_bytes=e, flash_attention=sdpa, sp_keeps_gathered_input=True, q_copy=grouped,
-                rmsnorm_keeps_output=ops.backend() == "torch")
+                rmsnorm_keeps_output=ops.backend() == "torch", softmax_bytes=FP32)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
         per_token += n * FP32 / t  # log-sum-exp per head; the output is the projection's input below
     elif recompute != "selective":
         # softmax output, dropout mask, dropout output: a·s values each per token (a/t per rank)
-        per_token += n * s * (e + (mask + e if dropout else 0)) / t
+        softmax = impl.softmax_bytes or e
+        per_token += n * s * (softmax + (mask + e if dropout else 0)) / t
     per_token += h * e / t  # output projection input
     per_token += h * mask / sp if dropout else 0
     # MLP: input, activation input(s), output projection input, dropout mask.
@@ -115,8 +118,10 @@ def norm_bytes(m: ModelConfig, impl: Impl) -> float:
     and 1/std for LayerNorm, 1/rms for RMSNorm, and the unfused RMSNorm's normalised output."""
     if impl is MEGATRON:
         return m.hidden_size * impl.act_bytes
+    if m.normalization == "rmsnorm" and impl.rmsnorm_keeps_output:
+        return 2 * m.hidden_size * FP32 + FP32  # the unfused op works on fp32 copies of x and x/rms
     if m.normalization == "rmsnorm":
-        return m.hidden_size * impl.act_bytes * (2 if impl.rmsnorm_keeps_output else 1) + FP32
+        return m.hidden_size * impl.act_bytes + FP32
     return m.hidden_size * impl.act_bytes + 2 * FP32
 
 
