@@ -8,9 +8,10 @@ model uses ``clip_grad_norm_`` + the same foreach AdamW with the same weight-dec
 from the same weights (ours copied into the plain model) and the first losses are checked to agree, so
 the two really compute the same thing. Steps alternate between the two models in one process; the
 ratio is the median over rounds of plain-time / ours-time (> 1: megatron_lite is faster), for the
-whole step and for its two parts (forward + backward; clipping + AdamW).
+whole step and for its two parts (forward + backward; clipping + AdamW), and for the step's CPU time
+(all threads of the process), which other jobs on a shared machine disturb less than wall time.
 
-    python benchmarks/step_overhead.py [--rounds 10] [--models gpt_tiny gpt2_124m] [--profile]
+    python benchmarks/step_overhead.py [--rounds 10] [--models gpt_tiny gpt2_124m] [--profile] [--threads N]
 
 gpt2_124m runs with micro batch 1 and sequence 256 (a 1024-token step takes ~20 s on 2 cores);
 gpt_tiny with micro batch 8 and its own sequence 128. ``--profile`` prints torch.profiler's top
@@ -166,7 +167,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     print(f"kernel backend: {ops.backend()}  torch {torch.__version__}  threads {torch.get_num_threads()}  fp32")
@@ -175,15 +179,20 @@ def main() -> None:
         loss_ours, loss_plain = ours_step()[0], plain_step()[0]  # warm-up; the same start
         if abs(loss_ours - loss_plain) > 1e-4 * abs(loss_plain):
             raise SystemExit(f"{name}: first losses differ ({loss_ours} vs {loss_plain}): not the same model")
-        ours_t, plain_t = [], []  # (forward + backward, optimizer) seconds per round
+        ours_t, plain_t = [], []  # (forward + backward, optimizer, CPU time of the step) per round
         for r in range(args.rounds):
             pair = (ours_step, plain_step) if r % 2 == 0 else (plain_step, ours_step)
-            times = {step: step()[1:] for step in pair}
+            times = {}
+            for step in pair:
+                cpu = time.process_time()
+                times[step] = (*step()[1:], time.process_time() - cpu)
             ours_t.append(times[ours_step])
             plain_t.append(times[plain_step])
         tokens = micro_batch * m.seq_length
         row = {"model": name, "micro_batch": micro_batch, "seq_length": m.seq_length, "first_loss": loss_ours}
-        for label, pick in (("step", sum), ("fwd_bwd", lambda t: t[0]), ("optimizer", lambda t: t[1])):
+        parts = (("step", lambda t: t[0] + t[1]), ("fwd_bwd", lambda t: t[0]), ("optimizer", lambda t: t[1]),
+                 ("step_cpu_time", lambda t: t[2]))
+        for label, pick in parts:
             ours_s, plain_s = [pick(t) for t in ours_t], [pick(t) for t in plain_t]
             row[f"ours_{label}_ms"] = 1e3 * statistics.median(ours_s)
             row[f"plain_{label}_ms"] = 1e3 * statistics.median(plain_s)
@@ -196,7 +205,7 @@ def main() -> None:
             profile(plain_step, f"{name} plain")
     print(f"\n{'model':<10} {'b×s':>8} {'part':>10} {'ours ms':>9} {'plain ms':>9} {'plain/ours time':>16}")
     for r in rows:
-        for label in ("step", "fwd_bwd", "optimizer"):
+        for label in ("step", "fwd_bwd", "optimizer", "step_cpu_time"):
             print(f"{r['model']:<10} {r['micro_batch']:>3}×{r['seq_length']:<4} {label:>10} "
                   f"{r[f'ours_{label}_ms']:>9.1f} "
                   f"{r[f'plain_{label}_ms']:>9.1f} {r[f'{label}_ratio']:>15.3f}×")
