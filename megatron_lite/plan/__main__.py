@@ -20,7 +20,6 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..config import ConfigError, load_config
-from . import memory as M
 from .devices import DEVICES, device
 from .estimate import RECOMPUTE, Prediction, predict, rank_memory, setup_from_config
 from .published import ERROR_BOUND, validation_table
