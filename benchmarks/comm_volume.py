@@ -1,0 +1,217 @@
+"""Bytes each rank communicates in one training step, per collective and process group, counted by
+wrapping torch.distributed's calls around ``Trainer.train_step()``, beside the analytic count.
+
+    python benchmarks/comm_volume.py [--world-size 8] [overrides ...]
+    python benchmarks/comm_volume.py parallel.sequence_parallel=false
+
+Default: gpt_tiny, ``parallel=tp2_pp2_dp2`` (TP2 × PP2 with 2 virtual stages × DP2, sequence
+parallel) on 8 gloo ranks. Counted is the logical payload of each call: the tensor all-reduced or
+sent, the full (gathered) tensor of an all-gather, the full input of a reduce-scatter. A ring moves
+2·(n−1)/n of that per rank for an all-reduce and (n−1)/n for the other two.
+
+The analytic count, per rank (b micro batch, s sequence, h hidden, t TP, m microbatches, L_r layers
+on the rank, V padded vocabulary, 4-byte fp32):
+  TP     per layer and microbatch 2 all-reduces of b·s·h forward (attention and MLP outputs) and 2
+         backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h; the
+         embedding's sum (with SP a reduce-scatter forward and an all-gather of the gradient
+         backward, plus the position embedding's gradient gather, s·h), the output
+         layer's input (1 collective each way), 3 all-reduces of b·s in the vocab-parallel
+         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (6h per
+         layer, 2h for the final norm)
+  PP     b·s·h (b·s/t·h with SP) per microbatch and chunk boundary: activations forward, gradients
+         backward
+  EMB    the tied embedding's gradient, V/t·h, summed between first and last stage
+  DP     the flat fp32 gradient buffer (every local parameter), all-reduced; the loss (1 value) for
+         logging
+  MP     the squared gradient norm, one fp64 value
+Any difference is printed; the process exits 1 if one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.harness import RankPool  # noqa: E402
+
+DEFAULT_OVERRIDES = ["model=gpt_tiny", "parallel=tp2_pp2_dp2", "training.train_iters=1", "training.eval_iters=0"]
+FP32 = 4
+
+
+def _group_name(group, state) -> str:
+    for name in ("tp", "pp", "dp", "embedding", "mp"):
+        if group is getattr(state, f"{name}_group"):
+            return name.upper()
+    return "WORLD" if group is None else "other"
+
+
+class CommCounter:
+    """Wraps the torch.distributed calls the trainer makes; counts (collective, group) -> bytes."""
+
+    def __init__(self, state):
+        self.state, self.bytes, self.calls = state, Counter(), Counter()
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _record(self, op: str, group, tensor: torch.Tensor) -> None:
+        key = (op, _group_name(group, self.state))
+        self.bytes[key] += tensor.numel() * tensor.element_size()
+        self.calls[key] += 1
+
+    def _wrap(self, owner, attr: str, op: str, pick) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
+
+        def counted(*args, **kwargs):
+            tensor, group = pick(*args, **kwargs)
+            self._record(op, group, tensor)
+            return original(*args, **kwargs)
+
+        self._saved.append((owner, attr, original))
+        setattr(owner, attr, counted)
+
+    def _p2p(self, original):
+        def counted(ops):
+            for p2p in ops:
+                if p2p.op.__name__ == "isend":
+                    self._record("send", p2p.group, p2p.tensor)
+            return original(ops)
+
+        return counted
+
+    def __enter__(self) -> "CommCounter":
+        from megatron_lite.parallel import collectives
+
+        def group(kwargs, args, index):
+            return kwargs.get("group", args[index] if len(args) > index else None)
+
+        self._wrap(dist, "all_reduce", "all_reduce", lambda t, *a, **k: (t, group(k, a, 1)))
+        self._wrap(dist, "broadcast", "broadcast", lambda t, *a, **k: (t, group(k, a, 1)))
+        # all-gather: the full output; reduce-scatter: the full input (both positional first two).
+        for owner, names in ((dist, ("all_gather_into_tensor", "all_gather_single")),
+                             (collectives, ("_all_gather_flat",))):
+            for name in names:
+                self._wrap(owner, name, "all_gather", lambda out, inp, *a, **k: (out, k.get("group")))
+        for owner, names in ((dist, ("reduce_scatter_tensor", "reduce_scatter_single")),
+                             (collectives, ("_reduce_scatter_flat",))):
+            for name in names:
+                self._wrap(owner, name, "reduce_scatter", lambda out, inp, *a, **k: (inp, k.get("group")))
+        original = dist.batch_isend_irecv
+        self._saved.append((dist, "batch_isend_irecv", original))
+        dist.batch_isend_irecv = self._p2p(original)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+
+
+def analytic(trainer) -> Counter:
+    """The expected bytes per (collective, group) on this rank for one step (module docstring)."""
+    cfg, dims, state = trainer.cfg, trainer.dims, trainer.state
+    m_cfg = cfg.model
+    b, s, h, t = cfg.training.micro_batch_size, m_cfg.seq_length, m_cfg.hidden_size, dims.tp
+    m, V = dims.num_microbatches, trainer.vocab_size
+    bsh = b * s * h * FP32
+    out = Counter()
+    specs = [chunk.spec for chunk in trainer.chunks]
+    layers = sum(spec.last_layer - spec.first_layer for spec in specs)
+    first, last = any(x.pre_process for x in specs), any(x.post_process for x in specs)
+    if t > 1:
+        if dims.sequence_parallel:
+            # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP
+            # outputs reduce-scattered (backward: gathered).
+            # The embedding's reduce-scatter gathers its gradient backward; the position embedding
+            # [1, s, h] is split forward (no communication) and its gradient gathered backward.
+            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
+            out[("all_gather", "TP")] += m * gathers
+            out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
+            norms = 6 * h * layers + (2 * h if last else 0)
+            out[("all_reduce", "TP")] += norms * FP32
+        else:
+            out[("all_reduce", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
+        if last:
+            out[("all_reduce", "TP")] += m * 3 * b * s * FP32
+    if dims.pp > 1:
+        act = bsh // t if dims.sequence_parallel else bsh
+        total = dims.pp * dims.vpp
+        sends = sum(spec.index < total - 1 for spec in specs) + sum(spec.index > 0 for spec in specs)
+        out[("send", "PP")] += m * sends * act
+        if first or last:
+            out[("all_reduce", "EMBEDDING")] += V // t * h * FP32
+    if dims.dp > 1:
+        out[("all_reduce", "DP")] += sum(p.numel() for p in trainer.params) * FP32
+        if last:
+            out[("all_reduce", "DP")] += FP32
+    if dims.tp * dims.pp > 1:
+        out[("all_reduce", "MP")] += 8
+    return out
+
+
+def _measure(overrides: list[str]) -> dict:
+    from megatron_lite.config import load_config, validate
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = load_config(overrides)
+    dims = validate(cfg, dist.get_world_size())
+    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    trainer = Trainer(cfg, dims, state)
+    with CommCounter(state) as counter:
+        trainer.train_step()
+    expected = analytic(trainer)
+    result = {
+        "rank": state.rank, "tp_rank": state.tp_rank, "pp_rank": state.pp_rank, "dp_rank": state.dp_rank,
+        "measured": {f"{op}/{g}": n for (op, g), n in counter.bytes.items()},
+        "calls": {f"{op}/{g}": n for (op, g), n in counter.calls.items()},
+        "analytic": {f"{op}/{g}": n for (op, g), n in expected.items()},
+        "dims": {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp, "m": dims.num_microbatches,
+                 "sp": dims.sequence_parallel},
+    }
+    state.destroy()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    overrides = DEFAULT_OVERRIDES + args.overrides
+    pool = RankPool(args.world_size, timeout=600)
+    try:
+        results = pool.run(_measure, overrides)
+    finally:
+        pool.close()
+    d = results[0]["dims"]
+    print(f"one training step, {' '.join(overrides)}, world {args.world_size}: TP{d['tp']} PP{d['pp']} "
+          f"VPP{d['vpp']} DP{d['dp']}, {d['m']} microbatches, SP {d['sp']}; bytes per rank (logical payload)")
+    mismatches = []
+    shown = {r["pp_rank"]: r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0}  # one rank per stage
+    for r in results:
+        for key in sorted(set(r["measured"]) | set(r["analytic"])):
+            got, want = r["measured"].get(key, 0), r["analytic"].get(key, 0)
+            if got != want:
+                mismatches.append((r["rank"], key, got, want))
+    for pp_rank, r in sorted(shown.items()):
+        print(f"\nrank {r['rank']} (pipeline stage {pp_rank}):")
+        print(f"  {'collective/group':<26} {'calls':>6} {'measured bytes':>16} {'analytic bytes':>16} {'diff':>8}")
+        for key in sorted(set(r["measured"]) | set(r["analytic"])):
+            got, want = r["measured"].get(key, 0), r["analytic"].get(key, 0)
+            print(f"  {key:<26} {r['calls'].get(key, 0):>6} {got:>16,} {want:>16,} {got - want:>8,}")
+    print(f"\n{len(results)} ranks checked; {len(mismatches)} (rank, collective) differences")
+    for rank, key, got, want in mismatches:
+        print(f"  rank {rank} {key}: measured {got:,} analytic {want:,}")
+    print(json.dumps({"benchmark": "comm_volume", "overrides": overrides, "ranks": results}))
+    sys.exit(1 if mismatches else 0)
+
+
+if __name__ == "__main__":
+    main()

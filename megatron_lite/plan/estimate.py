@@ -1,0 +1,221 @@
+"""One layout's prediction: per-rank memory, FLOPs, step time and MFU.
+
+Step time, per rank (Narayanan et al. 2021 §3 for the terms; every communication term is the ring
+algorithm's bytes over the link it crosses):
+
+    compute   hardware FLOPs / world / (peak · efficiency); full recompute adds a forward (4/3 of the
+              model FLOPs), selective adds the attention core's forward
+    TP        per layer and microbatch 4 all-reduces (or all-gather + reduce-scatter pairs, the same
+              bytes) of b·s·h activations, 6 with full recompute; 2·(t−1)/t of the bytes over NVLink
+              (inter-node when t exceeds a node); not overlapped unless ``overlap``
+    PP        one b·s·h/t message per microbatch, chunk and direction, across nodes
+    bubble    (compute + TP + PP) × the bubble fraction that ``pipeline.simulate`` finds for the
+              schedule (exactly (p−1)/m for 1F1B, (p−1)/(v·m) interleaved)
+    DP        fp32 gradients all-reduced (2·(d−1)/d of the bytes), or with the distributed optimizer
+              reduce-scattered plus the parameters all-gathered; with ``overlap`` only what exceeds
+              one microbatch's computation (Megatron reduces buckets during the last backward and
+              gathers during the first forward) is exposed
+    optimizer one memory-bound pass over parameters, gradients and Adam state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+from ..config import Config, ModelConfig, ParallelDims, padded_vocab_size, validate
+from ..model.flops import model_flops_per_iteration
+from ..pipeline.simulate import simulate_schedule
+from . import memory as M
+from .devices import Device
+
+RECOMPUTE = ("none", "selective", "full")
+# Above this many (microbatch, chunk) pairs per rank the bubble comes from the closed form the
+# simulator reproduces exactly (tests/test_plan.py), to keep --search fast.
+SIMULATE_UP_TO = 4096
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the prediction depends on besides the device."""
+
+    model: ModelConfig
+    vocab_size: int  # padded
+    dims: ParallelDims
+    micro_batch_size: int
+    global_batch_size: int
+    precision: str
+    recompute: str = "none"
+    distributed_optimizer: bool = False
+    overlap: bool = False  # DP gradient/parameter and TP communication overlapped with computation
+    causal_flops: bool = True  # report the attention core's causal half only (megatron_lite's MFU)
+    causal_work: bool = True  # the attention kernel skips the masked half (flash/SDPA; not explicit)
+
+
+def setup_from_config(cfg: Config, world_size: int, vocab_size: int, recompute: Optional[str] = None,
+                      overlap: bool = False) -> Setup:
+    """Validate ``cfg`` for ``world_size`` ranks and collect what the planner needs."""
+    dims = validate(cfg, world_size)
+    recompute = recompute or getattr(cfg.training, "recompute", "none")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"--recompute: {recompute!r} is not one of {', '.join(RECOMPUTE)}")
+    padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
+    return Setup(cfg.model, padded, dims, cfg.training.micro_batch_size, cfg.training.global_batch_size,
+                 cfg.training.precision, recompute, cfg.optimizer.use_distributed_optimizer, overlap)
+
+
+@lru_cache(maxsize=None)
+def bubble_fraction(schedule: str, p: int, v: int, m: int) -> float:
+    """Idle time / compute time of a pipeline rank, from the simulator (closed form when large)."""
+    if p == 1:
+        return 0.0
+    if m * v > SIMULATE_UP_TO:
+        return (p - 1) / (v * m) if schedule == "interleaved" else (p - 1) / m
+    return simulate_schedule(schedule, p, v, m).bubble_fraction
+
+
+def microbatch_activation_bytes(setup: Setup, pp_rank: int) -> float:
+    """Activations one microbatch leaves on a rank of stage ``pp_rank`` (all its chunks)."""
+    m, d = setup.model, setup.dims
+    shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size)
+    impl = M.megatron_lite_impl(m, setup.precision)
+    total = (m.num_layers // d.pp) * M.layer_activation_bytes(m, shard, impl, setup.recompute)
+    if pp_rank == 0:
+        total += M.embedding_activation_bytes(m, shard, impl)
+    if pp_rank == d.pp - 1:
+        total += M.head_activation_bytes(m, setup.vocab_size, shard, impl)
+    return total
+
+
+def rank_memory(setup: Setup, pp_rank: int) -> M.Memory:
+    """Bytes on a rank of pipeline stage ``pp_rank`` (any TP/DP index: they hold the same)."""
+    m, d = setup.model, setup.dims
+    params = M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, pp_rank)
+    e = M.BYTES[setup.precision]
+    optimizer = params * M.optimizer_bytes_per_parameter(setup.precision)
+    if setup.distributed_optimizer:
+        optimizer /= d.dp
+    in_flight = M.in_flight_microbatches(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches, pp_rank)
+    activations = in_flight * microbatch_activation_bytes(setup, pp_rank)
+    if setup.recompute == "full":  # the layer being recomputed holds its full activations
+        shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size)
+        activations += M.layer_activation_bytes(m, shard, M.megatron_lite_impl(m, setup.precision), "none")
+    return M.Memory(params * e, params * M.FP32, optimizer, activations, in_flight)
+
+
+def peak_memory(setup: Setup) -> M.Memory:
+    """The fullest pipeline stage's memory."""
+    return max((rank_memory(setup, r) for r in range(setup.dims.pp)), key=lambda mem: mem.total)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per iteration on every rank, by cause."""
+
+    compute: float
+    tp: float
+    pp: float
+    bubble: float
+    dp: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.pp + self.bubble + self.dp + self.optimizer
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+
+def hardware_flops(setup: Setup) -> float:
+    """FLOPs the GPUs execute per iteration: the model's, plus what recomputation repeats."""
+    m = setup.model
+    model = model_flops_per_iteration(m, setup.vocab_size, setup.global_batch_size, causal=setup.causal_work)
+    if setup.recompute == "full":
+        return model * 4 / 3
+    if setup.recompute == "selective":
+        causal = 0.5 if setup.causal_work else 1.0
+        core = 2 * 2 * m.seq_length * m.hidden_size * causal  # QKᵀ and ·V, per token and layer
+        return model + core * m.num_layers * m.seq_length * setup.global_batch_size
+    return model
+
+
+def _ring(bytes_: float, n: int, bandwidth: float, all_reduce: bool) -> float:
+    if n == 1:
+        return 0.0
+    return (2 if all_reduce else 1) * (n - 1) / n * bytes_ / bandwidth
+
+
+def step_time(setup: Setup, dev: Device) -> StepTime:
+    m, d = setup.model, setup.dims
+    e = M.BYTES[setup.precision]
+    compute = hardware_flops(setup) / d.world_size / (dev.peak_flops * dev.efficiency)
+    node = dev.gpus_per_node
+    bsh = setup.micro_batch_size * m.seq_length * m.hidden_size * e
+    tp_link = dev.nvlink_bandwidth if d.tp <= node else dev.internode_bandwidth
+    per_layer = 6 if setup.recompute == "full" else 4
+    tp = d.num_microbatches * (m.num_layers // d.pp) * per_layer * _ring(bsh, d.tp, tp_link, True)
+    if setup.overlap:
+        tp = 0.0
+    pp_link = dev.internode_bandwidth if d.tp * d.dp >= node else dev.nvlink_bandwidth
+    pp = 0.0 if d.pp == 1 else 2 * d.vpp * d.num_microbatches * (bsh / d.tp) / pp_link
+    bubble = (compute + tp + pp) * bubble_fraction(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches)
+
+    params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r) for r in range(d.pp))
+    dp_link = dev.nvlink_bandwidth if d.tp * d.dp <= node else dev.internode_bandwidth
+    if setup.distributed_optimizer:
+        dp = _ring(params * M.FP32, d.dp, dp_link, False) + _ring(params * e, d.dp, dp_link, False)
+    else:
+        dp = _ring(params * M.FP32, d.dp, dp_link, True)
+    if setup.overlap:
+        dp = max(0.0, dp - compute / d.num_microbatches)
+    state = params * (M.optimizer_bytes_per_parameter(setup.precision) + M.FP32 + e)
+    if setup.distributed_optimizer:
+        state /= d.dp
+    optimizer = 2 * state / dev.hbm_bandwidth  # read and write once
+    return StepTime(compute, tp, pp, bubble, dp, optimizer)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    setup: Setup
+    device: Device
+    memory: M.Memory
+    time: StepTime
+    model_flops: float  # per iteration, causal or not as ``setup.causal_flops``
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.device.memory_bytes
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.model_flops / self.time.total / self.setup.dims.world_size / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops_per_gpu * 1e12 / self.device.peak_flops
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.setup.global_batch_size * self.setup.model.seq_length / self.time.total
+
+    def as_dict(self) -> dict:
+        d = self.setup.dims
+        return {
+            "layout": {"tp": d.tp, "pp": d.pp, "vpp": d.vpp, "dp": d.dp, "micro_batch": self.setup.micro_batch_size,
+                       "microbatches": d.num_microbatches, "schedule": d.pipeline_schedule,
+                       "sequence_parallel": d.sequence_parallel},
+            "recompute": self.setup.recompute, "distributed_optimizer": self.setup.distributed_optimizer,
+            "device": self.device.name, "memory_bytes": self.memory.as_dict(), "fits": self.fits,
+            "model_flops_per_iteration": self.model_flops, "step_time_s": self.time.as_dict(),
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "tokens_per_s": self.tokens_per_s,
+        }
+
+
+def predict(setup: Setup, dev: Device) -> Prediction:
+    flops = model_flops_per_iteration(setup.model, setup.vocab_size, setup.global_batch_size,
+                                      causal=setup.causal_flops)
+    return Prediction(setup, dev, peak_memory(setup), step_time(setup, dev), flops)

@@ -1,0 +1,225 @@
+"""Per-rank memory of a training layout, from the model's shapes: parameters, gradients, optimizer
+state and activations, before anything is launched.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", §4): a layer stores, per token, its inputs to every operator whose backward needs them. The
+paper's count for Megatron (16-bit activations, 1-byte dropout masks, explicit softmax attention) is
+34·s·b·h + 5·a·s²·b bytes per layer, divided by t under tensor + sequence parallelism.
+``layer_activation_bytes`` sums the same terms one by one with the implementation's choices as
+parameters (``Impl``), so that ``MEGATRON`` reproduces the paper's formula exactly and
+``megatron_lite_impl`` what this code base saves (measured with saved-tensor hooks in
+tests/test_plan.py). Where megatron_lite differs from the paper's Megatron:
+
+- torch's SDPA (the default without dropout) keeps its output and log-sum-exp, never the s×s scores;
+- under sequence parallelism the column-parallel layers keep their all-gathered input (Megatron keeps
+  the shard and gathers it again in the backward): 2·h per token per layer not divided by t;
+- dropout masks are stored in the activation dtype, not as bytes;
+- norms keep fp32 statistics, and the unfused (torch backend) RMSNorm fp32 copies of its input and
+  normalised output; the explicit attention's softmax keeps its fp32 output.
+
+Recomputation (Korthikanti §5): ``selective`` recomputes the attention core (drops the s×s terms);
+``full`` keeps each layer's input only and recomputes the layer in the backward, which needs one
+layer's activations at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from ..config import ModelConfig
+
+FP32 = 4
+INDEX_BYTES = 8  # int64 token ids / gather indices
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Impl:
+    """What an implementation stores; see the module docstring."""
+
+    act_bytes: int  # bytes per activation element
+    mask_bytes: int  # bytes per dropout-mask element
+    flash_attention: bool  # attention keeps output + log-sum-exp, not the s×s probabilities
+    sp_keeps_gathered_input: bool  # column-parallel layers keep the all-gathered input under SP
+    q_copy: bool = False  # the query heads are copied out of the fused QKV output
+    rmsnorm_keeps_output: bool = False  # an unfused RMSNorm also keeps x/rms for the weight's grad
+    softmax_bytes: int = 0  # bytes per attention-probability element; 0: the activation dtype's
+
+
+# Megatron-LM as Korthikanti et al. count it (bf16/fp16).
+MEGATRON = Impl(act_bytes=2, mask_bytes=1, flash_attention=False, sp_keeps_gathered_input=False)
+
+
+def megatron_lite_impl(model: ModelConfig, precision: str) -> Impl:
+    """megatron_lite's choices for ``model`` (attention backend, dropout) at ``precision``."""
+    e = BYTES[precision]
+    sdpa = model.attention_backend == "sdpa" or (model.attention_backend == "auto" and model.dropout == 0.0)
+    grouped = (model.num_query_groups or model.num_attention_heads) != model.num_attention_heads
+    return Impl(act_bytes=e, mask_bytes=e, flash_attention=sdpa, sp_keeps_gathered_input=True, q_copy=grouped,
+                rmsnorm_keeps_output=ops.backend() == "torch", softmax_bytes=FP32)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one rank sees the model: TP size, sequence parallelism, micro batch."""
+
+    tp: int
+    sequence_parallel: bool
+    micro_batch: int
+
+
+def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: str = "none",
+                           dropout: bool | None = None) -> float:
+    """Bytes one transformer layer stores for the backward, for one microbatch, on one TP rank.
+
+    ``dropout`` defaults to ``m.dropout > 0`` (Korthikanti's count assumes dropout: pass True).
+    """
+    s, b, h, t = m.seq_length, shard.micro_batch, m.hidden_size, shard.tp
+    n, g = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    d, f = h // n, m.ffn_hidden_size or 4 * h
+    e, mask = impl.act_bytes, impl.mask_bytes
+    dropout = m.dropout > 0 if dropout is None else dropout
+    sp = t if shard.sequence_parallel else 1  # the residual stream is split by sequence under SP
+    gathered = 1 if (impl.sp_keeps_gathered_input or sp == 1) else t  # column-parallel inputs
+    tokens = s * b
+    if recompute == "full":
+        return tokens * h * e / sp  # the layer's input; the rest is recomputed
+    per_token = 0.0
+    per_token += 2 * norm_bytes(m, impl) / sp
+    # Attention: QKV input, Q K V, the core, the output projection's input, the dropout mask.
+    per_token += h * e / gathered
+    per_token += (n + 2 * g) * d * e / t
+    if impl.q_copy or (m.position_embedding == "rope" and impl is not MEGATRON):
+        per_token += n * d * e / t  # rotated (or copied) queries
+    if m.position_embedding == "rope" and impl is not MEGATRON:
+        per_token += g * d * e / t  # rotated keys
+    if impl.flash_attention:
+        per_token += n * FP32 / t  # log-sum-exp per head; the output is the projection's input below
+    elif recompute != "selective":
+        # softmax output, dropout mask, dropout output: a·s values each per token (a/t per rank)
+        softmax = impl.softmax_bytes or e
+        per_token += n * s * (softmax + (mask + e if dropout else 0)) / t
+    per_token += h * e / t  # output projection input
+    per_token += h * mask / sp if dropout else 0
+    # MLP: input, activation input(s), output projection input, dropout mask.
+    per_token += h * e / gathered
+    if m.activation == "swiglu":
+        per_token += 3 * f * e / t  # [gate | up] and silu(gate)
+    else:
+        per_token += f * e / t  # GeLU input
+    per_token += f * e / t  # second linear's input
+    per_token += h * mask / sp if dropout else 0
+    return tokens * per_token
+
+
+def norm_bytes(m: ModelConfig, impl: Impl) -> float:
+    """What a norm keeps per token: its input, plus (not in the paper's count) fp32 statistics, mean
+    and 1/std for LayerNorm, 1/rms for RMSNorm, and the unfused RMSNorm's normalised output."""
+    if impl is MEGATRON:
+        return m.hidden_size * impl.act_bytes
+    if m.normalization == "rmsnorm" and impl.rmsnorm_keeps_output:
+        return 2 * m.hidden_size * FP32 + FP32  # the unfused op works on fp32 copies of x and x/rms
+    if m.normalization == "rmsnorm":
+        return m.hidden_size * impl.act_bytes + FP32
+    return m.hidden_size * impl.act_bytes + 2 * FP32
+
+
+def head_activation_bytes(m: ModelConfig, vocab_size: int, shard: Shard, impl: Impl) -> float:
+    """Final norm, output layer and vocab-parallel cross-entropy (fp32 softmax) of one microbatch."""
+    s, b, h, t = m.seq_length, shard.micro_batch, m.hidden_size, shard.tp
+    sp = t if shard.sequence_parallel else 1
+    per_token = norm_bytes(m, impl) / sp + h * impl.act_bytes + vocab_size / t * FP32
+    per_token += INDEX_BYTES + 2 + 2 * FP32  # target index, owned/ignored masks, max and Σexp
+    return s * b * per_token
+
+
+def embedding_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl) -> float:
+    """Token ids kept by the lookup (and, with TP, the out-of-shard mask and local ids)."""
+    per_token = INDEX_BYTES + (INDEX_BYTES + 1 if shard.tp > 1 else 0)
+    if m.dropout > 0:
+        sp = shard.tp if shard.sequence_parallel else 1
+        per_token += m.hidden_size * impl.mask_bytes / sp
+    return m.seq_length * shard.micro_batch * per_token
+
+
+def korthikanti_layer_bytes(m: ModelConfig, shard: Shard, recompute: str = "none") -> float:
+    """The paper's closed form per layer: s·b·h·(34/t + 5·a·s/(h·t)) with SP, s·b·h·(10 + 24/t +
+    5·a·s/(h·t)) without; selective drops the 5·a·s/h term, full keeps 2·s·b·h (/t with SP)."""
+    s, b, h, a, t = m.seq_length, shard.micro_batch, m.hidden_size, m.num_attention_heads, shard.tp
+    if recompute == "full":
+        return 2 * s * b * h / (t if shard.sequence_parallel else 1)
+    attention = 0 if recompute == "selective" else 5 * a * s / (h * t)
+    linear = 34 / t if shard.sequence_parallel else 10 + 24 / t
+    return s * b * h * (linear + attention)
+
+
+# Parameters ---------------------------------------------------------------------------------------
+def layer_parameters(m: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (replicated norms and row biases whole)."""
+    h, n = m.hidden_size, m.num_attention_heads
+    g, d, f = m.num_query_groups or n, h // n, m.ffn_hidden_size or 4 * h
+    up = 2 * f if m.activation == "swiglu" else f
+    bias = m.add_bias_linear
+    norm = 2 * h if m.normalization == "layernorm" else h
+    count = 2 * norm
+    count += h * (n + 2 * g) * d // tp + ((n + 2 * g) * d // tp if bias else 0)  # QKV
+    count += n * d * h // tp + (h if bias else 0)  # attention output (row-parallel)
+    count += h * up // tp + (up // tp if bias else 0)  # fc1 (column-parallel)
+    count += f * h // tp + (h if bias else 0)  # fc2 (row-parallel)
+    return count
+
+
+def stage_parameters(m: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int, pp_rank: int) -> int:
+    """Parameters held by pipeline rank ``pp_rank`` (its v chunks) on one TP rank."""
+    chunks = pp * vpp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    count = layer_parameters(m, tp) * (m.num_layers // chunks) * vpp
+    embedding = vocab_size // tp * m.hidden_size
+    if first:
+        count += embedding + (m.seq_length * m.hidden_size if m.position_embedding == "learned" else 0)
+    if last:
+        count += 2 * m.hidden_size if m.normalization == "layernorm" else m.hidden_size
+        if not m.tie_embeddings or not first:
+            count += embedding  # the output layer, or the tied copy on the last stage
+    return count
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one rank."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    in_flight: float  # microbatches' worth of activations the schedule holds at its peak
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, float]:
+        return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total, "in_flight_microbatches": self.in_flight}
+
+
+def in_flight_microbatches(schedule: str, pp: int, vpp: int, m: int, pp_rank: int = 0) -> float:
+    """Microbatches of a full stage whose activations rank ``pp_rank`` holds at its peak.
+
+    GPipe: all m. 1F1B: min(p − r, m) (stage 0 holds p). Interleaved (Megatron's warm-up): chunk
+    forwards 2·(p − r − 1) + (v − 1)·p + 1, each a 1/v of the stage: for r = 0 that is
+    p·(1 + (p − 1)/(p·v)), Megatron's memory factor.
+    """
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved":
+        return min(m * vpp, 2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1) / vpp
+    return min(pp - pp_rank, m)
+
+
+def optimizer_bytes_per_parameter(precision: str) -> int:
+    """Adam's two fp32 moments, plus an fp32 master copy when the model is in 16 bits."""
+    return 2 * FP32 + (FP32 if precision != "fp32" else 0)

@@ -1,0 +1,48 @@
+"""Every valid layout for a world size, predicted and ranked: fastest first among those that fit,
+the smaller memory first among equally fast ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+from ..config import Config, ConfigError
+from .devices import Device
+from .estimate import Prediction, predict, setup_from_config
+
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+MAX_VPP = 8
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_configs(cfg: Config, world_size: int) -> list[Config]:
+    """``cfg`` with every TP × PP × VPP × micro-batch combination over ``world_size`` ranks; sequence
+    parallelism on whenever TP > 1. Validity is left to ``config.validate``."""
+    out = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            for vpp in [None] + [v for v in range(2, MAX_VPP + 1) if pp > 1]:
+                for mbs in MICRO_BATCHES:
+                    parallel = replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                       virtual_pipeline_model_parallel_size=vpp, pipeline_schedule="auto",
+                                       sequence_parallel=tp > 1)
+                    out.append(replace(cfg, parallel=parallel, training=replace(cfg.training, micro_batch_size=mbs)))
+    return out
+
+
+def search(cfg: Config, world_size: int, vocab_size: int, dev: Device, recompute: Optional[str] = None,
+           overlap: bool = False, include_unfit: bool = False) -> list[Prediction]:
+    """Predictions for every valid layout, those that fit in ``dev``'s memory, fastest first."""
+    predictions = []
+    for candidate in candidate_configs(cfg, world_size):
+        try:
+            setup = setup_from_config(candidate, world_size, vocab_size, recompute, overlap)
+        except ConfigError:
+            continue
+        prediction = predict(setup, dev)
+        if prediction.fits or include_unfit:
+            predictions.append(prediction)
+    return sorted(predictions, key=lambda p: (not p.fits, p.time.total, p.memory.total))

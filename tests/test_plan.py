@@ -1,0 +1,183 @@
+"""The planner: its formulas against the paper's closed forms and the pipeline simulator, its
+throughput predictions against published Megatron-LM figures (deterministic: asserted within the
+stated bound), and its memory predictions against what the trainer really allocates on gloo ranks."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_lite.config import load_config, validate
+from megatron_lite.model import build_gpt
+from megatron_lite.pipeline.simulate import simulate_schedule
+from megatron_lite.plan import DEVICES, search, setup_from_config
+from megatron_lite.plan import memory as M
+from megatron_lite.plan.__main__ import main as plan_main
+from megatron_lite.plan.estimate import bubble_fraction, microbatch_activation_bytes, rank_memory
+from megatron_lite.plan.published import ERROR_BOUND, validation_table
+
+MEMORY_TOLERANCE = 0.10
+VOCAB = 4096
+TINY = ["model=gpt_tiny", "training.micro_batch_size=2", "training.global_batch_size=8"]
+# Larger and LLaMA-style: RoPE, SwiGLU, GQA, RMSNorm, untied output layer.
+LARGER = ["model=llama_tiny", "model.num_layers=8", "model.hidden_size=256", "model.ffn_hidden_size=704",
+          "model.seq_length=64", "training.micro_batch_size=4", "training.global_batch_size=16"]
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (4, False), (4, True), (8, True)])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_terms_reproduce_korthikanti(tp, sp, recompute):
+    """Megatron's choices (bf16, byte masks, explicit softmax) give the paper's closed form exactly."""
+    m = load_config(["model=gpt2_124m", "model.dropout=0.1"]).model
+    shard = M.Shard(tp, sp, micro_batch=2)
+    got = M.layer_activation_bytes(m, shard, M.MEGATRON, recompute, dropout=True)
+    assert got == pytest.approx(M.korthikanti_layer_bytes(m, shard, recompute), rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule,p,v,m", [("1f1b", 4, 1, 8), ("1f1b", 4, 1, 3), ("gpipe", 2, 1, 4),
+                                            ("interleaved", 4, 2, 8), ("interleaved", 2, 4, 4)])
+def test_pipeline_terms_match_the_simulator(schedule, p, v, m):
+    sim = simulate_schedule(schedule, p, v, m)
+    assert bubble_fraction(schedule, p, v, m) == pytest.approx(sim.bubble_fraction)
+    closed = (p - 1) / (v * m) if schedule == "interleaved" else (p - 1) / m
+    if schedule != "gpipe" and m >= p:
+        assert sim.bubble_fraction == pytest.approx(closed)
+    for rank in range(p):
+        assert M.in_flight_microbatches(schedule, p, v, m, rank) * v == sim.peak_activations[rank]
+
+
+@pytest.mark.parametrize("overrides", [TINY, LARGER, ["model=llama_tiny", "model.num_query_groups=1",
+                                                      "model.tie_embeddings=true"]])
+def test_parameter_count_matches_the_model(overrides):
+    m = load_config(overrides).model
+    model = build_gpt(m, VOCAB)
+    assert M.stage_parameters(m, VOCAB, 1, 1, 1, 0) == sum(p.numel() for p in model.parameters())
+
+
+def test_published_throughput_within_bound():
+    rows = validation_table()
+    assert len(rows) == 14
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert abs(worst["error"]) <= ERROR_BOUND, worst
+
+
+def test_search_ranks_valid_fitting_layouts():
+    cfg = load_config(["model=gpt2_124m", "training.precision=bf16", "training.global_batch_size=64"])
+    found = search(cfg, 16, 50257, DEVICES["A100-80G"])
+    assert len(found) > 20 and all(p.fits for p in found)
+    times = [p.time.total for p in found]
+    assert times == sorted(times)
+    layouts = set()
+    for p in found:
+        d = p.setup.dims
+        layouts.add((d.tp, d.pp, d.vpp, p.setup.micro_batch_size))
+        assert d.tp * d.pp * d.dp == 16 and 12 % (d.pp * d.vpp) == 0
+    assert len(layouts) == len(found)
+    too_small = dataclasses.replace(DEVICES["A100-80G"], memory_bytes=1e9)
+    assert all(p.memory.total <= 1e9 for p in search(cfg, 16, 50257, too_small))
+
+
+def test_cli(capsys):
+    assert plan_main(["--world-size", "8", "model=gpt_tiny", "parallel=tp2_pp2_dp2"]) == 0
+    assert "MFU" in capsys.readouterr().out
+    assert plan_main(["--world-size", "6", "parallel=tp2_pp2_dp2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plan error: parallel.tensor_model_parallel_size: world size 6") and "\n" not in err
+
+
+# Reality checks ----------------------------------------------------------------------------------
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for the backward, parameters excluded."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.saved: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+
+@pytest.mark.parametrize("overrides", [["model=gpt_tiny", "model.dropout=0.1"],
+                                       ["model=llama_tiny", "model.dropout=0.1"],
+                                       ["model=gpt_tiny", "model.attention_backend=explicit"],
+                                       ["model=gpt_tiny", "training.precision=bf16"],
+                                       ["model=llama_tiny", "model.dropout=0.1", "training.precision=bf16"]])
+def test_activation_prediction_on_one_rank(overrides):
+    """The explicit-softmax attention and dropout paths, and bf16 (the multi-rank test runs fp32 SDPA)."""
+    cfg = load_config(overrides + ["training.micro_batch_size=2", "training.global_batch_size=2"])
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+    model = build_gpt(cfg.model, VOCAB).to(dtype).train()
+    ids = torch.randint(0, VOCAB, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    with SavedBytes(model.parameters()) as saved:
+        model(ids, ids).mean()
+    predicted = microbatch_activation_bytes(setup_from_config(cfg, 1, VOCAB), 0)
+    assert predicted == pytest.approx(saved.total, rel=MEMORY_TOLERANCE)
+
+
+def _measure_memory(overrides: list[str]) -> dict:
+    """On each rank: the trainer's parameter/gradient/optimizer storage after one step, and the bytes
+    autograd saves for the backward during one microbatch's forward of this rank's chunks."""
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = load_config(overrides)
+    dims = validate(cfg, dist.get_world_size())
+    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    trainer = Trainer(cfg, dims, state)
+    trainer.train_step()
+    state_tensors = [t for s in trainer.optimizer.inner.state.values() for t in s.values() if torch.is_tensor(t)]
+    batch = trainer._microbatches(trainer.train_data, 0)[0]
+    with SavedBytes(trainer.params) as saved:
+        for index, chunk in enumerate(trainer.chunks):
+            x = None if chunk.spec.pre_process else torch.randn(trainer.activation_shape, requires_grad=True)
+            trainer._forward_step(index, x, batch)
+    result = {
+        "pp_rank": state.pp_rank, "parameters": _storage_bytes(trainer.params),
+        "gradients": trainer.grads.data.untyped_storage().nbytes(), "optimizer": _storage_bytes(state_tensors),
+        "activations": saved.total, "vocab": trainer.vocab_size,
+    }
+    state.destroy()
+    return result
+
+
+@pytest.mark.parametrize("overrides", [TINY, LARGER], ids=["gpt_tiny", "llama_larger"])
+def test_memory_prediction_matches_the_trainer(ranks, tmp_path, overrides):
+    """TP2 × PP2 with sequence parallelism on 4 ranks: predicted vs measured, every rank, within 10 %."""
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+              "parallel.sequence_parallel=true", "training.train_iters=1", "training.eval_iters=0",
+              f"logging.dir={tmp_path}"]
+    results = ranks(4).run(_measure_memory, overrides + layout)
+    cfg = load_config(overrides + layout)
+    setup = setup_from_config(cfg, 4, results[0]["vocab"])
+    for r in results:
+        predicted = rank_memory(setup, r["pp_rank"])
+        expected = {"parameters": predicted.parameters, "gradients": predicted.gradients,
+                    "optimizer": predicted.optimizer,
+                    "activations": microbatch_activation_bytes(setup, r["pp_rank"])}
+        for key, want in expected.items():
+            print(f"stage {r['pp_rank']} {key}: predicted {want:,.0f} measured {r[key]:,}")
+            assert r[key] == pytest.approx(want, rel=MEMORY_TOLERANCE), key
