@@ -22,7 +22,7 @@ from torch import nn
 from ..config import OptimizerConfig
 from .clip import clip_by_norm, counted_once, global_grad_norm
 from .grads import GradBuffer, gather_params
-from .optimizer import make_adamw
+from .optimizer import load_adam_moments, make_adamw
 
 
 class DistributedOptimizer:
@@ -163,10 +163,8 @@ class DistributedOptimizer:
 
     def load_named_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Keep this DP rank's slices of every parameter's state, then re-gather the parameters."""
-        index = {id(m): i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
-        packed = self.inner.state_dict()
-        packed["state"] = {}
         name_of = dict(zip(self.model_params, self.names))
+        moments = {}
         for p, piece, grad, _ in self.pieces:
             fields = states[name_of[p]]
             offset = grad.storage_offset() - self.grads.data.storage_offset() - self.grads.offsets[p][0]
@@ -177,10 +175,8 @@ class DistributedOptimizer:
             if "master" in fields:
                 with torch.no_grad():
                     piece.copy_(mine(fields["master"]))
-            moments = {k: fields[k] if k == "step" else mine(fields[k]) for k in ("step", "exp_avg", "exp_avg_sq") if k in fields}
-            if moments:
-                packed["state"][index[id(piece)]] = moments
-        self.inner.load_state_dict(packed)
+            moments[piece] = {k: v if k == "step" else mine(v) for k, v in fields.items() if k != "master"}
+        load_adam_moments(self.inner, moments)
         with torch.no_grad():
             for (lo, hi), master in zip(self.shards, self.master_slices):
                 if master.data_ptr() != self.param_data[lo:hi].data_ptr():

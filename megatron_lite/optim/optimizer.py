@@ -31,6 +31,19 @@ def make_adamw(groups: list[dict], cfg: OptimizerConfig, device: torch.device) -
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def load_adam_moments(inner: torch.optim.Optimizer, fields_by_param: dict[nn.Parameter, dict]) -> None:
+    """Set ``inner``'s AdamW state (``step``, ``exp_avg``, ``exp_avg_sq`` where present) per parameter,
+    through ``load_state_dict`` so torch casts each field to its device/dtype policy."""
+    index = {id(m): i for i, m in enumerate(m for g in inner.param_groups for m in g["params"])}
+    packed = inner.state_dict()
+    packed["state"] = {}
+    for param, fields in fields_by_param.items():
+        moments = {k: fields[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in fields}
+        if moments:
+            packed["state"][index[id(param)]] = moments
+    inner.load_state_dict(packed)
+
+
 class Optimizer:
     """One optimizer step over this rank's parameters: global-norm clipping, then AdamW.
 
@@ -97,18 +110,14 @@ class Optimizer:
 
     def load_named_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Inverse of ``named_param_states`` (every name of this optimizer must be present)."""
-        index = {id(m): i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
-        packed = self.inner.state_dict()
-        packed["state"] = {}
+        moments = {}
         for name, master in zip(self.names, self.master_params):
             fields = states[name]
             if "master" in fields:
                 with torch.no_grad():
                     master.copy_(fields["master"])
-            moments = {k: fields[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in fields}
-            if moments:
-                packed["state"][index[id(master)]] = moments
-        self.inner.load_state_dict(packed)  # casts each field to torch's device/dtype policy
+            moments[master] = fields
+        load_adam_moments(self.inner, moments)
         with torch.no_grad():
             for master, p in zip(self.master_params, self.model_params):
                 if master is not p:
