@@ -96,11 +96,11 @@ class CommCounter:
         self._wrap(dist, "broadcast", "broadcast", lambda t, *a, **k: (t, group(k, a, 1)))
         # all-gather: the full output; reduce-scatter: the full input (both positional first two).
         for owner, names in ((dist, ("all_gather_into_tensor", "all_gather_single")),
-                             (collectives, ("_all_gather_flat",))):
+                             (collectives, ("all_gather_flat",))):
             for name in names:
                 self._wrap(owner, name, "all_gather", lambda out, inp, *a, **k: (out, k.get("group")))
         for owner, names in ((dist, ("reduce_scatter_tensor", "reduce_scatter_single")),
-                             (collectives, ("_reduce_scatter_flat",))):
+                             (collectives, ("reduce_scatter_flat",))):
             for name in names:
                 self._wrap(owner, name, "reduce_scatter", lambda out, inp, *a, **k: (inp, k.get("group")))
         original = dist.batch_isend_irecv

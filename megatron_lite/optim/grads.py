@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..parallel.collectives import _all_gather_flat, _reduce_scatter_flat
+from ..parallel.collectives import all_gather_flat, reduce_scatter_flat
 from ..parallel.state import ParallelState
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 (optimizer.grad_bucket_elements)
@@ -103,9 +103,6 @@ class GradBuffer:
         self._pending.clear()
         self.early_launches = 0  # buckets whose reduction started during the backward
 
-    def zero(self) -> None:
-        self.start_step(0)
-
     def _on_grad(self, param: nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
@@ -126,7 +123,7 @@ class GradBuffer:
         data = self.data[start:end]
         if self.reduce_scatter:
             out = torch.empty(data.numel() // self.dp_size, dtype=data.dtype, device=data.device)
-            work = _reduce_scatter_flat(out, data, group=self.dp_group, async_op=True)
+            work = reduce_scatter_flat(out, data, group=self.dp_group, async_op=True)
             self._pending[bucket] = (work, out)
         else:
             self._pending[bucket] = (dist.all_reduce(data, group=self.dp_group, async_op=True), None)
@@ -176,7 +173,7 @@ def gather_params(buffer: GradBuffer, param_data: torch.Tensor, async_op: bool =
     if buffer.dp_size == 1:
         return works
     for bucket, ((start, end), (lo, hi)) in enumerate(zip(buffer.buckets, buffer.shard_ranges())):
-        works[bucket] = _all_gather_flat(
+        works[bucket] = all_gather_flat(
             param_data[start:end], param_data[lo:hi].clone(), group=buffer.dp_group, async_op=async_op
         )
     return works if async_op else {}

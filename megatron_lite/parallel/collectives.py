@@ -26,8 +26,8 @@ import torch.distributed as dist
 SEQ_DIM = 1
 
 # torch 2.13 renamed the flat-tensor collectives; the old names remain for torch < 2.13.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _all_gather(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
         return x
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((tp.size * front.shape[0], *front.shape[1:]))
-    _all_gather_flat(out, front, group=tp.group)
+    all_gather_flat(out, front, group=tp.group)
     return out.movedim(0, dim)
 
 
@@ -78,7 +78,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {tp.size} TP ranks")
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // tp.size, *front.shape[1:]))
-    _reduce_scatter_flat(out, front, group=tp.group)
+    reduce_scatter_flat(out, front, group=tp.group)
     return out.movedim(0, dim)
 
 

@@ -8,7 +8,7 @@ same whatever the TP size, so initialisation and checkpoints are layout-independ
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,12 +48,6 @@ def gather_full(shard: torch.Tensor, dim: Optional[int], stride: int, tp: TPGrou
     per_rank_blocks = [p.chunk(stride, dim=dim) for p in pieces]
     blocks = [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(stride)]
     return torch.cat(blocks, dim=dim)
-
-
-def sharded_params(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Optional[int], int]]:
-    """(name, parameter, tp_dim, tp_stride) for every parameter of ``module``."""
-    for name, param in module.named_parameters():
-        yield name, param, getattr(param, "tp_dim", None), getattr(param, "tp_stride", 1)
 
 
 def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp: TPGroup) -> None:
