@@ -30,6 +30,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3.x RoPE frequency scaling (HF ``rope_scaling`` / ``rope_parameters`` with
+    ``rope_type: llama3``; formula in ``model/rotary.py``). ``type: null`` leaves RoPE unscaled."""
+
+    type: Optional[str] = None  # null | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192  # the context length the model was pretrained at
+
+
+@dataclass
 class ModelConfig:
     """Shape and math of the GPT. Sizes are of the full (unsharded) model."""
 
@@ -46,6 +58,9 @@ class ModelConfig:
     activation: str = "gelu"  # gelu | swiglu
     position_embedding: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Per-head dimension (Megatron's --kv-channels, HF's head_dim). None: hidden_size / heads.
+    kv_channels: Optional[int] = None
     add_bias_linear: bool = True  # GPT-2 has biases in every linear layer, LLaMA none
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -258,6 +273,7 @@ CHOICES = {
     "model.normalization": ("layernorm", "rmsnorm"),
     "model.activation": ("gelu", "swiglu"),
     "model.position_embedding": ("learned", "rope"),
+    "model.rope_scaling.type": (None, "llama3"),
     "model.kernel_backend": ("auto", "torch", "csrc", "te", "apex"),
     "model.attention_backend": ("auto", "sdpa", "explicit"),
     "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
@@ -270,7 +286,8 @@ CHOICES = {
 
 POSITIVE = (
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
-    "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
+    "model.ffn_hidden_size", "model.seq_length", "model.vocab_size", "model.kv_channels",
+    "model.rope_scaling.factor", "model.rope_scaling.original_max_position_embeddings",
     "model.make_vocab_size_divisible_by", "parallel.tensor_model_parallel_size",
     "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
@@ -296,6 +313,15 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
+def _names(choices: Sequence[Any]) -> list[str]:
+    return ["null" if c is None else str(c) for c in choices]
+
+
+def head_dim(m: ModelConfig) -> int:
+    """The per-head dimension d: ``kv_channels``, else hidden_size / num_attention_heads."""
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -311,7 +337,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
 
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(_names(allowed))}")
     for key in POSITIVE:
         value = _get(cfg, key)
         if value is not None and value <= 0:
@@ -337,7 +363,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
 
     heads = m.num_attention_heads
     groups = m.num_query_groups or heads
-    if m.hidden_size % heads:
+    if m.kv_channels is None and m.hidden_size % heads:
         raise ConfigError(
             "model.hidden_size",
             f"{m.hidden_size} is not divisible by model.num_attention_heads={heads}; "
@@ -361,10 +387,18 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             f"{groups} query groups are not divisible by TP={tp} (each TP rank needs whole KV "
             f"heads); use a multiple of {tp} query groups or a TP size among {_divisors(groups)}",
         )
-    if m.position_embedding == "rope" and (m.hidden_size // heads) % 2:
+    if m.position_embedding == "rope" and head_dim(m) % 2:
         raise ConfigError(
             "model.position_embedding",
-            f"rope needs an even head dimension, got {m.hidden_size // heads}; change hidden_size",
+            f"rope needs an even head dimension, got {head_dim(m)}; change hidden_size or kv_channels",
+        )
+    scaling = m.rope_scaling
+    if scaling.type is not None and m.position_embedding != "rope":
+        raise ConfigError("model.rope_scaling.type", f"{scaling.type} scales RoPE; set it to null with learned positions")
+    if scaling.type is not None and not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+        raise ConfigError(
+            "model.rope_scaling.high_freq_factor",
+            f"{scaling.high_freq_factor} must exceed low_freq_factor={scaling.low_freq_factor} > 0",
         )
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     if ffn % tp:

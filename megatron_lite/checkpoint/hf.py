@@ -1,33 +1,39 @@
 """HuggingFace interop for checkpoints, with the weight-name mapping of ``megatron_lite.model.hf``.
 
-    python -m megatron_lite.checkpoint.hf export --load DIR [--iteration N] --output HF_DIR
-    python -m megatron_lite.checkpoint.hf import --hf HF_DIR --output DIR [overrides ...]
+    python -m megatron_lite.checkpoint.hf export --load DIR [--iteration N] --output HF_DIR [--max-shard-size 5GB]
+    python -m megatron_lite.checkpoint.hf import --hf HF_DIR --output DIR [--seq-length N] [overrides ...]
 
-export: a checkpoint (any layout it was saved in) -> config.json + model.safetensors that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads as LlamaForCausalLM (LLaMA-style models)
-or GPT2LMHeadModel (GPT-2-style), plus the tokenizer (a sentencepiece model is copied as
-tokenizer.model, a HF tokenizer.json as is, with a tokenizer_config.json). The vocabulary is the
-checkpoint's padded one.
+export: a checkpoint (any layout it was saved in) -> a directory that ``transformers`` loads with
+``AutoModelForCausalLM`` (LlamaForCausalLM for LLaMA-style models, GPT2LMHeadModel for GPT-2-style)
+and ``AutoTokenizer``: config.json (with bos/eos_token_id), generation_config.json (``generate`` stops
+at end of document), the weights without vocabulary padding (model.safetensors, or shards of at most
+``--max-shard-size`` with model.safetensors.index.json), tokenizer.json (a sentencepiece model is
+converted to the ``tokenizers`` format, and copied as tokenizer.model too) and tokenizer_config.json.
 
 import: a HF directory of either architecture -> a checkpoint at iteration 0 without optimizer state,
-which training loads in any layout (``checkpoint.load=DIR``; set ``model.vocab_size`` to the HF
-vocabulary). Hydra overrides after the arguments set non-shape keys of the stored config.
+which training loads in any layout (``checkpoint.load=DIR``). config.json is read through
+``transformers.AutoConfig``; a feature megatron_lite does not implement is refused in one line. The
+HF tokenizer is copied into DIR/tokenizer/ and named in the stored config. ``--seq-length`` is the
+length to train at (default: max_position_embeddings, at most 4096), not the model's limit. Hydra
+overrides after the arguments set other keys of the stored config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, load_config, padded_vocab_size, to_config, to_yaml
-from ..data.tokenizer import BUNDLED_TOKENIZER
+from ..data.errors import DataError
+from ..data.tokenizer import BUNDLED_TOKENIZER, build_tokenizer
 from ..model import GPTChunk, build_gpt
 from ..model.hf import family, from_hf, hf_config, to_hf
 from .manager import model_signature
@@ -35,94 +41,302 @@ from .sharded import ShardedState
 from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors, write_checkpoint
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# The training length an import picks when --seq-length is not given (Llama 3.2 allows 131,072).
+DEFAULT_IMPORT_SEQ_LENGTH = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# Vocabulary-sized HF tensors: export writes only the tokenizer's rows.
+_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
+# Buffers some HF versions save with the weights; they are derived, not learned.
+_DERIVED_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def require(package: str):
+    """Import ``package`` (transformers, safetensors, tokenizers) or raise one line saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise CheckpointError(
+            f"HuggingFace import/export needs the {package} package: pip install 'megatron-lite[hf]'"
+        ) from None
 
 
 def load_model(load: str | Path, iteration: Optional[int] = None) -> tuple[Config, GPTChunk]:
-    """The saved config and the whole model (one chunk, TP = 1, fp32) of a checkpoint."""
+    """The saved config and the whole model (one chunk, TP = 1, fp32) of a checkpoint, in eval mode.
+
+    ``cfg.model.vocab_size`` is the tokenizer's vocabulary (the model's rows beyond it are padding).
+    """
     info = find_checkpoint(load, iteration)
     if info is None:
         raise CheckpointError(f"{Path(load) / 'latest_checkpointed_iteration.txt'}: missing; pass --iteration")
     cfg = to_config(OmegaConf.create((info.path / CONFIG).read_text()))
-    model = build_gpt(cfg.model, info.meta["padded_vocab_size"]).float()
+    cfg.model.vocab_size = info.meta["model"]["vocab_size"]
+    model = build_gpt(cfg.model, info.meta["padded_vocab_size"], unpadded_vocab_size=cfg.model.vocab_size).float()
     sharded = ShardedState(list(model.named_parameters()))
     read_tensors(sharded.model_targets(info), info)
     sharded.finish_load()
-    return cfg, model
+    return cfg, model.eval()
 
 
-def export(load: str | Path, output: str | Path, iteration: Optional[int] = None) -> Path:
+# Export --------------------------------------------------------------------------------------------
+def export(
+    load: str | Path, output: str | Path, iteration: Optional[int] = None, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
     """Write ``output`` as a HF model directory; returns it."""
+    transformers = require("transformers")
     cfg, model = load_model(load, iteration)
+    vocab = cfg.model.vocab_size
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     hf_state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, cfg.model)
     if cfg.model.tie_embeddings:
         hf_state.pop("lm_head.weight")  # HF ties it to the input embedding on load
-    config = hf_config(cfg.model, model.embedding.weight.shape[0])
+    for key in _VOCAB_TENSORS:
+        if key in hf_state:
+            hf_state[key] = hf_state[key][:vocab].contiguous()
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    # Documents are separated by eod alone (no bos is ever inserted), so eod is bos as well (GPT-2's way).
+    config = hf_config(cfg.model, vocab, bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)
     config.architectures = [ARCHITECTURES[family(cfg.model)]]
     config.to_json_file(str(output / "config.json"))
-    from safetensors.torch import save_file
-
-    save_file(hf_state, str(output / "model.safetensors"), metadata={"format": "pt"})
-    _export_tokenizer(cfg, output)
+    transformers.GenerationConfig(
+        bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad
+    ).save_pretrained(str(output))
+    save_safetensors(hf_state, output, parse_size(max_shard_size))
+    _export_tokenizer(cfg, output, tokenizer.eod, tokenizer.pad)
     return output
 
 
-def _export_tokenizer(cfg: Config, output: Path) -> None:
+def parse_size(text: str | int) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``10KB`` (powers of 1000, as transformers reads them) or a number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(text), re.IGNORECASE)
+    if match is None:
+        raise CheckpointError(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or a number of bytes")
+    unit = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[(match.group(2) or "").upper()]
+    return int(float(match.group(1)) * unit)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> list[Path]:
+    """``state`` as model.safetensors, or, above ``max_shard_bytes``, as model-0000k-of-0000n.safetensors
+    shards (consecutive tensors, none split) with model.safetensors.index.json; returns the files."""
+    from_safetensors = require("safetensors.torch")
+    for stale in output.glob("model*.safetensors*"):
+        stale.unlink()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
+        }
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    for name, shard in zip(names, shards):
+        from_safetensors.save_file(shard, str(output / name), metadata={"format": "pt"})
+    return [output / name for name in names]
+
+
+def sentencepiece_to_tokenizers(model_path: str | Path):
+    """A ``tokenizers.Tokenizer`` that encodes and decodes like the sentencepiece BPE model (byte
+    fallback, the ▁ word prefix), as HF's LLaMA tokenizers do; merges are ranked by the merged piece's
+    score, which is sentencepiece's merge order. (One difference: the text "</s>" becomes the control
+    token there, and stays characters in sentencepiece.)"""
+    import sentencepiece as spm
+
+    tokenizers = require("tokenizers")
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    n = sp.GetPieceSize()
+    vocab = {sp.IdToPiece(i): i for i in range(n)}
+    special = [i for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i)]
+    if any(sp.GetScore(i) != int(sp.GetScore(i)) for i in range(n)):  # BPE scores are −(merge rank)
+        raise CheckpointError(f"{model_path}: a unigram sentencepiece model; HF export converts BPE models only")
+    merges = []
+    for i in range(n):
+        if i in special or sp.IsByte(i) or sp.IsUnused(i):
+            continue
+        piece = sp.IdToPiece(i)
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    tok = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=[(left, right) for *_, left, right in merges],
+        unk_token=sp.IdToPiece(sp.unk_id()), byte_fallback=True, fuse_unk=True,
+    ))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    tok.add_special_tokens([AddedToken(sp.IdToPiece(i), special=True, normalized=False) for i in special])
+    return tok
+
+
+def _export_tokenizer(cfg: Config, output: Path, eod: int, pad: int) -> None:
+    tokenizers = require("tokenizers")
     tok = cfg.data.tokenizer
     if tok.type == "sentencepiece":
-        shutil.copyfile(tok.model or BUNDLED_TOKENIZER, output / "tokenizer.model")
-        settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False}
+        source = Path(tok.model or BUNDLED_TOKENIZER)
+        hf_tok = sentencepiece_to_tokenizers(source)
+        shutil.copyfile(source, output / "tokenizer.model")
     else:
-        shutil.copyfile(tok.model, output / "tokenizer.json")
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    settings["model_max_length"] = cfg.model.seq_length
+        hf_tok = tokenizers.Tokenizer.from_file(str(tok.model))
+    hf_tok.save(str(output / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.seq_length,
+        "bos_token": hf_tok.id_to_token(eod), "eos_token": hf_tok.id_to_token(eod),
+        "pad_token": hf_tok.id_to_token(pad), "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
     (output / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
 
 
-def model_overrides(hf: dict) -> list[str]:
-    """Hydra overrides describing the model of a HF config.json (LLaMA or GPT-2)."""
+# Import --------------------------------------------------------------------------------------------
+def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """``model.rope_theta`` and ``model.rope_scaling.*`` overrides from a config dict, in either
+    spelling: transformers ≥ 5's ``rope_parameters`` (θ inside) or ``rope_theta`` + ``rope_scaling``."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    keys: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "llama3":
+        keys["rope_scaling.type"] = "llama3"
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            keys[f"rope_scaling.{name}"] = params[name]
+    elif kind != "default":
+        raise CheckpointError(f"config.json: rope_type {kind!r}: megatron_lite implements default and llama3 RoPE")
+    return keys
+
+
+def _refuse(hf: dict[str, Any], checks: dict[str, Any]) -> None:
+    """One line for the first config.json key whose value megatron_lite does not implement."""
+    for key, supported in checks.items():
+        value = hf.get(key, supported[0])
+        if value not in supported:
+            raise CheckpointError(
+                f"config.json: {key}={value!r} is not implemented by megatron_lite (supported: {supported})"
+            )
+
+
+def model_settings(hf: dict[str, Any], seq_length: Optional[int] = None) -> tuple[str, dict[str, Any]]:
+    """(model preset, ``model.*`` keys) describing a HF config dict (``AutoConfig(...).to_dict()``)."""
     kind = hf.get("model_type")
     if kind == "llama":
+        _refuse(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,)})
+        heads = hf["num_attention_heads"]
         keys = {
-            "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
-            "num_attention_heads": hf["num_attention_heads"],
-            "num_query_groups": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            "ffn_hidden_size": hf["intermediate_size"], "seq_length": hf["max_position_embeddings"],
-            "norm_epsilon": hf["rms_norm_eps"], "rope_theta": hf.get("rope_theta", 10000.0),
-            "tie_embeddings": hf.get("tie_word_embeddings", False),
+            "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"], "num_attention_heads": heads,
+            "num_query_groups": hf.get("num_key_value_heads") or heads, "ffn_hidden_size": hf["intermediate_size"],
+            "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
+            "seq_length": seq_length or min(hf["max_position_embeddings"], DEFAULT_IMPORT_SEQ_LENGTH),
+            "norm_epsilon": hf["rms_norm_eps"], "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            **rope_settings(hf),
         }
-        return ["model=llama_tiny"] + [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
-    if kind == "gpt2":
+        preset = "llama_tiny"
+    elif kind == "gpt2":
+        _refuse(hf, {
+            "activation_function": ("gelu_new", "gelu_pytorch_tanh"), "tie_word_embeddings": (True,),
+            "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+        })
+        if seq_length is not None and seq_length > hf["n_positions"]:
+            raise CheckpointError(
+                f"--seq-length {seq_length}: the GPT-2 model has {hf['n_positions']} learned positions (n_positions)"
+            )
         keys = {
             "num_layers": hf["n_layer"], "hidden_size": hf["n_embd"], "num_attention_heads": hf["n_head"],
-            "ffn_hidden_size": hf.get("n_inner") or 4 * hf["n_embd"], "seq_length": hf["n_positions"],
-            "norm_epsilon": hf["layer_norm_epsilon"],
+            "num_query_groups": None, "ffn_hidden_size": hf.get("n_inner") or 4 * hf["n_embd"],
+            "seq_length": seq_length or hf["n_positions"], "norm_epsilon": hf["layer_norm_epsilon"],
         }
-        base = ["model=gpt_tiny", "model.num_query_groups=null"]
-        return base + [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
-    raise CheckpointError(f"model_type {kind!r} in config.json: import supports llama and gpt2")
+        preset = "gpt_tiny"
+    else:
+        raise CheckpointError(f"config.json: model_type {kind!r}: import supports llama and gpt2")
+    keys["vocab_size"] = hf["vocab_size"]
+    keys["init_std"] = hf.get("initializer_range", 0.02)
+    return preset, keys
 
 
-def import_(hf_dir: str | Path, output: str | Path, overrides: Sequence[str] = ()) -> Path:
-    """Write a checkpoint (iteration 0, model only) of the HF model in ``hf_dir``; returns its directory."""
-    from safetensors.torch import load_file
-
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").exists():
+def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    transformers = require("transformers")
+    if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir / 'config.json'}: missing; is this a HF model directory?")
-    hf = json.loads((hf_dir / "config.json").read_text())
-    vocab = hf["vocab_size"]
-    cfg = load_config([*model_overrides(hf), f"model.vocab_size={vocab}", *overrides])
-    files = sorted(hf_dir.glob("*.safetensors"))
+    try:
+        return transformers.AutoConfig.from_pretrained(str(hf_dir)).to_dict()
+    except (ValueError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{hf_dir / 'config.json'}: transformers cannot read it ({first})") from None
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files (the index's, else every *.safetensors), as float32."""
+    safetensors = require("safetensors.torch")
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({hf_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{hf_dir}: no *.safetensors files")
-    hf_state: dict[str, torch.Tensor] = {}
+        pickled = [p.name for p in hf_dir.glob("*.bin")]
+        hint = f" ({', '.join(pickled)} would need pickle: save it with safe_serialization=True)" if pickled else ""
+        raise CheckpointError(f"{hf_dir}: no *.safetensors files{hint}")
+    state: dict[str, torch.Tensor] = {}
     for file in files:
-        hf_state.update(load_file(str(file)))
-    ours = from_hf({k: v.float() for k, v in hf_state.items()}, cfg.model)
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (named by {index.name})")
+        state.update({k: v.float() for k, v in safetensors.load_file(str(file)).items()})
+    return state
+
+
+def _import_tokenizer(hf_dir: Path, output: Path) -> list[str]:
+    """Copy the HF tokenizer into ``output/tokenizer/``; the overrides that name it (none without one)."""
+    present = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
+    if not {"tokenizer.json", "tokenizer.model"} & set(present):
+        return []
+    target = output / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        shutil.copyfile(hf_dir / name, target / name)
+    if "tokenizer.json" in present:
+        return ["data.tokenizer.type=huggingface", f"data.tokenizer.model={(target / 'tokenizer.json').resolve()}"]
+    return ["data.tokenizer.type=sentencepiece", f"data.tokenizer.model={(target / 'tokenizer.model').resolve()}"]
+
+
+def import_(
+    hf_dir: str | Path, output: str | Path, overrides: Sequence[str] = (), seq_length: Optional[int] = None
+) -> Path:
+    """Write a checkpoint (iteration 0, model only) of the HF model in ``hf_dir``; returns its directory."""
+    hf_dir, output = Path(hf_dir), Path(output)
+    hf = _read_hf_config(hf_dir)
+    preset, keys = model_settings(hf, seq_length)
+    model_keys = [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
+    cfg = load_config([f"model={preset}", *model_keys, *_import_tokenizer(hf_dir, output), *overrides])
+    build_tokenizer(cfg.data.tokenizer)  # fails now, in one line, if the tokenizer is unusable
+    hf_state = read_hf_weights(hf_dir)
+    try:
+        ours = from_hf(hf_state, cfg.model)
+    except KeyError as err:
+        raise CheckpointError(f"{hf_dir}: tensor {err.args[0]} is missing from the safetensors files") from None
+    unused = set(hf_state) - set(to_hf(ours, cfg.model)) - {"lm_head.weight"}
+    unused = sorted(k for k in unused if not k.endswith(_DERIVED_BUFFERS))
+    if unused:
+        raise CheckpointError(f"{hf_dir}: tensor {unused[0]} has no counterpart in megatron_lite's model")
+    if "position_embedding" in ours:  # learned positions: the first seq_length rows
+        ours["position_embedding"] = ours["position_embedding"][: cfg.model.seq_length]
+    vocab = cfg.model.vocab_size
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, 1)
-    model = build_gpt(cfg.model, padded)
+    model = build_gpt(cfg.model, padded, unpadded_vocab_size=vocab)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.zero_()[: ours[name].shape[0]].copy_(ours[name])  # extra vocabulary rows: zero padding
@@ -135,23 +349,27 @@ def import_(hf_dir: str | Path, output: str | Path, overrides: Sequence[str] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_lite.checkpoint.hf")
+    parser = argparse.ArgumentParser(prog="megatron-lite-hf", description="HuggingFace import/export")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="checkpoint -> HF model directory")
     exp.add_argument("--load", required=True, help="checkpoint directory (checkpoint.save of the run)")
     exp.add_argument("--iteration", type=int, default=None, help="default: the tracker's")
     exp.add_argument("--output", required=True, help="HF model directory to write")
+    exp.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                     help=f"largest safetensors file (default {DEFAULT_MAX_SHARD_SIZE}); beyond it, shards + index")
     imp = sub.add_parser("import", help="HF model directory -> checkpoint")
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
     imp.add_argument("--output", required=True, help="checkpoint directory to write (load it with checkpoint.load)")
+    imp.add_argument("--seq-length", type=int, default=None,
+                     help=f"training sequence length (default: the model's limit, at most {DEFAULT_IMPORT_SEQ_LENGTH})")
     imp.add_argument("overrides", nargs="*", help="Hydra overrides for the stored config")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            path = export(args.load, args.output, args.iteration)
+            path = export(args.load, args.output, args.iteration, args.max_shard_size)
         else:
-            path = import_(args.hf, args.output, args.overrides)
-    except (CheckpointError, ConfigError, ValueError) as err:
+            path = import_(args.hf, args.output, args.overrides, args.seq_length)
+    except (CheckpointError, ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.distributed as dist
 
-from ..config import ModelConfig, to_yaml
+from ..config import ModelConfig, head_dim, to_yaml
 from .preemption import StopAgreement, announce
 from .sharded import ShardedState, host_copy, restore_rng, rng_targets, rng_tensors, tp_mesh
 from .storage import CheckpointError, CheckpointInfo, find_checkpoint, read_tensors, write_checkpoint
@@ -47,6 +47,7 @@ def model_signature(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     sig = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
     sig["num_query_groups"] = cfg.num_query_groups or cfg.num_attention_heads
     sig["ffn_hidden_size"] = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    sig["kv_channels"] = head_dim(cfg)
     sig["vocab_size"] = vocab_size
     if cfg.position_embedding == "learned":
         sig["seq_length"] = cfg.seq_length
@@ -57,7 +58,7 @@ def check_model(info: CheckpointInfo, expected: dict[str, Any]) -> None:
     """One line naming the first shape field where the checkpoint and this model differ."""
     saved = info.meta.get("model", {})
     for key, value in expected.items():
-        if saved.get(key) != value:
+        if saved.get(key, value) != value:  # a key the saving version did not record is not checked
             raise CheckpointError(
                 f"{info.path / 'meta.json'}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} "
                 "in this config; load it with the same model shape"

@@ -12,7 +12,7 @@ and once per token the logits, 2·h·V. Recomputation is not counted (model FLOP
 
 from __future__ import annotations
 
-from ..config import ModelConfig
+from ..config import ModelConfig, head_dim
 
 
 def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_size: int, causal: bool = True) -> float:
@@ -23,7 +23,7 @@ def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_si
     """
     h, s, n = cfg.hidden_size, cfg.seq_length, cfg.num_attention_heads
     g = cfg.num_query_groups or n
-    d = h // n
+    d = head_dim(cfg)
     f = cfg.ffn_hidden_size or 4 * h
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
     attention_core = 2 * 2 * s * n * d * (0.5 if causal else 1.0)

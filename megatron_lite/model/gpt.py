@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import ModelConfig, head_dim
 from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
 from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
 from ..tensor_parallel.random import checkpoint_rng_context
 from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
-from .transformer import Norm, TransformerBlock, rotary_tables
+from .rotary import rotary_tables
+from .transformer import KVCache, Norm, TransformerBlock
 
 # The output layer's weight when it is tied to the embedding but lives on another pipeline stage:
 # initialised from the embedding's seed, its gradient summed with the embedding's every step.
@@ -65,11 +66,15 @@ class GPTChunk(nn.Module):
 
     ``recompute``: none | selective (attention core) | full (groups of ``recompute_num_layers``
     layers keep only their input; the rest is recomputed in the backward).
+
+    ``vocab_size`` is padded (to a multiple of 128 × TP); the logits of the padding rows, from
+    ``unpadded_vocab_size`` on, are −inf, so that padding never changes a loss or a sample (an
+    imported model's zero rows would otherwise add e^0 terms to the softmax).
     """
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
-        recompute: str = "none", recompute_num_layers: int = 1,
+        recompute: str = "none", recompute_num_layers: int = 1, unpadded_vocab_size: int | None = None,
     ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
@@ -87,6 +92,9 @@ class GPTChunk(nn.Module):
         )
         if spec.post_process:
             self.final_norm = Norm(cfg, tp)
+            local = vocab_size // tp.size
+            padding = torch.arange(tp.rank * local, (tp.rank + 1) * local) >= (unpadded_vocab_size or vocab_size)
+            self.register_buffer("vocab_padding", padding if padding.any() else None, persistent=False)
             if not cfg.tie_embeddings:
                 self.output = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
                 self.output.init_std = cfg.init_std
@@ -95,7 +103,7 @@ class GPTChunk(nn.Module):
                 tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
                 setattr(self, TIED_OUTPUT_NAME, tied)
         if cfg.position_embedding == "rope":
-            cos, sin = rotary_tables(cfg.seq_length, h // cfg.num_attention_heads, cfg.rope_theta)
+            cos, sin = rotary_tables(cfg.seq_length, head_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default
@@ -106,12 +114,20 @@ class GPTChunk(nn.Module):
             return self.output
         return self.embedding.weight if self.spec.pre_process else getattr(self, TIED_OUTPUT_NAME)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """``kv_caches`` (inference): one per layer of this chunk, holding the earlier tokens; x then
+        continues the sequence from position ``kv_caches[0].length``."""
+        start = kv_caches[0].length if kv_caches else 0
         if self.spec.pre_process:
-            x = self.embed(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.position_embedding == "rope" else None
+            x = self.embed(x, start)
+        rope = (self.rope_cos[start:], self.rope_sin[start:]) if self.cfg.position_embedding == "rope" else None
         layers = list(self.layers.values())
-        if self.recompute == "full" and self.training:
+        if kv_caches is not None:
+            for layer, cache in zip(layers, kv_caches, strict=True):
+                x = layer(x, rope, cache)
+        elif self.recompute == "full" and self.training:
             k = self.recompute_num_layers
             for start in range(0, len(layers), k):
                 x = checkpoint(_run_layers, layers[start : start + k], x, rope, use_reentrant=False,
@@ -123,15 +139,18 @@ class GPTChunk(nn.Module):
         x = self.final_norm(x)
         x = gather_from_sp(x, self.tp) if self.tp.sequence_parallel else copy_to_tp(x, self.tp)
         logits = F.linear(x, self.output_weight_tensor())  # [b, s, V/t]: never gathered
+        if self.vocab_padding is not None:
+            logits = logits.masked_fill(self.vocab_padding, float("-inf"))
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.tp)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token (+ learned position) embeddings: [b, s] ids -> [b, s, h] ([b, s/t, h] under SP)."""
+    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token (+ learned position) embeddings of ids [b, s] at positions start, start + 1, ...:
+        [b, s, h] ([b, s/t, h] under SP)."""
         x = self.embedding(ids)
         if self.cfg.position_embedding == "learned":
-            positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
+            positions = self.position_embedding[start : start + ids.shape[1]].unsqueeze(0)
             x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
         return dropout(x, self.cfg.dropout, self.generator, self.training)
 
@@ -178,17 +197,21 @@ def build_model_chunks(
     device: torch.device | str = "cpu",
     recompute: str = "none",
     recompute_num_layers: int = 1,
+    unpadded_vocab_size: int | None = None,
 ) -> list[GPTChunk]:
-    """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded."""
+    """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded;
+    ``unpadded_vocab_size`` (None: no padding) is the tokenizer's, whose logits are kept."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, unpadded_vocab_size)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks
 
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, tp: TPGroup = TPGroup(), seed: int = 1234) -> GPTChunk:
+def build_gpt(
+    cfg: ModelConfig, vocab_size: int, tp: TPGroup = TPGroup(), seed: int = 1234, unpadded_vocab_size: int | None = None
+) -> GPTChunk:
     """The whole model as one chunk (no pipeline parallelism)."""
-    return build_model_chunks(cfg, vocab_size, tp, seed)[0]
+    return build_model_chunks(cfg, vocab_size, tp, seed, unpadded_vocab_size=unpadded_vocab_size)[0]

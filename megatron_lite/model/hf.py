@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, head_dim
 
 Tensor = torch.Tensor
 
@@ -26,18 +26,19 @@ def family(cfg: ModelConfig) -> str:
         return "llama"
     if (cfg.normalization, cfg.activation, cfg.position_embedding) == ("layernorm", "gelu", "learned") and (
         cfg.add_bias_linear and cfg.tie_embeddings and (cfg.num_query_groups or cfg.num_attention_heads) == cfg.num_attention_heads
+        and head_dim(cfg) * cfg.num_attention_heads == cfg.hidden_size
     ):
         return "gpt2"
     raise ValueError(
         "model: HF interop supports LLaMA-style (rmsnorm, swiglu, rope, no biases) and GPT-2-style (layernorm, gelu, "
-        "learned positions, biases, tied embeddings, MHA) configs"
+        "learned positions, biases, tied embeddings, MHA, no kv_channels) configs"
     )
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
     n = cfg.num_attention_heads
     g = cfg.num_query_groups or n
-    return g, n // g, cfg.hidden_size // n
+    return g, n // g, head_dim(cfg)
 
 
 def split_qkv(qkv: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,24 +147,35 @@ def from_hf(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int) -> Any:
-    """A transformers config (LlamaConfig or GPT2Config) describing the same model."""
+def hf_config(cfg: ModelConfig, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None) -> Any:
+    """A transformers config (LlamaConfig or GPT2Config) describing the same model.
+
+    RoPE goes in as ``rope_theta`` and ``rope_scaling``, which transformers 4 keeps as they are and
+    transformers 5 turns into ``rope_parameters``.
+    """
     import transformers
 
     ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     if family(cfg) == "llama":
+        scaling = cfg.rope_scaling
+        rope_scaling = None if scaling.type is None else {
+            "rope_type": scaling.type, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
         return transformers.LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=ffn,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups or cfg.num_attention_heads,
-            head_dim=cfg.hidden_size // cfg.num_attention_heads, max_position_embeddings=cfg.seq_length,
-            rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-            attention_bias=False, mlp_bias=False, hidden_act="silu",
-            attention_dropout=0.0,
+            head_dim=head_dim(cfg), max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_epsilon,
+            rope_theta=cfg.rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=cfg.tie_embeddings,
+            attention_bias=False, mlp_bias=False, hidden_act="silu", attention_dropout=0.0,
+            initializer_range=cfg.init_std, **special,
         )
     return transformers.GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.seq_length, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
         n_head=cfg.num_attention_heads, n_inner=ffn, activation_function="gelu_new",
         layer_norm_epsilon=cfg.norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=True, initializer_range=cfg.init_std, **special,
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..config import ModelConfig
+from ..config import ModelConfig, head_dim
 from ..parallel.collectives import TPGroup
 from torch.utils.checkpoint import checkpoint
 
@@ -45,11 +45,22 @@ class Norm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def rotary_tables(seq_length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq_length, head_dim/2] for RoPE (Su et al. 2021), frequencies θ^(−2i/d)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+class KVCache:
+    """The keys and values of one attention layer for the tokens seen so far (inference, one rank):
+    k, v [b, groups, length, d]. ``append`` adds the new tokens' and returns the whole sequence's."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -65,7 +76,7 @@ class Attention(nn.Module):
         super().__init__()
         self.recompute_core = recompute_core
         n, g = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // n
+        self.head_dim = head_dim(cfg)
         self.heads, self.groups = n // tp.size, g // tp.size  # local to this TP rank
         self.q_per_group = n // g
         self.dropout_p, self.rng = cfg.dropout, rng
@@ -78,7 +89,11 @@ class Attention(nn.Module):
         )
         self.out = RowParallelLinear(n * self.head_dim, cfg.hidden_size, tp, bias=cfg.add_bias_linear, init_std=std_out)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """``rope``: cos, sin tables from x's first position on; ``kv_cache``: earlier tokens' keys and
+        values, which x's queries attend to as well (and x's are appended)."""
         qkv = self.qkv(x)  # [b, s, groups·(q_per_group + 2)·d], sequence gathered under SP
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.head_dim)
@@ -88,6 +103,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = ops.rotary(q, cos[:s], sin[:s]), ops.rotary(k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, d]
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # [b, groups, cached + s, d]
         if self.recompute_core and self.training:
             context = checkpoint(self._core, q, k, v, use_reentrant=False,
                                  context_fn=partial(checkpoint_rng_context, self.rng))
@@ -97,22 +114,27 @@ class Attention(nn.Module):
         return self.out(context)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [b, heads, s, d], k, v: [b, groups, s, d] -> context [b, heads, s, d]."""
+        """q: [b, heads, sq, d], k, v: [b, groups, sk, d] -> context [b, heads, sq, d]. Causal with the
+        queries at the last sq of the sk positions (sk > sq: keys cached from earlier tokens)."""
+        sq, sk = q.shape[2], k.shape[2]
         if self.use_sdpa:
+            # SDPA's is_causal aligns the mask to the first key; a cache needs it at the last.
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if 1 < sq < sk else None
             return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1,
+                q, k, v, attn_mask=mask, is_causal=sq == sk, enable_gqa=self.q_per_group > 1,
                 dropout_p=self.dropout_p if self.training else 0.0,
             )
         return self._explicit_attention(q, k, v)
 
     def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(QKᵀ/√d, causal) V with the fused softmax op; dropout masks differ per TP rank."""
-        b, heads, s, d = q.shape
+        b, heads, sq, d = q.shape
+        sk = k.shape[2]
         if self.q_per_group > 1:
             k = k.repeat_interleave(self.q_per_group, dim=1)
             v = v.repeat_interleave(self.q_per_group, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)).view(b * heads, s, s)
-        probs = ops.causal_softmax(scores, 1.0 / math.sqrt(d)).view(b, heads, s, s)
+        scores = torch.matmul(q, k.transpose(-1, -2)).view(b * heads, sq, sk)
+        probs = ops.causal_softmax(scores, 1.0 / math.sqrt(d)).view(b, heads, sq, sk)
         probs = dropout(probs, self.dropout_p, self.rng.tensor_parallel, self.training)
         return torch.matmul(probs, v)
 
@@ -154,7 +176,10 @@ class TransformerBlock(nn.Module):
         # The residual stream is split by sequence under SP, so its dropout must differ per TP rank.
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + dropout(self.attention(self.attention_norm(x), rope), self.dropout_p, self.generator, self.training)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        attention = self.attention(self.attention_norm(x), rope, kv_cache)
+        x = x + dropout(attention, self.dropout_p, self.generator, self.training)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_p, self.generator, self.training)
         return x

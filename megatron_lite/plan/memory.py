@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from ..config import ModelConfig
+from ..config import ModelConfig, head_dim
 
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids / gather indices
@@ -77,7 +77,7 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
     """
     s, b, h, t = m.seq_length, shard.micro_batch, m.hidden_size, shard.tp
     n, g = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    d, f = h // n, m.ffn_hidden_size or 4 * h
+    d, f = head_dim(m), m.ffn_hidden_size or 4 * h
     e, mask = impl.act_bytes, impl.mask_bytes
     dropout = m.dropout > 0 if dropout is None else dropout
     sp = t if shard.sequence_parallel else 1  # the residual stream is split by sequence under SP
@@ -158,7 +158,7 @@ def korthikanti_layer_bytes(m: ModelConfig, shard: Shard, recompute: str = "none
 def layer_parameters(m: ModelConfig, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank (replicated norms and row biases whole)."""
     h, n = m.hidden_size, m.num_attention_heads
-    g, d, f = m.num_query_groups or n, h // n, m.ffn_hidden_size or 4 * h
+    g, d, f = m.num_query_groups or n, head_dim(m), m.ffn_hidden_size or 4 * h
     up = 2 * f if m.activation == "swiglu" else f
     bias = m.add_bias_linear
     norm = 2 * h if m.normalization == "layernorm" else h

@@ -76,7 +76,7 @@ class Trainer:
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
         self.chunks = build_model_chunks(
             m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers,
+            t.recompute, t.recompute_num_layers, self.unpadded_vocab_size,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)

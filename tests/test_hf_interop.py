@@ -1,0 +1,210 @@
+"""HuggingFace import/export against models transformers builds and saves itself (tests/hf_models.py).
+
+- import, then train in TP 2 × PP 2 (sequence parallel): the first step's loss on positions 128-255
+  equals the HF model's on the same tokens (fp32, 1e-4), for a Llama (GQA, head_dim ≠ hidden/heads,
+  llama3 RoPE scaling, tied) and a GPT-2, both with a vocabulary that megatron_lite pads;
+- export: transformers loads the sharded safetensors, config and generation config, gives the same
+  logits; AutoTokenizer loads the tokenizer and encodes like the checkpoint's; re-import is exact;
+- config.json in both RoPE spellings (transformers 4's rope_theta + rope_scaling, 5's rope_parameters);
+  unsupported features and a missing transformers package refused in one line.
+"""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_models import EOD, SEQ, TEXT, VOCAB, random_tokens, save_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+from megatron_lite.checkpoint.hf import import_, load_model, main, model_settings, rope_settings  # noqa: E402
+from megatron_lite.checkpoint.storage import CheckpointError, find_checkpoint, read_full  # noqa: E402
+
+FAR = 128  # the loss is compared on positions FAR.. SEQ-1 only
+ARCHS = ["llama", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{arch: (HF model, its directory, the imported checkpoint)}."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for arch in ARCHS:
+        model = save_hf_model(arch, root / arch)
+        assert main(["import", "--hf", str(root / arch), "--output", str(root / f"{arch}_ckpt"),
+                     "--seq-length", str(SEQ)]) == 0
+        out[arch] = (model, root / arch, root / f"{arch}_ckpt")
+    return out
+
+
+def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float:
+    """On 4 ranks: the imported checkpoint in TP 2 × PP 2 (SP), one training step on ``tokens``
+    [2, SEQ + 1] with the loss on positions >= FAR; returns the reported loss (NaN off the logging rank)."""
+    from omegaconf import OmegaConf
+
+    from megatron_lite.config import to_config, validate
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.training.trainer import Trainer
+
+    stored = OmegaConf.load(find_checkpoint(ckpt).path / "config.yaml")
+    overrides = OmegaConf.from_dotlist([
+        "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+        "parallel.sequence_parallel=true", "training.micro_batch_size=1", "training.global_batch_size=2",
+        "training.train_iters=1", "training.eval_iters=0", f"checkpoint.load={ckpt}", f"data.paths=[{data_prefix}]",
+        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0",
+    ])
+    cfg = to_config(OmegaConf.merge(stored, overrides))
+    dims = validate(cfg, 4)
+    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    trainer = Trainer(cfg, dims, state)
+    mask = torch.zeros(SEQ)
+    mask[FAR:] = 1.0
+    trainer.train_data = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": mask} for t in tokens]
+    loss = trainer.train_step()["loss"]
+    trainer.checkpointer.finish()
+    state.destroy()
+    return loss
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_imported_model_trains_in_tp2_pp2_with_the_hf_loss(ranks, models, tmp_path, arch):
+    from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
+
+    hf_model, _, ckpt = models[arch]
+    writer = IndexedDatasetWriter(tmp_path / "data", np.uint16)  # the trainer needs a dataset to start
+    for k in range(8):
+        writer.add_document(random_tokens((SEQ,), 100 + k).numpy())
+    writer.finalize()
+    tokens = random_tokens((2, SEQ + 1), 7)
+    with torch.no_grad():
+        logits = hf_model(tokens[:, :-1]).logits
+    reference = F.cross_entropy(logits[:, FAR:].reshape(-1, VOCAB), tokens[:, FAR + 1:].reshape(-1)).item()
+    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens)
+    ours = next(x for x in losses if x == x)
+    print(f"{arch}: HF loss {reference:.6f}, TP2xPP2 loss {ours:.6f}, difference {abs(ours - reference):.1e}")
+    assert abs(ours - reference) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(models, tmp_path, arch):
+    hf_model, hf_dir, ckpt = models[arch]
+    out = tmp_path / "export"
+    assert main(["export", "--load", str(ckpt), "--output", str(out), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).stat().st_size < 100e3 + 65e3 for s in shards)  # one tensor may exceed
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["vocab_size"] == VOCAB and config["bos_token_id"] == config["eos_token_id"] == 0
+    assert generation["eos_token_id"] == 0
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    cfg, ours = load_model(ckpt)
+    ids = random_tokens((2, SEQ), 3)
+    with torch.no_grad():
+        ref, got, original = exported(ids).logits, ours(ids), hf_model(ids).logits
+    assert got.shape[-1] > VOCAB and torch.isinf(got[..., VOCAB:]).all()  # padding rows masked out
+    err = ((got[..., :VOCAB] - ref).abs().max() / ref.abs().max()).item()
+    err_original = ((ref - original).abs().max() / original.abs().max()).item()
+    print(f"{arch}: export logits vs ours {err:.1e}, vs the original HF model {err_original:.1e}")
+    assert err < 1e-4 and err_original < 1e-4
+    if arch == "llama":
+        assert config["head_dim"] == 32 and (config.get("rope_parameters") or config["rope_scaling"])["rope_type"] == "llama3"
+
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    mine = build_tokenizer(cfg.data.tokenizer)
+    assert tokenizer.eos_token == EOD and tokenizer.eos_token_id == mine.eod
+    for text in TEXT + ["  spaces, digits 1234 and ünïcode"]:
+        assert tokenizer.encode(text, add_special_tokens=False) == mine.tokenize(text)
+
+    again = tmp_path / "reimported"
+    assert main(["import", "--hf", str(out), "--output", str(again), "--seq-length", str(SEQ)]) == 0
+    a, b = read_full(find_checkpoint(ckpt), "model/"), read_full(find_checkpoint(again), "model/")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_model(again)[0].model == cfg.model
+
+
+def test_sentencepiece_checkpoint_exports_a_tokenizer_autotokenizer_loads(tmp_path):
+    """The bundled sentencepiece BPE model, converted to tokenizer.json, encodes the corpus alike."""
+    import lzma
+
+    from megatron_lite.checkpoint.hf import _export_tokenizer
+    from megatron_lite.config import load_config
+    from megatron_lite.data.corpus import BUNDLED_CORPUS
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    cfg = load_config([])
+    _export_tokenizer(cfg, tmp_path, 2, 3)
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), build_tokenizer(cfg.data.tokenizer)
+    with lzma.open(BUNDLED_CORPUS, "rt") as f:
+        texts = [json.loads(next(f))["text"][:3000] for _ in range(40)]
+    texts += ["  two  spaces\tand a tab\n", "digits 1234567890", "ünïcode 😀 ✓", " leading", "trailing "]
+    for text in texts:
+        ids = ours.tokenize(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text[:60]
+        assert hf.decode(ids) == ours.detokenize(ids) == text
+    assert (hf.eos_token, hf.pad_token) == ("</s>", "<pad>")
+
+
+# config.json spellings and refusals ---------------------------------------------------------------
+ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+SPELLINGS = {
+    "transformers4": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **ROPE}},
+    "transformers4_type": {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **ROPE}},
+    "transformers5": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **ROPE}},
+}
+
+
+def _llama_json(directory, **changes):
+    base = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({**base, **changes}))
+    return directory
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_rope_theta_and_llama3_scaling_in_either_spelling(tmp_path, spelling):
+    from megatron_lite.checkpoint.hf import _read_hf_config
+
+    expected = {"rope_theta": 500000.0, "rope_scaling.type": "llama3", **{f"rope_scaling.{k}": v for k, v in ROPE.items()}}
+    assert rope_settings(SPELLINGS[spelling]) == expected  # the dict as either transformers version writes it
+    _, keys = model_settings(_read_hf_config(_llama_json(tmp_path, **SPELLINGS[spelling])))  # through AutoConfig
+    assert {k: keys[k] for k in expected} == expected
+    assert keys["seq_length"] == 4096  # not max_position_embeddings (131,072) unless asked for
+    assert model_settings(_read_hf_config(tmp_path), seq_length=8192)[1]["seq_length"] == 8192
+
+
+REFUSED = {
+    "hidden_act": ({"hidden_act": "gelu"}, "hidden_act='gelu' is not implemented"),
+    "mlp_bias": ({"mlp_bias": True}, "mlp_bias=True is not implemented"),
+    "yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    "mistral": ({"model_type": "mistral"}, "model_type 'mistral'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_hf_configs_are_refused_in_one_line(tmp_path, capsys, case):
+    changes, message = REFUSED[case]
+    hf_dir = _llama_json(tmp_path / "hf", **changes)
+    assert main(["import", "--hf", str(hf_dir), "--output", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "ckpt").exists()
+
+
+def test_missing_transformers_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    assert main(["import", "--hf", str(_llama_json(tmp_path)), "--output", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: HuggingFace import/export needs the transformers package: pip install 'megatron-lite[hf]'"
+
+
+def test_gpt2_seq_length_beyond_its_positions_is_refused(models, tmp_path):
+    with pytest.raises(CheckpointError, match="256 learned positions"):
+        import_(models["gpt2"][1], tmp_path / "ckpt", seq_length=512)
