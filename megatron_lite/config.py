@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from megatron_lite import package_dir
+
+CONFIG_DIR = package_dir("configs")
 
 
 class ConfigError(ValueError):

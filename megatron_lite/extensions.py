@@ -19,7 +19,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+from megatron_lite import package_dir
+
+CSRC_DIR = package_dir("csrc")
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
@@ -44,8 +46,8 @@ def load_extension(
         return _loaded[name]
     paths = [p if Path(p).is_absolute() else CSRC_DIR / p for p in sources]
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).read_bytes())
+    for path in paths:  # the path too: ninja rebuilds everything when a source moves (installed vs checkout)
+        digest.update(str(path).encode() + Path(path).read_bytes())
     for flag in (*extra_cflags, *extra_ldflags, *(extra_cuda_cflags or ())):
         digest.update(flag.encode())
     build_dir = cache_root() / "extensions" / f"{name}-{digest.hexdigest()[:16]}"

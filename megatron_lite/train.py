@@ -49,7 +49,8 @@ def main(cfg: DictConfig) -> None:
         raise
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m megatron_lite.train`` and the ``megatron-lite-train`` command."""
     register_schema()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach the handler below, not its printer
     try:
@@ -57,3 +58,7 @@ if __name__ == "__main__":
     except Exception as err:  # noqa: BLE001 - composition errors (before main runs): one line
         exit_on_user_error(err, launch_info().rank)
         raise
+
+
+if __name__ == "__main__":
+    cli()
