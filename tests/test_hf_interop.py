@@ -58,7 +58,7 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
     ])
     cfg = to_config(OmegaConf.merge(stored, overrides))
     dims = validate(cfg, 4)
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
     mask = torch.zeros(SEQ)
     mask[FAR:] = 1.0
