@@ -22,7 +22,7 @@ if [ "$gpus" -eq 0 ]; then
 fi
 
 if [ "$#" -eq 0 ]; then
-  defaults=(parallel=tp2_pp2_dp2 training=cpu_demo logging.dir=runs/main_job)
+  defaults=(parallel=tp2_pp2_dp2 training=cpu_demo logging.dir=runs/main_job checkpoint.save=runs/main_job/checkpoints)
 else
   defaults=()  # Hydra rejects a key given twice: the caller's overrides stand alone
 fi

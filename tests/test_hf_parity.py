@@ -15,6 +15,9 @@ CONFIGS = {
     "llama": ["model=llama_tiny", "model.num_layers=2", "model.seq_length=64"],
     "llama_tied_mqa": ["model=llama_tiny", "model.num_layers=2", "model.seq_length=64", "model.num_query_groups=1",
                        "model.tie_embeddings=true"],
+    "llama3_rope_head_dim": ["model=llama_tiny", "model.num_layers=2", "model.seq_length=64", "model.kv_channels=32",
+                             "model.rope_theta=500000", "model.rope_scaling.type=llama3",
+                             "model.rope_scaling.original_max_position_embeddings=16"],
     "gpt2": ["model=gpt_tiny", "model.num_layers=2", "model.seq_length=64"],
 }
 

@@ -119,10 +119,10 @@ class GPTChunk(nn.Module):
     ) -> torch.Tensor:
         """``kv_caches`` (inference): one per layer of this chunk, holding the earlier tokens; x then
         continues the sequence from position ``kv_caches[0].length``."""
-        start = kv_caches[0].length if kv_caches else 0
+        first = kv_caches[0].length if kv_caches else 0  # x's first position
         if self.spec.pre_process:
-            x = self.embed(x, start)
-        rope = (self.rope_cos[start:], self.rope_sin[start:]) if self.cfg.position_embedding == "rope" else None
+            x = self.embed(x, first)
+        rope = (self.rope_cos[first:], self.rope_sin[first:]) if self.cfg.position_embedding == "rope" else None
         layers = list(self.layers.values())
         if kv_caches is not None:
             for layer, cache in zip(layers, kv_caches, strict=True):
