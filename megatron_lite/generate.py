@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - start
     stopped = "end of document" if ids and ids[-1] == tokenizer.eod else "length limit"
-    text = tokenizer.detokenize(ids[:-1] if stopped == "end of document" else ids)
-    print(args.prompt + text)
+    # Decoded with the prompt: a word-initial piece decodes with its space only after other text.
+    print(tokenizer.detokenize(prompt + (ids[:-1] if stopped == "end of document" else ids)))
     print(f"generate: {len(ids)} tokens in {seconds:.2f} s ({stopped}); prompt {len(prompt)} tokens", file=sys.stderr)
     return 0
 

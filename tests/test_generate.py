@@ -58,7 +58,7 @@ def test_cli_continues_a_text_prompt_like_hf(exported, capsys):
     reference = _hf_greedy(hf_model, ids)  # stops at the exported generation_config's eos (end of document)
     if reference[-1] == tokenizer.eos_token_id:
         reference = reference[:-1]
-    assert out.rstrip("\n") == prompt + tokenizer.decode(reference)
+    assert out.rstrip("\n") == tokenizer.decode(ids + reference)
     assert "generate: " in err and "tokens in" in err
 
 

@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -75,7 +76,9 @@ def load_model(load: str | Path, iteration: Optional[int] = None) -> tuple[Confi
     cfg.model.vocab_size = info.meta["model"]["vocab_size"]
     model = build_gpt(cfg.model, info.meta["padded_vocab_size"], unpadded_vocab_size=cfg.model.vocab_size).float()
     sharded = ShardedState(list(model.named_parameters()))
-    read_tensors(sharded.model_targets(info), info)
+    with warnings.catch_warnings():  # one process without a process group is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        read_tensors(sharded.model_targets(info), info)
     sharded.finish_load()
     return cfg, model.eval()
 
@@ -345,7 +348,9 @@ def import_(
         "padded_vocab_size": padded, "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1},
     }
     tensors = ShardedState(list(model.named_parameters())).model_tensors()
-    return write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
