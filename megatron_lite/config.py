@@ -58,9 +58,11 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees. The data-parallel size is derived: world_size / (TP × PP)."""
+    """Parallel degrees. The data-parallel size is derived: world_size / (TP × CP × PP)."""
 
     tensor_model_parallel_size: int = 1
+    # Context parallelism: each sequence split over this many ranks (zigzag chunks, ring attention).
+    context_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # None: no interleaving
     pipeline_schedule: str = "auto"  # auto | gpipe | 1f1b | interleaved
@@ -240,7 +242,7 @@ def _one_line(err: BaseException) -> str:
 class ParallelDims:
     """Parallel degrees after validation: every size the code needs, derived once.
 
-    world_size = tp × cp × dp × pp (cp = 1 until context parallelism lands).
+    world_size = tp × cp × dp × pp.
     """
 
     world_size: int
@@ -271,7 +273,7 @@ CHOICES = {
 POSITIVE = (
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
     "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
-    "model.make_vocab_size_divisible_by", "parallel.tensor_model_parallel_size",
+    "model.make_vocab_size_divisible_by", "parallel.tensor_model_parallel_size", "parallel.context_parallel_size",
     "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
     "parallel.distributed_timeout_minutes", "training.micro_batch_size",
     "training.global_batch_size", "training.train_iters", "training.eval_interval",
@@ -326,14 +328,15 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     if world_size <= 0:
         raise ConfigError("world_size", f"must be positive, got {world_size}")
 
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world_size % (tp * cp * pp):
+        layout = f"TP×PP = {tp}×{pp}" if cp == 1 else f"TP×CP×PP = {tp}×{cp}×{pp}"
         raise ConfigError(
-            "parallel.tensor_model_parallel_size",
-            f"world size {world_size} is not divisible by TP×PP = {tp}×{pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} ranks or change the TP/PP sizes",
+            "parallel.tensor_model_parallel_size" if cp == 1 else "parallel.context_parallel_size",
+            f"world size {world_size} is not divisible by {layout} = {tp * cp * pp}; "
+            f"launch a multiple of {tp * cp * pp} ranks or change the {'TP/PP' if cp == 1 else 'TP/CP/PP'} sizes",
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * cp * pp)
 
     heads = m.num_attention_heads
     groups = m.num_query_groups or heads
@@ -429,6 +432,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             f"{m.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
             f"use a multiple of {tp}",
         )
+    _validate_context_parallel(m, cp, tp if sequence_parallel else 1)
     if o.overlap_param_gather and not o.use_distributed_optimizer:
         raise ConfigError(
             "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
@@ -442,11 +446,36 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
         pp=pp,
         dp=dp,
         vpp=vpp,
-        cp=1,
+        cp=cp,
         num_microbatches=microbatches,
         sequence_parallel=sequence_parallel,
         pipeline_schedule=schedule,
     )
+
+
+def _validate_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
+    """CP rank i holds chunks i and 2c−1−i of 2c (and under SP its s/c tokens split over TP)."""
+    if cp == 1:
+        return
+    if m.seq_length % (2 * cp):
+        raise ConfigError(
+            "model.seq_length",
+            f"{m.seq_length} is not divisible by 2 × context_parallel_size = {2 * cp} (each CP rank "
+            f"holds 2 of {2 * cp} chunks); use a multiple of {2 * cp}",
+        )
+    if (m.seq_length // cp) % sp_tp:
+        need = math.lcm(2 * cp, cp * sp_tp)
+        raise ConfigError(
+            "model.seq_length",
+            f"{m.seq_length} / CP={cp} = {m.seq_length // cp} tokens per CP rank do not split over TP={sp_tp} "
+            f"for sequence parallelism; use a multiple of {need}",
+        )
+    if m.dropout > 0:
+        raise ConfigError(
+            "model.dropout",
+            f"{m.dropout} with context_parallel_size={cp}: ring attention has no attention dropout; "
+            "set model.dropout=0 or context_parallel_size=1",
+        )
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -487,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
     print(
-        f"ok: world {dims.world_size} = TP {dims.tp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
+        f"ok: world {dims.world_size} = TP {dims.tp} × CP {dims.cp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
         f"{dims.num_microbatches} microbatches per iteration, schedule {dims.pipeline_schedule}"
     )
     return 0
