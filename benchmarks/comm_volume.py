@@ -15,10 +15,10 @@ this rank's b·s/c):
   TP     per layer and microbatch 2 all-reduces of b·s·h forward (attention and MLP outputs) and 2
          backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h; the
          embedding's sum (with SP a reduce-scatter forward and an all-gather of the gradient
-         backward, plus the position embedding's gradient gather, s·h), the output
+         backward, plus a learned position embedding's gradient gather, s·h), the output
          layer's input (1 collective each way), 3 all-reduces of b·s in the vocab-parallel
-         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (6h per
-         layer, 2h for the final norm)
+         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (per
+         layer 2 norms of 2h (LayerNorm) or h (RMSNorm) and 2h of biases if any; the final norm)
   PP     b·s·h (b·s/t·h with SP) per microbatch and chunk boundary: activations forward, gradients
          backward
   CP     ring attention, per layer and microbatch: 2·(c−1) K/V blocks of b·(s/c)·(g/t)·d sent forward
@@ -134,13 +134,15 @@ def analytic(trainer) -> Counter:
         if dims.sequence_parallel:
             # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP
             # outputs reduce-scattered (backward: gathered).
-            # The embedding's reduce-scatter gathers its gradient backward; the position embedding
-            # [1, s, h] is split forward (no communication) and its gradient gathered backward.
-            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
+            # The embedding's reduce-scatter gathers its gradient backward; a learned position
+            # embedding [1, s, h] is split forward (no communication) and its gradient gathered backward.
+            positions = s * h * FP32 if m_cfg.position_embedding == "learned" else 0
+            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + positions if first else 0)
             out[("all_gather", "TP")] += m * gathers
             out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
-            norms = 6 * h * layers + (2 * h if last else 0)
-            out[("all_reduce", "TP")] += norms * FP32
+            norm = 2 * h if m_cfg.normalization == "layernorm" else h  # weight (and bias)
+            row_biases = 2 * h if m_cfg.add_bias_linear else 0  # attention output and fc2
+            out[("all_reduce", "TP")] += ((2 * norm + row_biases) * layers + (norm if last else 0)) * FP32
         else:
             out[("all_reduce", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
         if last:
