@@ -205,6 +205,7 @@ class _Exchange:
     ``recv_like``) from the previous one, posted as ONE batch_isend_irecv group."""
 
     def __init__(self, cp: CPGroup, sends: list[torch.Tensor], recv_like: list[torch.Tensor]):
+        self.group = cp.group  # what the hang watchdog names when a rank waits here
         self.sends = sends  # kept alive until the group completes
         self.received = [torch.empty_like(t) for t in recv_like]
         ops = [dist.P2POp(dist.isend, t, cp.next_rank, cp.group) for t in sends]
