@@ -281,3 +281,22 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1_cp2_cp4(ranks, tmp_path):
         err = rel([resumed[name][i] for i in (3, 4)], [saved[i] for i in (3, 4)])
         print(f"CP2 checkpoint resumed at {name}: loss error {err:.1e}")
         assert err < PARAM_TOLERANCE
+
+
+@pytest.mark.parametrize("precision,tolerance", [("bf16", 0.01), ("fp16", 0.005)])
+def test_low_precision_cp2_tracks_one_rank_and_resumes_exactly(ranks, tmp_path, precision, tolerance):
+    """bf16 / fp16 (dynamic loss scale) at CP2 against one rank in the same precision, and a CP2
+    checkpoint round trip that continues bit for bit (fp32 masters and the loss scale restored)."""
+    base = MODELS["llama"] + ["training.train_iters=4", "training.eval_iters=0", f"training.precision={precision}",
+                              "training.initial_loss_scale=65536"]
+    cp2 = ["parallel.context_parallel_size=2"]
+    ranks(1).run(_train, base + [f"logging.dir={tmp_path / 'one'}"])
+    ranks(2).run(_train, base + cp2 + [f"logging.dir={tmp_path / 'cp2'}", f"checkpoint.save={tmp_path / 'ckpt'}",
+                                       "checkpoint.save_interval=2"])
+    ranks(2).run(_train, base + cp2 + [f"logging.dir={tmp_path / 'resumed'}", f"checkpoint.load={tmp_path / 'ckpt'}",
+                                       "checkpoint.load_iteration=2"])
+    one, cp, resumed = (_losses(tmp_path / name) for name in ("one", "cp2", "resumed"))
+    worst = max(abs(cp[i] - one[i]) for i in one)
+    print(f"{precision}: CP2 vs one rank, max |loss difference| {worst:.1e}")
+    assert sorted(cp) == [1, 2, 3, 4] and worst < tolerance
+    assert sorted(resumed) == [3, 4] and all(resumed[i] == cp[i] for i in resumed), (resumed, cp)
