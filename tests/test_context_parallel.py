@@ -81,6 +81,7 @@ def test_zigzag_split_and_loader(c):
     assert sorted(torch.cat(parts).tolist()) == list(range(s))
     chunk = s // (2 * c)
     assert parts[0][:chunk].tolist() == list(range(chunk)) and parts[0][chunk:].tolist() == list(range(s - chunk, s))
+    assert local_positions(15, 1, 0).tolist() == list(range(15))  # any length without CP
     data = [{"tokens": torch.arange(s) + 100 * i, "labels": torch.arange(s) + 1 + 100 * i} for i in range(3)]
     full = collate(data, [2, 0], ("tokens", "labels"))
     for positions in parts:

@@ -77,6 +77,8 @@ def local_positions(seq_length: int, cp_size: int, cp_rank: int, layout: str = "
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if cp_size == 1:
+        return torch.arange(seq_length)
     if seq_length % (2 * cp_size):
         raise ValueError(f"sequence length {seq_length} is not divisible by 2 × CP = {2 * cp_size}")
     local = seq_length // cp_size
