@@ -190,7 +190,8 @@ def _measure(overrides: list[str]) -> dict:
         "measured": {f"{op}/{g}": n for (op, g), n in counter.bytes.items()},
         "calls": {f"{op}/{g}": n for (op, g), n in counter.calls.items()},
         "analytic": {f"{op}/{g}": n for (op, g), n in expected.items()},
-        "dims": {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp, "m": dims.num_microbatches,
+        "dims": {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp,
+                 "m": dims.num_microbatches,
                  "sp": dims.sequence_parallel},
     }
     state.destroy()

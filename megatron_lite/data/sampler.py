@@ -7,8 +7,8 @@ rank r takes its ``micro_batch_size`` samples from each slice: the same layout a
 the global batch's content does not depend on the DP size. TP ranks, CP ranks and pipeline stages of
 one model replica share a DP rank and so see the same indices; only the stages that use a field need
 to load it (``stage_fields``), and a CP rank keeps only its tokens of each sample (``positions``:
-its two zigzag chunks, parallel/context.py:local_positions). Resuming with the saved ``consumed_samples`` continues with the very next
-sample.
+its two zigzag chunks, parallel/context.py:local_positions). Resuming with the saved
+``consumed_samples`` continues with the very next sample.
 """
 
 from __future__ import annotations
