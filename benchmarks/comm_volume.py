@@ -191,8 +191,7 @@ def _measure(overrides: list[str]) -> dict:
         "calls": {f"{op}/{g}": n for (op, g), n in counter.calls.items()},
         "analytic": {f"{op}/{g}": n for (op, g), n in expected.items()},
         "dims": {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp,
-                 "m": dims.num_microbatches,
-                 "sp": dims.sequence_parallel},
+                 "m": dims.num_microbatches, "sp": dims.sequence_parallel},
     }
     state.destroy()
     return result
