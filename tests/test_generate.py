@@ -72,3 +72,20 @@ def test_prompt_in_pieces_through_the_cache_gives_one_shot_logits(exported):
     assert caches[0].length == 64
     pieces, whole = pieces[..., :VOCAB], whole[..., :VOCAB]  # the padding rows are -inf in both
     assert ((pieces - whole).abs().max() / whole.abs().max()).item() < 1e-5
+
+
+def test_sampling_controls_and_bad_input(exported, capsys):
+    from megatron_lite.generate import main as generate_main
+
+    ckpt = str(exported[0])
+    _, model = load_model(ckpt)
+    prompt = random_tokens((10,), 11).tolist()
+    greedy = generate(model, prompt, 16, greedy=True)
+    assert generate(model, prompt, 16, top_k=1, temperature=0.7) == greedy  # top-1 sampling is greedy
+    sampled = [generate(model, prompt, 16, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert sampled[0] == sampled[1] != sampled[2]  # the seed decides
+    assert len(generate(model, prompt, 10_000, greedy=True)) == SEQ - len(prompt)  # stops at seq_length
+    for argv, message in ((["--temperature", "0"], "--temperature must be positive"),
+                          (["--prompt", "word " * 400], f"the model's seq_length is {SEQ}")):
+        assert generate_main(["--load", ckpt, "--prompt", "x", *argv]) == 2
+        assert message in capsys.readouterr().err
