@@ -32,9 +32,9 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from ..config import Config, ConfigError, load_config, padded_vocab_size, to_config, to_yaml
+from ..config import Config, ConfigError, load_config, padded_vocab_size, to_config, to_yaml, validate
 from ..data.errors import DataError
-from ..data.tokenizer import BUNDLED_TOKENIZER, build_tokenizer
+from ..data.tokenizer import BUNDLED_TOKENIZER, build_tokenizer, load_tokenizer
 from ..model import GPTChunk, build_gpt
 from ..model.hf import family, from_hf, hf_config, to_hf
 from .manager import model_signature
@@ -302,18 +302,13 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _import_tokenizer(hf_dir: Path, output: Path) -> list[str]:
-    """Copy the HF tokenizer into ``output/tokenizer/``; the overrides that name it (none without one)."""
-    present = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
-    if not {"tokenizer.json", "tokenizer.model"} & set(present):
-        return []
-    target = output / "tokenizer"
-    target.mkdir(parents=True, exist_ok=True)
-    for name in present:
-        shutil.copyfile(hf_dir / name, target / name)
-    if "tokenizer.json" in present:
-        return ["data.tokenizer.type=huggingface", f"data.tokenizer.model={(target / 'tokenizer.json').resolve()}"]
-    return ["data.tokenizer.type=sentencepiece", f"data.tokenizer.model={(target / 'tokenizer.model').resolve()}"]
+def _hf_tokenizer(hf_dir: Path) -> Optional[tuple[str, str]]:
+    """(data.tokenizer.type, file name) of the HF directory's tokenizer; None without one."""
+    if (hf_dir / "tokenizer.json").is_file():
+        return "huggingface", "tokenizer.json"
+    if (hf_dir / "tokenizer.model").is_file():
+        return "sentencepiece", "tokenizer.model"
+    return None
 
 
 def import_(
@@ -324,8 +319,16 @@ def import_(
     hf = _read_hf_config(hf_dir)
     preset, keys = model_settings(hf, seq_length)
     model_keys = [f"model.{k}={json.dumps(v)}" for k, v in keys.items()]
-    cfg = load_config([f"model={preset}", *model_keys, *_import_tokenizer(hf_dir, output), *overrides])
-    build_tokenizer(cfg.data.tokenizer)  # fails now, in one line, if the tokenizer is unusable
+    tokenizer = _hf_tokenizer(hf_dir)  # copied to output/tokenizer/ once the checkpoint is written
+    copied = None if tokenizer is None else (output / "tokenizer" / tokenizer[1]).resolve()
+    tokenizer_keys = [] if tokenizer is None else [f"data.tokenizer.type={tokenizer[0]}", f"data.tokenizer.model={copied}"]
+    cfg = load_config([f"model={preset}", *model_keys, *tokenizer_keys, *overrides])
+    validate(cfg, 1)
+    # An unusable tokenizer fails now, in one line (the HF one is read where it is still).
+    if copied is not None and cfg.data.tokenizer.model == str(copied):
+        load_tokenizer(cfg.data.tokenizer.type, hf_dir / copied.name)
+    else:
+        build_tokenizer(cfg.data.tokenizer)
     hf_state = read_hf_weights(hf_dir)
     try:
         ours = from_hf(hf_state, cfg.model)
@@ -350,7 +353,13 @@ def import_(
     tensors = ShardedState(list(model.named_parameters())).model_tensors()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
+        path = write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
+    if tokenizer is not None:
+        (output / "tokenizer").mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, output / "tokenizer" / name)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
