@@ -125,8 +125,17 @@ class OptimizerConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = "sentencepiece"  # sentencepiece | huggingface
-    model: Optional[str] = None  # None: the tokenizer shipped with the bundled corpus
+    """Megatron-LM's tokenizer types and files (data/tokenizer.py says what each reads)."""
+
+    # SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | TikTokenizer
+    # (also GPTSentencePieceTokenizer, and the older sentencepiece | huggingface)
+    type: str = "SentencePieceTokenizer"
+    # a .model, a tokenizer.json or HF tokenizer directory, a tiktoken file. None: the bundled one
+    model: Optional[str] = None
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None  # GPT2BPETokenizer: merges.txt
+    tiktoken_pattern: str = "v2"  # TikTokenizer: Megatron's pre-tokenisation pattern, v1 | v2
+    tiktoken_num_special_tokens: int = 1000  # TikTokenizer: special ids before the BPE ranks
 
 
 @dataclass
@@ -135,6 +144,11 @@ class DataConfig:
     # None: the bundled public-domain corpus.
     paths: Optional[list[Any]] = None
     split: str = "969,30,1"
+    # Per-split data instead of paths + split (Megatron's --train/valid/test-data-path), each in the
+    # paths syntax; a split left None is not built (no validation or no test evaluation).
+    train_paths: Optional[list[Any]] = None
+    valid_paths: Optional[list[Any]] = None
+    test_paths: Optional[list[Any]] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 0
     cache_dir: Optional[str] = None  # None: ~/.cache/megatron_lite
@@ -264,7 +278,11 @@ CHOICES = {
     "training.precision": ("fp32", "bf16", "fp16"),
     "training.recompute": ("none", "selective", "full"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),
-    "data.tokenizer.type": ("sentencepiece", "huggingface"),
+    "data.tokenizer.type": (
+        "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+        "TikTokenizer", "sentencepiece", "huggingface",
+    ),
+    "data.tokenizer.tiktoken_pattern": ("v1", "v2"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
 

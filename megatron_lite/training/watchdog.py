@@ -29,6 +29,9 @@ collective never finished.
 A step that fails because a peer died (gloo raises "Connection reset/closed by peer") is
 reported the same way, one line naming the collective and its group's ranks, and exits with the
 same code: the rank cannot go on without its peer, and tearing down groups with dead peers can block.
+Before it prints, the line is completed from the ranks' heartbeats (``heartbeat.py``): which ranks
+stopped answering and since when, which left through their own watchdog, which still answer — so
+the dead rank is named by the survivors, whatever the launcher reports first.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from ..parallel.state import ParallelState
+    from .heartbeat import Heartbeat
 
 WATCHDOG_EXIT_CODE = 4
 CALIBRATION_STEPS = 3
@@ -68,8 +72,9 @@ class Watchdog:
     """
 
     def __init__(self, state: ParallelState, step_timeout: Optional[float], startup_timeout: timedelta,
-                 poll_s: float = POLL_S):
+                 poll_s: float = POLL_S, heartbeat: Optional["Heartbeat"] = None):
         self.state = state
+        self.heartbeat = heartbeat
         self.step_timeout = step_timeout
         self.startup_timeout_s = startup_timeout.total_seconds()
         self.poll_s = poll_s
@@ -115,8 +120,7 @@ class Watchdog:
             if not is_communication_error(err):
                 raise
             self._exit(f"{what} failed: {_first_line(err)}; "
-                       f"{describe_wait(_traceback_frames(err.__traceback__), self.state)}; "
-                       "a peer rank has probably died (the launcher names it)")
+                       f"{describe_wait(_traceback_frames(err.__traceback__), self.state)}")
         finally:
             with self._lock:
                 self._phase = None
@@ -146,7 +150,11 @@ class Watchdog:
         c = self.state
         where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} pp {c.pp_rank}/{c.pp_size} " \
                 f"dp {c.dp_rank}/{c.dp_size})"
-        print(f"watchdog: {where} {message}; pipeline action {self.action}; exiting",
+        peers = ""
+        if self.heartbeat is not None:
+            peers = f"; {self.heartbeat.survey()}"
+            self.heartbeat.stop("exited watchdog")
+        print(f"watchdog: {where} {message}{peers}; pipeline action {self.action}; exiting",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(WATCHDOG_EXIT_CODE)
