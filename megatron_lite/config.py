@@ -246,8 +246,16 @@ def _one_line(err: BaseException) -> str:
     for e in (err, err.__cause__):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] if e is not None else []
         head = 2 if lines and lines[0].endswith(":") else 1  # "... while composing config:" + why
-        parts += lines[:head] + [ln for ln in lines[head:] if ln.startswith("full_key:")]
+        # Hydra's remedies ("1. To use it as a list, use key=[value1,value2]", "Did you mean ...") stay.
+        keep = [ln for ln in lines[head:] if ln.startswith("full_key:") or _is_remedy(ln)]
+        if keep and _is_remedy(keep[0]) and lines[head - 1][-1:] not in ":.":
+            lines[head - 1] += ":"
+        parts += lines[:head] + keep
     return " ".join(dict.fromkeys(parts))  # a cause often repeats the first line
+
+
+def _is_remedy(line: str) -> bool:
+    return line[:1].isdigit() and line[1:3] == ". " or line.startswith("Did you mean")
 
 
 @dataclass(frozen=True)

@@ -287,9 +287,11 @@ class Trainer:
                 self._log_eval()
             # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
             # signal or training.exit_duration_mins).
-            stop_reason = self.checkpointer.after_step()
+            with self.watchdog.watch(f"checkpointing after iteration {self.iteration}", collective_bound=True):
+                stop_reason = self.checkpointer.after_step()
         self.optimizer.finish_param_gather()
-        self.checkpointer.finish()
+        with self.watchdog.watch(f"the final checkpoint at iteration {self.iteration}", collective_bound=True):
+            self.checkpointer.finish()
         if stop_reason is None or not stop_reason.startswith("signal"):
             self._log_eval()
             if self.iteration >= t.train_iters:

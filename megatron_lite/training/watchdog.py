@@ -81,7 +81,7 @@ class Watchdog:
         self.step_times: list[float] = []  # the first CALIBRATION_STEPS training steps, seconds
         self.action = "none"  # the pipeline schedule action running now (set through on_action)
         self._lock = threading.Lock()
-        self._phase: Optional[tuple[str, float, float]] = None  # (what, start, limit)
+        self._phase: Optional[tuple[str, float, float, str]] = None  # (what, start, limit, its source)
         self._thread: Optional[threading.Thread] = None
         self._training_thread = threading.get_ident()
 
@@ -105,12 +105,19 @@ class Watchdog:
         self.action = label
 
     @contextmanager
-    def watch(self, what: str, scale: float = 1.0, calibrate: bool = False) -> Iterator[None]:
+    def watch(self, what: str, scale: float = 1.0, calibrate: bool = False,
+              collective_bound: bool = False) -> Iterator[None]:
         """Watch the enclosed step (``what``, e.g. "iteration 7"); ``calibrate``: a training step whose
-        time may set the derived limit. A peer's death inside it ends the process (one line)."""
+        time may set the derived limit; ``collective_bound``: bounded by the collective timeout, not
+        the step limit (a checkpoint save takes its own time). A peer's death inside it ends the
+        process (one line)."""
         start = time.monotonic()
+        if collective_bound:
+            limit, source = self.startup_timeout_s, "parallel.distributed_timeout_minutes"
+        else:
+            limit, source = self.limit(scale), self._limit_source()
         with self._lock:
-            self._phase = (what, start, self.limit(scale))
+            self._phase = (what, start, limit, source)
             self._training_thread = threading.get_ident()
         self.action = "none"
         self._start_thread()
@@ -139,11 +146,11 @@ class Watchdog:
                 phase, thread = self._phase, self._training_thread
             if phase is None:
                 continue
-            what, start, limit = phase
+            what, start, limit, source = phase
             ran = time.monotonic() - start
             if ran > limit:
                 frame = sys._current_frames().get(thread)
-                self._exit(f"{what} exceeded {self._limit_source()}={limit:.1f} s (ran {ran:.1f} s); "
+                self._exit(f"{what} exceeded {source}={limit:.1f} s (ran {ran:.1f} s); "
                            f"{describe_wait(_stack_frames(frame), self.state)}")
 
     def _exit(self, message: str) -> None:
