@@ -40,11 +40,11 @@ for default in parallel=tp2_pp2_dp2 training=cpu_demo logging.dir=runs/main_job;
   done
   if [ "$chosen" -eq 0 ]; then defaults+=("$default"); fi
 done
-if [ "${#defaults[@]}" -gt 0 ]; then
-  echo "pretrain_gpt.sh: with ${defaults[*]} (name another group or key to change it)" >&2
-fi
 # Validate once, before any rank starts: a bad config is one line and exit code 2.
 "$PYTHON" -m megatron_lite.config --world-size $((NPROC_PER_NODE * NNODES)) ${defaults[@]+"${defaults[@]}"} "$@" >/dev/null
+if [ "${#defaults[@]}" -gt 0 ]; then
+  echo "pretrain_gpt.sh: with ${defaults[*]} (name another group, or logging.dir, to replace one)" >&2
+fi
 if [ "$NNODES" -gt 1 ]; then
   # c10d rendezvous: a failure on any node restarts the workers of every node (static rendezvous
   # would restart only the failing node's); ranks are assigned at each rendezvous.

@@ -116,7 +116,7 @@ def check_logging_dir(cfg: Config, resumes_at: int) -> None:
         return
     records = sum(1 for _ in metrics.open("rb"))
     raise ConfigError(
-        "logging.dir", f"{metrics} already holds {records} records of an earlier run; a new run does not "
+        "logging.dir", f"{metrics} already holds {records} record{'s' * (records != 1)} of an earlier run; a new run does not "
         "overwrite them: choose another logging.dir, delete that file, or resume the run (checkpoint.load)"
     )
 
