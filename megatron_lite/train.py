@@ -48,7 +48,7 @@ def run(cfg: Config | DictConfig, overrides: Sequence[str] = ()) -> Trainer:
     heartbeat = Heartbeat.for_world(info.rank, info.world_size)
     try:
         start = time.perf_counter()
-        state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp, timeout=timeout)
+        state = ParallelState.from_dims(dims, timeout)
         groups_s = time.perf_counter() - start
         trainer = Trainer(config, dims, state, tokenizer=tokenizer, heartbeat=heartbeat)
         if info.rank == 0:

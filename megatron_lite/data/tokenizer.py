@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from megatron_lite.data.errors import DataError
+from megatron_lite.messages import first_line
 
 # The sentencepiece BPE model (4096 pieces) trained on the bundled corpus; see corpus/README.md.
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "corpus" / "kjv_bpe4096.model"
@@ -95,7 +96,7 @@ class SentencePieceTokenizer:
             self._sp.Load(str(self.path))
         except (OSError, RuntimeError) as err:
             raise TokenizerError(
-                f"{self.path}: not a sentencepiece model ({_first_line(err)}); "
+                f"{self.path}: not a sentencepiece model ({first_line(err)}); "
                 "check data.tokenizer.model and data.tokenizer.type"
             ) from None
         self.vocab_size: int = self._sp.GetPieceSize()
@@ -174,7 +175,7 @@ class HuggingFaceTokenizer(_TokenizersLibrary):
             tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - the library raises its own exception type
             raise TokenizerError(
-                f"{self.path}: not a HuggingFace tokenizer.json ({_first_line(err)})"
+                f"{self.path}: not a HuggingFace tokenizer.json ({first_line(err)})"
             ) from None
         self._finish(tok, eos)
 
@@ -189,7 +190,7 @@ class HuggingFaceTokenizer(_TokenizersLibrary):
         try:
             hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except Exception as err:  # noqa: BLE001 - transformers raises many types
-            raise TokenizerError(f"{directory}: not a HuggingFace tokenizer directory ({_first_line(err)})") from None
+            raise TokenizerError(f"{directory}: not a HuggingFace tokenizer directory ({first_line(err)})") from None
         if getattr(hf, "backend_tokenizer", None) is None:
             raise TokenizerError(f"{directory}: transformers has no fast tokenizer for it; save a tokenizer.json")
         self.path = directory
@@ -218,7 +219,7 @@ class GPT2BPETokenizer(_TokenizersLibrary):
             model = tokenizers.models.BPE.from_file(str(self.path), str(merges))
         except Exception as err:  # noqa: BLE001 - the library raises its own exception type
             raise TokenizerError(
-                f"{self.path}, {merges}: not a GPT-2 vocab.json/merges.txt pair ({_first_line(err)})"
+                f"{self.path}, {merges}: not a GPT-2 vocab.json/merges.txt pair ({first_line(err)})"
             ) from None
         tok = tokenizers.Tokenizer(model)
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -254,7 +255,7 @@ class TikTokenizer:
         try:
             ranks = _nemo_ranks(self.path) if self.path.suffix == ".json" else load_tiktoken_bpe(str(self.path))
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise TokenizerError(f"{self.path}: not a tiktoken vocabulary ({_first_line(err)})") from None
+            raise TokenizerError(f"{self.path}: not a tiktoken vocabulary ({first_line(err)})") from None
         specials = list(TIKTOKEN_SPECIAL_TOKENS) + [
             f"<SPECIAL_{i}>" for i in range(len(TIKTOKEN_SPECIAL_TOKENS), num_special_tokens)
         ]
@@ -311,9 +312,6 @@ def _first_known_id(tok, names: tuple[str, ...]) -> Optional[int]:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def canonical_type(kind: str) -> str:

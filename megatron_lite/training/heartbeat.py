@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ..messages import first_line
+
 PERIOD_S = 1.0
 SURVEY_S = 3.0  # how long a rank may go without a beat before it counts as not answering
 STORE_TIMEOUT_S = 10.0
@@ -143,8 +145,7 @@ class Heartbeat:
                     break
                 time.sleep(self.period_s / 4)
         except Exception as err:  # noqa: BLE001 - the store's host process may be the dead one
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            return f"heartbeats unreadable: the rendezvous store {self.where} does not answer ({first_line})"
+            return f"heartbeats unreadable: the rendezvous store {self.where} does not answer ({first_line(err)})"
         now = time.time()
         silent, exited, never = [], [], []
         for r in quiet:
