@@ -204,10 +204,11 @@ def _write_foreign_tokenizer_data(d: Path) -> None:
 
 
 def _snapshot(d: Path) -> dict[str, tuple]:
-    """Every file and directory under ``d``: (size, mtime_ns, sha256) or "dir". ``*.scan.json`` is
-    left out: the cache of a dataset's largest token id that the start-up check writes beside it."""
+    """Every file and directory under ``d``: (size, mtime_ns, sha256) or "dir". ``*.scan.json`` and
+    its lock are left out: the cache of a dataset's largest token id that the start-up check writes
+    beside it."""
     snap = {}
-    for path in sorted(p for p in d.rglob("*") if not p.name.endswith(".scan.json")):
+    for path in sorted(p for p in d.rglob("*") if ".scan.json" not in p.name):
         if path.is_dir():
             snap[str(path.relative_to(d))] = ("dir",)
         else:

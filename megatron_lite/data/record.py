@@ -96,7 +96,10 @@ def max_token_id(prefix: str | Path, cache_dir: Path) -> int:
         largest = -1
         for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
             largest = max(largest, int(tokens[start: start + SCAN_CHUNK_TOKENS].max()))
-        _write_json(cache, {"key": key, "max_token_id": largest, "prefix": str(prefix)})
+        try:
+            _write_json(cache, {"key": key, "max_token_id": largest, "prefix": str(prefix)})
+        except OSError:  # the cache is an optimisation: a full or read-only disk only costs a rescan
+            pass
     return largest
 
 
@@ -116,12 +119,16 @@ class _locked:
         self.path = path
 
     def __enter__(self) -> None:
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._fd: Optional[int] = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (or no room): each rank scans for itself
+            self._fd = None
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
 
 
 def _read_json(path: Path) -> Optional[dict]:
