@@ -141,7 +141,10 @@ class Heartbeat:
                 answering |= {r for r, v in now_values.items()
                               if v is not None and v.state == "alive" and (first[r] is None or v.count != first[r].count)}
                 quiet = [r for r in now_values if r not in answering]
-                if not quiet or time.monotonic() >= deadline:
+                # Done when the others beat again, or when every quiet rank's last beat is already
+                # older than the window (a hang noticed after a step timeout: no need to wait more).
+                stale = all(now_values[r] is not None and time.time() - now_values[r].time > window_s for r in quiet)
+                if not quiet or stale or time.monotonic() >= deadline:
                     break
                 time.sleep(self.period_s / 4)
         except Exception as err:  # noqa: BLE001 - the store's host process may be the dead one
