@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, load_config, padded_vocab_size, to_config, to_yaml
-from ..data.tokenizer import BUNDLED_TOKENIZER
+from ..data.tokenizer import BUNDLED_TOKENIZER, canonical_type
 from ..model import GPTChunk, build_gpt
 from ..model.hf import family, from_hf, hf_config, to_hf
 from .manager import model_signature
@@ -70,7 +70,7 @@ def export(load: str | Path, output: str | Path, iteration: Optional[int] = None
 
 def _export_tokenizer(cfg: Config, output: Path) -> None:
     tok = cfg.data.tokenizer
-    if tok.type == "sentencepiece":
+    if canonical_type(tok.type) == "SentencePieceTokenizer":
         shutil.copyfile(tok.model or BUNDLED_TOKENIZER, output / "tokenizer.model")
         settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False}
     else:
