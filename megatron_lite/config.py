@@ -161,8 +161,18 @@ class OptimizerConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = choice("sentencepiece", "huggingface")
-    model: Optional[str] = None  # None: the tokenizer shipped with the bundled corpus
+    """Megatron-LM's tokenizer types and files (data/tokenizer.py says what each reads)."""
+
+    # SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | TikTokenizer
+    # (also GPTSentencePieceTokenizer, and the older sentencepiece | huggingface)
+    type: str = choice("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer",
+                       "GPT2BPETokenizer", "TikTokenizer", "sentencepiece", "huggingface")
+    # a .model, a tokenizer.json or HF tokenizer directory, a tiktoken file. None: the bundled one
+    model: Optional[str] = None
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None  # GPT2BPETokenizer: merges.txt
+    tiktoken_pattern: str = choice("v2", "v1")  # TikTokenizer: Megatron's pre-tokenisation pattern
+    tiktoken_num_special_tokens: int = positive(1000)  # TikTokenizer: special ids before the BPE ranks
 
 
 @dataclass
@@ -171,6 +181,11 @@ class DataConfig:
     # None: the bundled public-domain corpus.
     paths: Optional[list[Any]] = None
     split: str = "969,30,1"
+    # Per-split data instead of paths + split (Megatron's --train/valid/test-data-path), each in the
+    # paths syntax; a split left None is not built (no validation or no test evaluation).
+    train_paths: Optional[list[Any]] = None
+    valid_paths: Optional[list[Any]] = None
+    test_paths: Optional[list[Any]] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = non_negative(0)
     cache_dir: Optional[str] = None  # None: ~/.cache/megatron_lite
@@ -268,8 +283,16 @@ def _one_line(err: BaseException) -> str:
     for e in (err, err.__cause__):
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] if e is not None else []
         head = 2 if lines and lines[0].endswith(":") else 1  # "... while composing config:" + why
-        parts += lines[:head] + [ln for ln in lines[head:] if ln.startswith("full_key:")]
+        # Hydra's remedies ("1. To use it as a list, use key=[value1,value2]", "Did you mean ...") stay.
+        keep = [ln for ln in lines[head:] if ln.startswith("full_key:") or _is_remedy(ln)]
+        if keep and _is_remedy(keep[0]) and lines[head - 1][-1:] not in ":.":
+            lines[head - 1] += ":"
+        parts += lines[:head] + keep
     return " ".join(dict.fromkeys(parts))  # a cause often repeats the first line
+
+
+def _is_remedy(line: str) -> bool:
+    return line[:1].isdigit() and line[1:3] == ". " or line.startswith("Did you mean")
 
 
 @dataclass(frozen=True)

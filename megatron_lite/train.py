@@ -1,7 +1,9 @@
 """Hydra entry point: ``python -m megatron_lite.train [overrides]`` (under torchrun for many ranks).
 
-Order: compose config → validate against the world size (one-line error, exit 2) → create the
-process groups → build → train. User errors print one line without a traceback and exit 2
+Order: compose config → validate against the world size (one-line error, exit 2) → start-up checks
+on every rank (optional packages, the resume directory, ``logging.dir``, the data against the
+tokenizer: ``training/startup.py``) → run records in ``logging.dir`` (rank 0) → create the process
+groups and the heartbeat → build → train. User errors print one line without a traceback and exit 2
 (``training/errors.py``); a hung step or a dead peer ends a rank with exit 4 (``training/watchdog.py``).
 """
 
@@ -9,41 +11,67 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Sequence
 
 import hydra
 from omegaconf import DictConfig
 
 from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
+from megatron_lite.data import build_tokenizer
 from megatron_lite.training.errors import exit_on_user_error
+from megatron_lite.training.heartbeat import Heartbeat
+from megatron_lite.training.metrics import write_run_records
+from megatron_lite.training.startup import prepare, print_notes, restart_count, start_iteration
 from megatron_lite.training.trainer import Trainer, describe_run
 from megatron_lite.training.watchdog import configure_nccl
 
 
-def run(cfg: Config | DictConfig) -> Trainer:
-    """Validate, create the process groups, build and train; returns the trainer (its process groups
-    still alive). Callable from any launcher whose environment says the rank and world size
-    (torchrun, SLURM, or a plain single process)."""
+def run(cfg: Config | DictConfig, overrides: Sequence[str] = ()) -> Trainer:
+    """Validate, check, create the process groups, build and train; returns the trainer (its process
+    groups still alive). Callable from any launcher whose environment says the rank and world size
+    (torchrun, SLURM, or a plain single process). ``overrides``: the command line's, for the run
+    records."""
+    start = time.perf_counter()
     config = to_config(cfg)
-    dims = validate(config, launch_info().world_size)
+    launch = launch_info()
+    dims = validate(config, launch.world_size)
+    tokenizer = build_tokenizer(config.data.tokenizer)
+    notes = prepare(config, tokenizer).notes
+    if launch.rank == 0:
+        write_run_records(config, overrides, dims.world_size, restart_count(), start_iteration(config))
+    print_notes(notes, launch.rank)
+    checks_s = time.perf_counter() - start
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)
     configure_nccl(config.logging.dir)
     info = init_distributed(timeout)
-    start = time.perf_counter()
-    state = ParallelState.from_dims(dims, timeout)
-    groups_s = time.perf_counter() - start
-    trainer = Trainer(config, dims, state)
-    if info.rank == 0:
-        summary = ", ".join(f"{k} {v}" for k, v in describe_run(config, dims, trainer).items())
-        print(f"world {dims.world_size}: {summary}; process groups in {groups_s:.2f} s", flush=True)
-    trainer.train()
+    heartbeat = Heartbeat.for_world(info.rank, info.world_size)
+    try:
+        start = time.perf_counter()
+        state = ParallelState.from_dims(dims, timeout)
+        groups_s = time.perf_counter() - start
+        trainer = Trainer(config, dims, state, tokenizer=tokenizer, heartbeat=heartbeat)
+        if info.rank == 0:
+            summary = ", ".join(f"{k} {v}" for k, v in describe_run(config, dims, trainer).items())
+            print(f"world {dims.world_size}: {summary}; start-up checks in {checks_s:.2f} s, "
+                  f"process groups in {groups_s:.2f} s", flush=True)
+        trainer.train()
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     return trainer
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(cfg, _overrides())
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest re-raised
         exit_on_user_error(err, launch_info().rank)
         raise

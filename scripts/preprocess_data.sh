@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tokenize a JSONL corpus into PREFIX_text_document.bin/.idx (Megatron's format) for data.paths.
+# Tokenize a JSONL or parquet corpus into PREFIX_{key}_document.bin/.idx (Megatron's format) for data.paths;
+# the arguments are those of Megatron-LM's tools/preprocess_data.py (--json-keys, --tokenizer-type, ...).
 #   bash scripts/preprocess_data.sh --input corpus.jsonl.gz --output-prefix data/corpus \
-#       [--tokenizer-model tok.model] [--json-key text] [--workers N] [--skip-empty]
+#       [--tokenizer-type T --tokenizer-model tok.model] [--json-keys text ...] [--workers N] [--skip-empty]
 # Defaults here: one worker per CPU core and an eod token after every document (--no-append-eod
 # turns it off); without --tokenizer-model, the bundled 4096-piece tokenizer. Train your own with
 #   python -m megatron_lite.data.train_tokenizer --input corpus.jsonl --vocab-size 32000 --output tok

@@ -83,6 +83,16 @@ CASES = [
     ("unreadable tokenizer file (chmod 000)", _train("data.tokenizer.model={d}/unreadable.model"),
      ["{d}/unreadable.model"]),
     ("logging.dir under a regular file", _train("logging.dir={d}/afile/run"), ["{d}/afile"]),
+    ("new run in a used logging.dir", _train("logging.dir={d}/usedrun"), ["{d}/usedrun/metrics.jsonl", "logging.dir"]),
+    ("ambiguous override (unquoted list)", _train("data.split=98,2,0"), ["data.split=98,2,0", "quote the value"]),
+    # The data against the model's tokenizer, checked before any process group exists.
+    ("data made by another tokenizer", _train("data.paths=[{d}/othertok]"),
+     ["{d}/othertok.bin/.idx", "{d}/other_tokenizer.json", "kjv_bpe4096.model", "(4096 ids"]),
+    ("token ids beyond the model's vocabulary", _train("data.paths=[{d}/bigids]"),
+     ["{d}/bigids.bin", "token ids up to 5000", "4096 ids", "model.vocab_size"]),
+    ("model.vocab_size below the tokenizer's", _train("model.vocab_size=1000"), ["model.vocab_size", "4096"]),
+    ("GPT2BPETokenizer without its files", _train("data.tokenizer.type=GPT2BPETokenizer"),
+     ["data.tokenizer.vocab_file", "data.tokenizer.merge_file"]),
     # The data tools.
     ("preprocess: input does not exist",
      ["-m", "megatron_lite.data.preprocess", "--input", "{d}/missing.jsonl", "--output-prefix", "{out}/x"],
@@ -99,6 +109,12 @@ CASES = [
     ("preprocess: non-sentencepiece tokenizer",
      ["-m", "megatron_lite.data.preprocess", "--input", "{d}/ok.jsonl", "--tokenizer-model", "{d}/notsp.model",
       "--output-prefix", "{out}/x"], ["{d}/notsp.model"]),
+    ("preprocess: --split-sentences",
+     ["-m", "megatron_lite.data.preprocess", "--input", "{d}/ok.jsonl", "--output-prefix", "{out}/x", "--split-sentences"],
+     ["--split-sentences"]),
+    ("preprocess: GPT2BPETokenizer without --merge-file",
+     ["-m", "megatron_lite.data.preprocess", "--input", "{d}/ok.jsonl", "--output-prefix", "{out}/x",
+      "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "{d}/other_tokenizer.json"], ["--merge-file"]),
     ("preprocess: output prefix under a regular file",
      ["-m", "megatron_lite.data.preprocess", "--input", "{d}/ok.jsonl", "--output-prefix", "{d}/afile/x"],
      ["{d}/afile", "--output-prefix"]),
@@ -155,15 +171,44 @@ def _write_inputs(d: Path) -> None:
     (d / "notsp.model").write_text("this is not a sentencepiece model\n")
     (d / "tokdir").mkdir()
     (d / "afile").write_text("a regular file\n")
+    (d / "usedrun").mkdir()
+    (d / "usedrun" / "metrics.jsonl").write_text('{"iteration": 1, "loss": 8.3}\n')
+    _write_foreign_tokenizer_data(d)
     unreadable = d / "unreadable.model"
     unreadable.write_bytes((REPO / "megatron_lite/data/corpus/kjv_bpe4096.model").read_bytes())
     unreadable.chmod(0)
 
 
+def _write_foreign_tokenizer_data(d: Path) -> None:
+    """``othertok``: data with the record of a 300-id HF tokenizer; ``bigids``: data without a
+    record (as Megatron-LM writes it) holding ids up to 5000."""
+    import tokenizers
+
+    from megatron_lite.data.record import write_record
+    from megatron_lite.data.tokenizer import load_tokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False)
+    tok.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20, trainer)
+    tok.save(str(d / "other_tokenizer.json"))
+    other = load_tokenizer("HuggingFaceTokenizer", d / "other_tokenizer.json")
+    for name, top in (("othertok", other.vocab_size - 1), ("bigids", 5000)):
+        writer = IndexedDatasetWriter(d / name, np.uint16)
+        rng = np.random.default_rng(1)
+        for _ in range(40):
+            writer.add_document(rng.integers(0, top, size=60))
+        writer.add_document([top])
+        writer.finalize()
+    write_record(d / "othertok", other, json_key="text", max_token_id=other.vocab_size - 1)
+
+
 def _snapshot(d: Path) -> dict[str, tuple]:
-    """Every file and directory under ``d``: (size, mtime_ns, sha256) or "dir"."""
+    """Every file and directory under ``d``: (size, mtime_ns, sha256) or "dir". ``*.scan.json`` and
+    its lock are left out: the cache of a dataset's largest token id that the start-up check writes
+    beside it."""
     snap = {}
-    for path in sorted(d.rglob("*")):
+    for path in sorted(p for p in d.rglob("*") if ".scan.json" not in p.name):
         if path.is_dir():
             snap[str(path.relative_to(d))] = ("dir",)
         else:

@@ -63,10 +63,10 @@ def _memory_per_parameter(overrides: list[str]) -> dict:
 def test_memory_matches_megatron_formula(ranks, tmp_path, precision, formula):
     small = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=256", "model.seq_length=32",
              "training.micro_batch_size=1", "training.global_batch_size=4", "training.train_iters=1",
-             "training.eval_iters=0", f"training.precision={precision}", "optimizer.use_distributed_optimizer=true",
-             f"logging.dir={tmp_path}"]
-    for tp in (4, 2, 1):  # 4 ranks: DP = 1, 2, 4
-        report = ranks(4).run(_memory_per_parameter, small + [f"parallel.tensor_model_parallel_size={tp}"])[0]
+             "training.eval_iters=0", f"training.precision={precision}", "optimizer.use_distributed_optimizer=true"]
+    for tp in (4, 2, 1):  # 4 ranks: DP = 1, 2, 4; each run in its own logging.dir (a new run never reuses one)
+        report = ranks(4).run(_memory_per_parameter, small + [f"parallel.tensor_model_parallel_size={tp}",
+                                                              f"logging.dir={tmp_path / f'tp{tp}'}"])[0]
         expected = formula(report["dp"])
         print(f"{precision} DP={report['dp']}: measured {report['bytes_per_param']:.3f} B/param, formula {expected:.3f}")
         assert abs(report["bytes_per_param"] / expected - 1) < 0.01

@@ -139,8 +139,9 @@ def test_sentencepiece_checkpoint_exports_a_tokenizer_autotokenizer_loads(tmp_pa
     from megatron_lite.data.tokenizer import build_tokenizer
 
     cfg = load_config([])
-    _export_tokenizer(cfg, tmp_path, 2, 3)
-    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), build_tokenizer(cfg.data.tokenizer)
+    ours = build_tokenizer(cfg.data.tokenizer)
+    _export_tokenizer(ours, None, 128, tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     with lzma.open(BUNDLED_CORPUS, "rt") as f:
         texts = [json.loads(next(f))["text"][:3000] for _ in range(40)]
     texts += ["  two  spaces\tand a tab\n", "digits 1234567890", "ünïcode 😀 ✓", " leading", "trailing "]

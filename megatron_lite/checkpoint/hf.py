@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, load_config, padded_vocab_size, to_config, to_yaml, validate
 from ..data.errors import DataError
-from ..data.tokenizer import BUNDLED_TOKENIZER, build_tokenizer, load_tokenizer
+from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, canonical_type, load_tokenizer
 from ..model import GPTChunk, build_gpt
 from ..model.hf import family, from_hf, hf_config, to_hf
 from .manager import model_signature
@@ -89,6 +89,7 @@ def export(
 ) -> Path:
     """Write ``output`` as a HF model directory; returns it."""
     transformers = require("transformers")
+    max_shard_bytes = parse_size(max_shard_size)
     cfg, model = load_model(load, iteration)
     vocab = cfg.model.vocab_size
     output = Path(output)
@@ -100,6 +101,7 @@ def export(
         if key in hf_state:
             hf_state[key] = hf_state[key][:vocab].contiguous()
     tokenizer = build_tokenizer(cfg.data.tokenizer)
+    _export_tokenizer(tokenizer, cfg.data.tokenizer.model, cfg.model.seq_length, output)  # refusals first
     # Documents are separated by eod alone (no bos is ever inserted), so eod is bos as well (GPT-2's way).
     config = hf_config(cfg.model, vocab, bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)
     config.architectures = [ARCHITECTURES[family(cfg.model)]]
@@ -107,8 +109,7 @@ def export(
     transformers.GenerationConfig(
         bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad
     ).save_pretrained(str(output))
-    save_safetensors(hf_state, output, parse_size(max_shard_size))
-    _export_tokenizer(cfg, output, tokenizer.eod, tokenizer.pad)
+    save_safetensors(hf_state, output, max_shard_bytes)
     return output
 
 
@@ -188,20 +189,23 @@ def sentencepiece_to_tokenizers(model_path: str | Path):
     return tok
 
 
-def _export_tokenizer(cfg: Config, output: Path, eod: int, pad: int) -> None:
-    tokenizers = require("tokenizers")
-    tok = cfg.data.tokenizer
-    if tok.type == "sentencepiece":
-        source = Path(tok.model or BUNDLED_TOKENIZER)
+def _export_tokenizer(tokenizer: Tokenizer, model_path: Optional[str], seq_length: int, output: Path) -> None:
+    """tokenizer.json (+ tokenizer.model for sentencepiece) and tokenizer_config.json for AutoTokenizer;
+    ``model_path``: data.tokenizer.model (None: the bundled sentencepiece model)."""
+    if tokenizer.kind == "SentencePieceTokenizer":
+        source = Path(model_path or BUNDLED_TOKENIZER)
         hf_tok = sentencepiece_to_tokenizers(source)
         shutil.copyfile(source, output / "tokenizer.model")
+    elif hasattr(tokenizer, "backend"):  # HuggingFaceTokenizer, GPT2BPETokenizer
+        hf_tok = tokenizer.backend
     else:
-        hf_tok = tokenizers.Tokenizer.from_file(str(tok.model))
+        raise CheckpointError(f"data.tokenizer.type={tokenizer.kind}: HF export writes sentencepiece and "
+                              "tokenizers-library tokenizers only; export a tokenizer.json separately")
     hf_tok.save(str(output / "tokenizer.json"))
+    eod, pad = hf_tok.id_to_token(tokenizer.eod), hf_tok.id_to_token(tokenizer.pad)
     settings = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.seq_length,
-        "bos_token": hf_tok.id_to_token(eod), "eos_token": hf_tok.id_to_token(eod),
-        "pad_token": hf_tok.id_to_token(pad), "add_bos_token": False, "add_eos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_length, "bos_token": eod,
+        "eos_token": eod, "pad_token": pad, "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
     }
     (output / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
@@ -303,11 +307,13 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_tokenizer(hf_dir: Path) -> Optional[tuple[str, str]]:
-    """(data.tokenizer.type, file name) of the HF directory's tokenizer; None without one."""
+    """(data.tokenizer.type, what data.tokenizer.model names in the copy) of the HF directory's
+    tokenizer: the directory for a tokenizer.json (its tokenizer_config.json names the eos), a lone
+    sentencepiece tokenizer.model; None without either."""
     if (hf_dir / "tokenizer.json").is_file():
-        return "huggingface", "tokenizer.json"
+        return "HuggingFaceTokenizer", ""
     if (hf_dir / "tokenizer.model").is_file():
-        return "sentencepiece", "tokenizer.model"
+        return "SentencePieceTokenizer", "tokenizer.model"
     return None
 
 
@@ -326,7 +332,7 @@ def import_(
     validate(cfg, 1)
     # An unusable tokenizer fails now, in one line (the HF one is read where it is still).
     if copied is not None and cfg.data.tokenizer.model == str(copied):
-        load_tokenizer(cfg.data.tokenizer.type, hf_dir / copied.name)
+        load_tokenizer(cfg.data.tokenizer.type, hf_dir / tokenizer[1])
     else:
         build_tokenizer(cfg.data.tokenizer)
     hf_state = read_hf_weights(hf_dir)

@@ -18,31 +18,38 @@ from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.extensions import cache_root
 
 SPLIT_NAMES = ("train", "valid", "test")
+
+
+def data_cache_dir(data_cfg) -> Path:
+    """``data.cache_dir``, or ``data/`` under the megatron_lite cache."""
+    return Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_root() / "data"
+
 # Each member of a blend gets this much more than its share, so rounding never runs it dry.
 BLEND_MARGIN = 1.005
 
 
-def parse_paths(paths: Optional[Sequence[Any]]) -> tuple[list[str], list[float]]:
-    """``[p]``, ``[p1, p2]`` (equal weights) or ``[w1, p1, w2, p2]`` -> (prefixes, weights)."""
+def parse_paths(paths: Optional[Sequence[Any]], key: str = "data.paths") -> tuple[list[str], list[float]]:
+    """``[p]``, ``[p1, p2]`` (equal weights) or ``[w1, p1, w2, p2]`` -> (prefixes, weights);
+    ``key`` names the setting in errors."""
     if paths is None:
-        raise DataError("data.paths: None means the bundled corpus and has no prefixes to parse")
+        raise DataError(f"{key}: None means the bundled corpus and has no prefixes to parse")
     items = list(paths)
     if not items:
         raise DataError(
-            "data.paths: empty list; give .bin/.idx prefixes, or null for the bundled corpus"
+            f"{key}: empty list; give .bin/.idx prefixes, or null for the bundled corpus"
         )
     weights = [_number(w) for w in items[0::2]] if len(items) % 2 == 0 else [None]
     if None not in weights:
         prefixes = [str(p) for p in items[1::2]]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise DataError(
-                f"data.paths: weights {weights} must be non-negative and sum to a positive number"
+                f"{key}: weights {weights} must be non-negative and sum to a positive number"
             )
         return prefixes, weights
     if all(isinstance(item, str) for item in items):
         return list(items), [1.0] * len(items)
     raise DataError(
-        f"data.paths: {items!r} is neither a list of prefixes nor [weight, prefix, weight, ...]"
+        f"{key}: {items!r} is neither a list of prefixes nor [weight, prefix, weight, ...]"
     )
 
 
@@ -119,6 +126,35 @@ def _build(
     return out
 
 
+SPLIT_KEYS = ("data.train_paths", "data.valid_paths", "data.test_paths")
+
+
+def split_paths(data_cfg) -> Optional[list[Optional[tuple[list[str], list[float]]]]]:
+    """Per-split (prefixes, weights) from ``data.train/valid/test_paths`` (None for a split not
+    given), or None when the config uses ``data.paths`` + ``data.split`` (or the bundled corpus)."""
+    given = [getattr(data_cfg, key.split(".")[1]) for key in SPLIT_KEYS]
+    if all(g is None for g in given):
+        return None
+    if data_cfg.paths is not None:
+        raise DataError("data.paths: set together with data.train_paths/valid_paths/test_paths; "
+                        "use either paths + split or the per-split paths")
+    if given[0] is None:
+        raise DataError("data.train_paths: needed when data.valid_paths or data.test_paths is set")
+    return [None if g is None else parse_paths(g, key) for g, key in zip(given, SPLIT_KEYS)]
+
+
+def dataset_prefixes(data_cfg) -> list[str]:
+    """Every .bin/.idx prefix the config names, once each; [] for the bundled corpus."""
+    per_split = split_paths(data_cfg)
+    if per_split is not None:
+        names = [p for entry in per_split if entry is not None for p in entry[0]]
+    elif data_cfg.paths is not None:
+        names = parse_paths(data_cfg.paths)[0]
+    else:
+        names = []
+    return list(dict.fromkeys(names))
+
+
 def build_datasets(
     data_cfg, tokenizer: Tokenizer, seq_length: int, seed: int, num_samples: Sequence[int],
     group: Optional[dist.ProcessGroup] = None,
@@ -139,17 +175,28 @@ def build_datasets(
         )
     if seq_length <= 0:
         raise DataError(f"model.seq_length: must be positive, got {seq_length}")
-    cache_dir = Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_root() / "data"
+    cache_dir = data_cache_dir(data_cfg)
     fractions = parse_split(data_cfg.split)
+    per_split = split_paths(data_cfg)
     if data_cfg.paths is not None:
         prefixes, weights = parse_paths(data_cfg.paths)
+    counts = [int(n) for n in num_samples]
 
     def build() -> list[Optional[torch.utils.data.Dataset]]:
+        if per_split is not None:  # each split from its own prefixes, all of their documents
+            out: list[Optional[torch.utils.data.Dataset]] = []
+            for s, entry in enumerate(per_split):
+                if entry is None:
+                    out.append(None)
+                    continue
+                only = [1.0 if k == s else 0.0 for k in range(3)]
+                wanted = [counts[k] if k == s else 0 for k in range(3)]
+                out.append(_build(*entry, only, seq_length, seed, wanted, cache_dir)[s])
+            return out
         if data_cfg.paths is None:
             names, mix = [bundled_corpus_prefix(tokenizer, cache_dir)], [1.0]
         else:
             names, mix = prefixes, weights
-        counts = [int(n) for n in num_samples]
         return _build(names, mix, fractions, seq_length, seed, counts, cache_dir)
 
     return tuple(first_rank_then_rest(build, group))

@@ -115,6 +115,10 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of ``PREFIX.bin`` as one memory-mapped 1-D array (nothing is read yet)."""
+        return self._bin
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``offset : offset + length`` of sequence ``i`` (to its end if length is None)."""
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset

@@ -69,6 +69,16 @@ def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> Launc
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store for every restart of the workers: keys of the previous
+        # attempt (gloo's and NCCL's peer addresses) would be read by the next one, which then
+        # connects to dead ports (pytorch/pytorch#135712, #167288). Each attempt gets its own prefix.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                              is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_lite/attempt_{attempt}", store),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+        return info
     if "MASTER_ADDR" in os.environ:
         os.environ.setdefault("MASTER_PORT", "29500")
         init_method = "env://"

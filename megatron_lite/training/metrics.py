@@ -1,7 +1,16 @@
-"""Where a run's numbers go: the console line, ``metrics.jsonl``, wandb and tensorboard.
+"""Where a run's numbers go: the console line, ``metrics.jsonl``, wandb, tensorboard, run records.
 
 Only the logging rank (the first TP rank of the first DP replica's last pipeline stage, which holds
-the loss) creates a ``MetricsLogger``; every other rank logs nothing.
+the loss) creates a ``MetricsLogger``; every other rank logs nothing. ``metrics.jsonl`` is only ever
+appended to: a resumed run continues it (an iteration redone after a restart appears again, the
+last record of an iteration is the one that counts), and the entry point refuses a new run in a
+directory whose file holds another run's records (``training/startup.py``). Per-iteration values go
+to the file, wandb and tensorboard; the console line, every ``logging.log_interval`` iterations,
+carries a timestamp and averages over the interval, as Megatron's does.
+
+Rank 0 writes the run records into ``logging.dir`` at every start (``write_run_records``):
+``config.yaml`` (the resolved config), ``overrides.yaml`` (the command-line overrides) and one line
+per start in ``launches.jsonl`` (time, git commit, overrides, world size, restart count, host).
 """
 
 from __future__ import annotations
@@ -9,23 +18,29 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from ..config import Config, LoggingConfig
+from ..config import Config, LoggingConfig, to_yaml
+
+METRICS_FILE = "metrics.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class MetricsLogger:
-    """Writes one JSON object per iteration to ``${logging.dir}/metrics.jsonl`` and, every
-    ``log_interval`` iterations, a Megatron-style console line; mirrors both to wandb/tensorboard."""
+    """Appends one JSON object per iteration to ``${logging.dir}/metrics.jsonl``, prints console
+    lines (timestamped), and mirrors every record to wandb/tensorboard when enabled."""
 
-    def __init__(self, cfg: LoggingConfig, full_config: Config, resumed: bool = False):
+    def __init__(self, cfg: LoggingConfig, full_config: Config):
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "metrics.jsonl"
-        self._file = open(self.path, "a" if resumed else "w", buffering=1)
+        self.path = self.dir / METRICS_FILE
+        self._file = open(self.path, "a", buffering=1)
         self._wandb = self._tensorboard = None
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             self._wandb = _start_wandb(cfg, full_config)
@@ -39,10 +54,11 @@ class MetricsLogger:
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(finite) + "\n")
         if console is not None:
-            print(console, flush=True)
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {console}", flush=True)
         step = record["iteration"]
         prefix = f"{record['split']}/" if "split" in record else "train/"
-        numbers = {k: v for k, v in finite.items() if isinstance(v, (int, float)) and k != "iteration"}
+        numbers = {k: v for k, v in finite.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
         if self._wandb is not None:
             self._wandb.log({prefix + k: v for k, v in numbers.items()}, step=step)
         if self._tensorboard is not None:
@@ -58,12 +74,7 @@ class MetricsLogger:
 
 
 def _start_wandb(cfg: LoggingConfig, full_config: Config):
-    try:
-        import wandb
-    except ImportError:
-        print("warning: logging.wandb.enabled but wandb is not installed (pip install megatron-lite[wandb])",
-              file=sys.stderr)
-        return None
+    import wandb  # its presence is checked at start-up, on every rank (training/startup.py)
     from omegaconf import OmegaConf
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -73,8 +84,44 @@ def _start_wandb(cfg: LoggingConfig, full_config: Config):
     )
 
 
+# Throughput fields: their interval value is total work over total time (weighted by ms_per_iter).
+_RATES = ("tokens_per_s", "tflops_per_device", "mfu")
+_MEANS = ("loss", "grad_norm", "ms_per_iter", "lr")
+
+
+class IntervalAverage:
+    """The console line's numbers: per-iteration records collected since the last line, averaged."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def take(self) -> dict[str, Any]:
+        """The last record with loss, grad norm, lr and ms/iter replaced by their interval means
+        (non-finite values left out: a skipped step has no grad norm) and the throughputs by the
+        interval's total over its total time; starts a new interval."""
+        records, self.records = self.records, []
+        out = dict(records[-1])
+        times = [r["ms_per_iter"] for r in records]
+        for key in _MEANS:
+            values = [r[key] for r in records if _finite(r.get(key))]
+            out[key] = sum(values) / len(values) if values else math.nan
+        for key in _RATES:
+            if all(_finite(r.get(key)) for r in records):
+                out[key] = sum(r[key] * t for r, t in zip(records, times)) / sum(times)
+        out["iterations_averaged"] = len(records)
+        return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def console_line(r: dict[str, Any], train_iters: int) -> str:
-    """Megatron-style: iteration, samples, time, lr, loss, grad norm, throughput, memory, ETA."""
+    """Megatron-style: iteration, samples, ms/iter, lr, loss, grad norm, throughput, memory, ETA
+    (``r`` from ``IntervalAverage.take``: averages over the log interval)."""
     parts = [
         f"iteration {r['iteration']:>6}/{train_iters}",
         f"consumed samples {r['consumed_samples']:>9}",
@@ -99,3 +146,39 @@ def console_line(r: dict[str, Any], train_iters: int) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> Optional[str]:
+    """``<sha>`` of the source tree, ``<sha>+dirty`` with uncommitted changes to tracked files,
+    None outside a git checkout (an installed package)."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        return None
+    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_run_records(cfg: Config, overrides: Sequence[str], world_size: int, restart: int,
+                      resumes_at: int) -> Path:
+    """Write ``config.yaml`` and ``overrides.yaml`` into ``logging.dir`` and append this start to
+    ``launches.jsonl``; returns the directory. Called by rank 0 before any process group exists."""
+    import yaml
+
+    directory = Path(cfg.logging.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(to_yaml(cfg))
+    (directory / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
+    launch = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(), "overrides": list(overrides),
+        "argv": sys.argv, "world_size": world_size, "restart": restart, "resumes_at_iteration": resumes_at,
+        "host": socket.gethostname(),
+    }
+    with open(directory / "launches.jsonl", "a") as out:
+        out.write(json.dumps(launch) + "\n")
+    return directory

@@ -35,7 +35,9 @@ from ..parallel.context import CPGroup, local_positions, masked_mean_over_cp
 from ..parallel.state import ParallelState, default_timeout
 from ..pipeline import schedules
 from ..pipeline.executor import run_schedule, save_trace
-from .metrics import MetricsLogger, console_line
+from ..data.tokenizer import Tokenizer
+from .heartbeat import Heartbeat
+from .metrics import IntervalAverage, MetricsLogger, console_line
 from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +65,10 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     """Builds everything for this rank from a validated config and runs ``train()``."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, state: ParallelState):
+    def __init__(self, cfg: Config, dims: ParallelDims, state: ParallelState,
+                 tokenizer: Optional[Tokenizer] = None, heartbeat: Optional[Heartbeat] = None):
+        """``tokenizer``: the one the entry point already built (else built here); ``heartbeat``:
+        this rank's beats, which the watchdog's lines report from (None: not reported)."""
         self.cfg, self.dims, self.state = cfg, dims, state
         m, t = cfg.model, cfg.training
         self.device = state.device
@@ -72,7 +77,7 @@ class Trainer:
         if state.rank == 0:
             print(f"kernel backend: {ops.describe()}", flush=True)
 
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.data.tokenizer)
         self.unpadded_vocab_size = m.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
@@ -109,7 +114,7 @@ class Trainer:
             cfg.data, self.tokenizer, m.seq_length, t.seed,
             (t.train_iters * gbs, evaluations * t.eval_iters * gbs, t.eval_iters * gbs),
         )
-        self.train_data, self.valid_data = splits[0], splits[1]
+        self.train_data, self.valid_data, self.test_data = splits
         self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
         self.iteration = 0
         self.consumed_samples = 0
@@ -136,7 +141,9 @@ class Trainer:
         self.is_logging_rank = (state.is_last_stage and state.tp_rank == 0 and state.cp_rank == 0
                                 and state.dp_rank == 0)
         self.logger: Optional[MetricsLogger] = None
-        self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
+        self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes),
+                                 heartbeat=heartbeat)
+        self._interval = IntervalAverage()
         self.checkpointer = Checkpointer(self)
         self.checkpointer.load()
 
@@ -248,15 +255,17 @@ class Trainer:
                 "skipped_iterations": self.skipped_iterations}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over ``eval_iters`` global batches of the validation split (forward only)."""
+    def evaluate(self, split: str = "valid") -> float:
+        """Mean loss over ``eval_iters`` global batches (forward only) of the validation split (a
+        fresh slice at each evaluation) or of the test split (its first batches)."""
         t = self.cfg.training
         for chunk in self.chunks:
             chunk.eval()
         total = 0.0
-        start = (self.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size
+        dataset = self.valid_data if split == "valid" else self.test_data
+        start = (self.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if split == "valid" else 0
         for k in range(t.eval_iters):
-            batches = self._microbatches(self.valid_data, start + k * t.global_batch_size)
+            batches = self._microbatches(dataset, start + k * t.global_batch_size)
             loss = run_schedule(
                 self.eval_actions, self.chunks, self.state, batches, self._forward_step,
                 self.activation_shape, self.dtype, forward_only=True, on_action=self.watchdog.on_action,
@@ -268,7 +277,7 @@ class Trainer:
     def train(self) -> None:
         t, log = self.cfg.training, self.cfg.logging
         if self.is_logging_rank:
-            self.logger = MetricsLogger(log, self.cfg, resumed=self.iteration > 0)
+            self.logger = MetricsLogger(log, self.cfg)
         tokens_per_iteration = t.global_batch_size * self.cfg.model.seq_length
         run_start = time.time()
         start_iteration = self.iteration
@@ -286,11 +295,15 @@ class Trainer:
                 self._log_eval()
             # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
             # signal or training.exit_duration_mins).
-            stop_reason = self.checkpointer.after_step()
+            with self.watchdog.watch(f"checkpointing after iteration {self.iteration}", collective_bound=True):
+                stop_reason = self.checkpointer.after_step()
         self.optimizer.finish_param_gather()
-        self.checkpointer.finish()
+        with self.watchdog.watch(f"the final checkpoint at iteration {self.iteration}", collective_bound=True):
+            self.checkpointer.finish()
         if stop_reason is None or not stop_reason.startswith("signal"):
             self._log_eval()
+            if self.iteration >= t.train_iters:
+                self._log_eval("test")
         if self.logger is not None:
             print(f"metrics: {self.logger.path}  (plot: python scripts/plot_metrics.py {self.logger.path})", flush=True)
             self.logger.close()
@@ -308,18 +321,21 @@ class Trainer:
             "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
             "loss_scale": out["loss_scale"], "skipped_iterations": out["skipped_iterations"],
         }
+        self._interval.add(record)
         show = self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == t.train_iters
-        self.logger.log(record, console_line(record, t.train_iters) if show else None)
+        self.logger.log(record, console_line(self._interval.take(), t.train_iters) if show else None)
 
-    def _log_eval(self) -> None:
-        if not self.cfg.training.eval_iters or self.valid_data is None:
+    def _log_eval(self, split: str = "valid") -> None:
+        dataset = self.valid_data if split == "valid" else self.test_data
+        if not self.cfg.training.eval_iters or dataset is None:
             return
-        with self.watchdog.watch(f"evaluation at iteration {self.iteration}", scale=self.cfg.training.eval_iters):
-            loss = self.evaluate()
+        what = "validation" if split == "valid" else "test"
+        with self.watchdog.watch(f"{what} at iteration {self.iteration}", scale=self.cfg.training.eval_iters):
+            loss = self.evaluate(split)
         if self.logger is not None:
             self.logger.log(
-                {"iteration": self.iteration, "split": "valid", "loss": loss},
-                f"validation at iteration {self.iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}",
+                {"iteration": self.iteration, "split": split, "loss": loss},
+                f"{what} at iteration {self.iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}",
             )
 
 

@@ -29,6 +29,9 @@ collective never finished.
 A step that fails because a peer died (gloo raises "Connection reset/closed by peer") is
 reported the same way, one line naming the collective and its group's ranks, and exits with the
 same code: the rank cannot go on without its peer, and tearing down groups with dead peers can block.
+Before it prints, the line is completed from the ranks' heartbeats (``heartbeat.py``): which ranks
+stopped answering and since when, which left through their own watchdog, which still answer — so
+the dead rank is named by the survivors, whatever the launcher reports first.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from ..messages import first_line
 
 if TYPE_CHECKING:
     from ..parallel.state import ParallelState
+    from .heartbeat import Heartbeat
 
 WATCHDOG_EXIT_CODE = 4
 CALIBRATION_STEPS = 3
@@ -70,15 +74,16 @@ class Watchdog:
     """
 
     def __init__(self, state: ParallelState, step_timeout: Optional[float], startup_timeout: timedelta,
-                 poll_s: float = POLL_S):
+                 poll_s: float = POLL_S, heartbeat: Optional["Heartbeat"] = None):
         self.state = state
+        self.heartbeat = heartbeat
         self.step_timeout = step_timeout
         self.startup_timeout_s = startup_timeout.total_seconds()
         self.poll_s = poll_s
         self.step_times: list[float] = []  # the first CALIBRATION_STEPS training steps, seconds
         self.action = "none"  # the pipeline schedule action running now (set through on_action)
         self._lock = threading.Lock()
-        self._phase: Optional[tuple[str, float, float]] = None  # (what, start, limit)
+        self._phase: Optional[tuple[str, float, float, str]] = None  # (what, start, limit, its source)
         self._thread: Optional[threading.Thread] = None
         self._training_thread = threading.get_ident()
 
@@ -102,12 +107,19 @@ class Watchdog:
         self.action = label
 
     @contextmanager
-    def watch(self, what: str, scale: float = 1.0, calibrate: bool = False) -> Iterator[None]:
+    def watch(self, what: str, scale: float = 1.0, calibrate: bool = False,
+              collective_bound: bool = False) -> Iterator[None]:
         """Watch the enclosed step (``what``, e.g. "iteration 7"); ``calibrate``: a training step whose
-        time may set the derived limit. A peer's death inside it ends the process (one line)."""
+        time may set the derived limit; ``collective_bound``: bounded by the collective timeout, not
+        the step limit (a checkpoint save takes its own time). A peer's death inside it ends the
+        process (one line)."""
         start = time.monotonic()
+        if collective_bound:
+            limit, source = self.startup_timeout_s, "parallel.distributed_timeout_minutes"
+        else:
+            limit, source = self.limit(scale), self._limit_source()
         with self._lock:
-            self._phase = (what, start, self.limit(scale))
+            self._phase = (what, start, limit, source)
             self._training_thread = threading.get_ident()
         self.action = "none"
         self._start_thread()
@@ -117,8 +129,7 @@ class Watchdog:
             if not is_communication_error(err):
                 raise
             self._exit(f"{what} failed: {first_line(err)}; "
-                       f"{describe_wait(_traceback_frames(err.__traceback__), self.state)}; "
-                       "a peer rank has probably died (the launcher names it)")
+                       f"{describe_wait(_traceback_frames(err.__traceback__), self.state)}")
         finally:
             with self._lock:
                 self._phase = None
@@ -137,18 +148,22 @@ class Watchdog:
                 phase, thread = self._phase, self._training_thread
             if phase is None:
                 continue
-            what, start, limit = phase
+            what, start, limit, source = phase
             ran = time.monotonic() - start
             if ran > limit:
                 frame = sys._current_frames().get(thread)
-                self._exit(f"{what} exceeded {self._limit_source()}={limit:.1f} s (ran {ran:.1f} s); "
+                self._exit(f"{what} exceeded {source}={limit:.1f} s (ran {ran:.1f} s); "
                            f"{describe_wait(_stack_frames(frame), self.state)}")
 
     def _exit(self, message: str) -> None:
         c = self.state
         where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} cp {c.cp_rank}/{c.cp_size} " \
                 f"pp {c.pp_rank}/{c.pp_size} dp {c.dp_rank}/{c.dp_size})"
-        print(f"watchdog: {where} {message}; pipeline action {self.action}; exiting",
+        peers = ""
+        if self.heartbeat is not None:
+            peers = f"; {self.heartbeat.survey()}"
+            self.heartbeat.stop("exited watchdog")
+        print(f"watchdog: {where} {message}{peers}; pipeline action {self.action}; exiting",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(WATCHDOG_EXIT_CODE)
