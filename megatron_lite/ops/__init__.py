@@ -107,7 +107,7 @@ def backend() -> str:
 def describe() -> str:
     """One line for the start-up log: the backend, the ops a vendor library runs, and whether the
     csrc extension has its CUDA kernels, e.g. ``te (causal_softmax: te/apex, rms_norm: apex; rest
-    csrc: CUDA kernels for sm 8.0;9.0)`` or ``csrc (CPU kernels only (torch is a CPU build))``."""
+    csrc: CUDA kernels for sm 8.0;9.0)`` or ``csrc (CPU kernels only: torch is a CPU build)``."""
     uses_csrc = _active["backend"] != "torch" and csrc.available()
     build = f"csrc: {csrc.describe_build()}" if uses_csrc else ""
     vendor_ops = [f"{op}: {src}" for op, src in _active["sources"].items() if src]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -83,8 +84,16 @@ def cuda_plan() -> CudaPlan:
     return CudaPlan(True, cuda_arch_list())
 
 
+def cpu_arch() -> str:
+    """The -march of the CPU objects: ``$MEGATRON_LITE_CPU_ARCH`` or ``native`` (this machine's CPU;
+    a container image built on one host and run on others sets a portable one, e.g. x86-64-v3)."""
+    return os.environ.get("MEGATRON_LITE_CPU_ARCH", "native")
+
+
 def _cpu_isa() -> str:
-    """This CPU's instruction set: the CPU objects are compiled with -march=native."""
+    """What -march means here: this CPU's instruction set for ``native``, else the named arch."""
+    if cpu_arch() != "native":
+        return cpu_arch()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -98,7 +107,7 @@ def extension() -> Optional[ModuleType]:
     """The compiled extension (with CUDA kernels when ``cuda_plan()`` says so), or None if it cannot be
     built (``load_extension`` has then warned once)."""
     plan = cuda_plan()
-    cflags = ["-O3", "-fopenmp", "-march=native"]
+    cflags = ["-O3", "-fopenmp", f"-march={cpu_arch()}"]
     sources: list[str | Path] = list(CPU_SOURCES)
     cuda_cflags = None
     if plan.with_cuda:
@@ -123,14 +132,14 @@ def has_cuda_kernels() -> bool:
 
 
 def describe_build() -> str:
-    """The extension in a few words: ``CUDA kernels for sm 8.0;9.0``, ``CPU kernels only (torch is a
-    CPU build)`` or ``not built``."""
+    """The extension in a few words: ``CUDA kernels for sm 8.0;9.0``, ``CPU kernels only: torch is a
+    CPU build`` or ``not built``."""
     if extension() is None:
         return "not built"
     plan = cuda_plan()
     if has_cuda_kernels():
         return f"CUDA kernels for sm {plan.arch_list}"
-    return f"CPU kernels only ({plan.reason or 'built without CUDA'})"
+    return f"CPU kernels only: {plan.reason or 'built without CUDA'}"
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -144,8 +153,9 @@ def _usable(x: torch.Tensor) -> bool:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., h] as a contiguous [rows, h] tensor (a copy only when x is not contiguous)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """x [..., h] as a contiguous [rows, h] tensor (a copy only when x is not contiguous; h = 0 and
+    no rows are fine)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def _grad_for(grad: Optional[torch.Tensor], param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
