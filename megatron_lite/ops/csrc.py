@@ -283,5 +283,6 @@ def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     if not _usable(scores):
         return reference.causal_softmax(scores, scale)
     sq, sk = scores.shape[-2:]
-    return _CausalSoftmax.apply(scores.reshape(-1, sq, sk).contiguous(), float(scale)).view(scores.shape)
+    batch = math.prod(scores.shape[:-2])
+    return _CausalSoftmax.apply(scores.reshape(batch, sq, sk).contiguous(), float(scale)).view(scores.shape)
 
