@@ -7,6 +7,7 @@ Activations between blocks: [b, s, h], or [b, s/t, h] with sequence parallelism 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -19,7 +20,7 @@ from ..parallel.collectives import TPGroup
 from torch.utils.checkpoint import checkpoint
 
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
-from ..tensor_parallel.random import checkpoint_rng_context
+from ..tensor_parallel.random import as_default_generator, checkpoint_rng_context
 from ..tensor_parallel.sharding import mark_sharded
 
 
@@ -99,10 +100,13 @@ class Attention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [b, heads, s, d], k, v: [b, groups, s, d] -> context [b, heads, s, d]."""
         if self.use_sdpa:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1,
-                dropout_p=self.dropout_p if self.training else 0.0,
-            )
+            dropout_p = self.dropout_p if self.training else 0.0
+            # SDPA's dropout draws from the default generator: lend it the TP-aware one (heads differ
+            # per TP rank), so the masks are reproducible, checkpointed and replayed by recomputation.
+            with as_default_generator(self.rng.tensor_parallel) if dropout_p else nullcontext():
+                return F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1, dropout_p=dropout_p,
+                )
         return self._explicit_attention(q, k, v)
 
     def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
