@@ -45,6 +45,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator, Optional, Sequence
 
+from .messages import first_line
+
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 MANIFEST = "build.json"
 LOCK_FILE = "build.lock"
@@ -290,9 +292,8 @@ def load_extension(
                                          extra_cuda_cflags, cuda_arch_list, key_extra)
         module = _load_or_build(description, paths, extra_cflags, extra_ldflags, extra_cuda_cflags)
     except Exception as err:  # noqa: BLE001 - any build failure falls back to PyTorch
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(
-            f"could not build the C++ extension {name!r} ({first_line}); using the PyTorch "
+            f"could not build the C++ extension {name!r} ({first_line(err)}); using the PyTorch "
             "fallback. Set MEGATRON_LITE_BUILD_VERBOSE=1 to see the compiler output.",
             stacklevel=2,
         )
