@@ -3,7 +3,7 @@ batch as large as the planner says fits, halved once on an out-of-memory), and `
 rebuilt after every stage from whatever the stages left, so a run cut short still has one.
 
     python benchmarks/gpu_check.py env OUT/env.json
-    python benchmarks/gpu_check.py train OUT NAME [--micro-batch N | --memory-fraction F] -- OVERRIDES
+    python benchmarks/gpu_check.py train OUT NAME [--micro-batch N | --micro-batch-of RUN] -- OVERRIDES
     python benchmarks/gpu_check.py summary OUT
 
 Needs only torch (and, for ``train``, the trainer's hydra/omegaconf), so it runs in the GPU image.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 GiB = 2**30
 MEDIAN_ITERATIONS = range(4, 13)  # iterations 4–12: after the first steps' allocator and kernel warm-up
 # csrc and torch kernels differ only in rounding: their loss curves must agree this closely.
-LOSS_AGREEMENT = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-3}
+LOSS_AGREEMENT = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-5}
 OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 
 
@@ -229,7 +229,7 @@ def print_summary(result: dict) -> None:
         if r:
             mfu = f", MFU {r['mfu']:.1%} (non-causal count {r['mfu_noncausal']:.1%})" if r.get("mfu") else ""
             print(f"  {name}: micro batch {r['micro_batch']}, {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"{r['tflops_per_device']:.1f} TFLOP/s{mfu}, peak {r['peak_memory_gb']:.1f} GB")
+                  f"{r['tflops_per_device']:.3g} TFLOP/s{mfu}, peak {r['peak_memory_gb']:.1f} GB")
     agreement = result["loss_agreement_csrc_vs_torch"]
     if agreement:
         print(f"  csrc vs torch losses: max relative difference {agreement['max_relative_difference']:.2e} "
@@ -248,10 +248,11 @@ def main() -> int:
     p_train.add_argument("--micro-batch", type=int)
     p_train.add_argument("--micro-batch-of", help="use the micro batch of this earlier run (OUT/NAME/run.json)")
     p_train.add_argument("--memory-fraction", type=float, default=0.8)
-    p_train.add_argument("overrides", nargs="*")
     p_summary = sub.add_parser("summary")
     p_summary.add_argument("out", type=Path)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []  # the trainer's Hydra overrides
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.command == "env":
         env = environment()
         args.path.write_text(json.dumps(env, indent=1))
@@ -261,7 +262,7 @@ def main() -> int:
         micro_batch = args.micro_batch
         if args.micro_batch_of:
             micro_batch = (_json(args.out / args.micro_batch_of / "run.json") or {}).get("micro_batch") or micro_batch
-        return train(args.out, args.name, args.overrides, micro_batch, args.memory_fraction)
+        return train(args.out, args.name, overrides, micro_batch, args.memory_fraction)
     print_summary(summary(args.out))
     return 0
 

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_lite.ops import csrc, reference, vendor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The shapes of configs/model/gpt_1p5b.yaml and llama_1b.yaml (tests/test_benchmark_kernels.py checks
-# them against the YAML), and a wide norm; `tiny` is the CPU smoke test's.
+# The shapes of configs/model/gpt_1p5b.yaml and llama_1b.yaml (tests/test_gpu_check.py checks them
+# against the YAML), and a wide norm; `tiny` is the dry run's. `seq` is the sequence of the rotary and
+# softmax cases (gpt_1p5b's own, 1024; llama_1b's 2048).
 MODELS = {
     "gpt_1p5b": dict(hidden=1600, heads=25, head_dim=64, ffn=6400, norm="layer_norm", act="bias_gelu",
                      rope=False, seq=1024),

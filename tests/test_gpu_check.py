@@ -41,3 +41,24 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     backends = {(r["case"], r["backend"]) for r in summary["kernels"]["rows"] if r["seconds"]}
     assert ("tiny/swiglu", "torch") in backends and ("tiny/swiglu", "csrc") in backends
     assert summary["kernels"]["copy_bytes_per_s"] > 0
+
+
+def test_kernel_benchmark_shapes_are_the_models():
+    """benchmarks/kernels.py hard-codes the model shapes (it runs where hydra may be missing): they
+    must be the configs' own."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("kernels_bench", REPO / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in ("gpt_1p5b", "llama_1b"):
+        cfg = OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml")
+        shapes = bench.MODELS[name]
+        assert (shapes["hidden"], shapes["heads"], shapes["ffn"], shapes["seq"]) == (
+            cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.seq_length)
+        assert shapes["head_dim"] == cfg.hidden_size // cfg.num_attention_heads
+        assert shapes["norm"] == {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}[cfg.normalization]
+        assert shapes["act"] == {"gelu": "bias_gelu", "swiglu": "swiglu"}[cfg.activation]
+        assert shapes["rope"] == (cfg.position_embedding == "rope")

@@ -116,8 +116,10 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[p][k][e] = 0.f;
   }
-  if (!one_tile)
+  if (!one_tile) {  // the partial sums accumulate in the workspace row: zero it first
     for (int64_t i = threadIdx.x; i < P * h; i += blockDim.x) part[i] = 0.f;
+    __syncthreads();
+  }
   auto weights = [&](int k, int64_t j, float (&wv)[V]) {
     if (kWeightsInRegisters && one_tile) {
 #pragma unroll
