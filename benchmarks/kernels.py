@@ -52,9 +52,10 @@ def cases(model: str, tokens: int) -> list[tuple[str, str]]:
     m = MODELS[model]
     ops = ["rms_norm", "layer_norm"] if model == "h8192" else [m["norm"]]
     ops.append(m["act"])
-    if m["rope"]:
+    whole_sequences = bool(m["seq"]) and tokens >= m["seq"] and tokens % m["seq"] == 0
+    if m["rope"] and whole_sequences:
         ops.append("rotary")
-    if m["seq"] and tokens % m["seq"] == 0:
+    if whole_sequences:
         ops.append("causal_softmax")
     return [(f"{model}/{op}", op) for op in ops]
 
