@@ -179,3 +179,55 @@ def test_trainer_starts_with_a_stale_lock_in_the_kernel_cache(tmp_path):
         assert "kernel backend: csrc" in done.stdout and "iteration" in done.stdout
     finally:
         (directory / extensions.TORCH_BATON).unlink(missing_ok=True)
+
+
+def test_cuda_kernels_are_planned_from_the_torch_build_and_toolkit(monkeypatch, tmp_path):
+    """No GPU needs to be visible (docker build): a CUDA torch and CUDA_HOME/bin/nvcc decide, for
+    TORCH_CUDA_ARCH_LIST or 8.0;9.0 (A100, H100/H200)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from megatron_lite.ops import csrc
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("MEGATRON_LITE_CUDA", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert csrc.cuda_plan() == csrc.CudaPlan(False, reason="torch is a CPU build")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert not csrc.cuda_plan().with_cuda and "CUDA_HOME" in csrc.cuda_plan().reason
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert csrc.cuda_plan() == csrc.CudaPlan(True, "8.0;9.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert csrc.cuda_plan().arch_list == "9.0"
+    monkeypatch.setenv("MEGATRON_LITE_CUDA", "0")
+    assert not csrc.cuda_plan().with_cuda
+
+
+def test_gpu_machine_without_cuda_kernels_warns_once(monkeypatch):
+    """A build without CUDA kernels on a machine with a GPU: one warning line naming the fix, not a
+    silent fallback to the reference ops; describe() says what the build has."""
+    import warnings
+
+    import torch
+
+    import megatron_lite.ops as ops
+    from megatron_lite.ops import csrc
+
+    if csrc.extension() is None or csrc.has_cuda_kernels():
+        pytest.skip("needs a built extension without CUDA kernels")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops, "_warned", set())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ops.use_backend("csrc")
+            ops.use_backend("csrc")
+        lines = [str(w.message) for w in caught if "CUDA tensors run the PyTorch reference ops" in str(w.message)]
+        assert len(lines) == 1 and "python -m megatron_lite.ops --require-cuda" in lines[0]
+        assert ops.describe() == "csrc (CPU kernels only: torch is a CPU build)"
+    finally:
+        monkeypatch.undo()
+        ops.use_backend("torch")
