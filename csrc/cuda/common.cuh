@@ -113,13 +113,22 @@ template <typename T, int V, int N> struct RowRegisters {
     loaded = -1;
   }
 
-  // f(t) for every tile t of the row, with tile t in registers; starts with the tile already there.
-  template <typename F> __device__ __forceinline__ void pass(const T* row, F&& f) {
+  // f(k, j) for every vector j < nvec of the row, v[k] holding it: tile by tile, starting with the tile
+  // already in registers. `also` (the same row of a second tensor at `also_row`, e.g. dy beside x) is
+  // kept on the same tile.
+  template <typename F>
+  __device__ __forceinline__ void vectors(const T* row, F&& f, RowRegisters* also = nullptr,
+                                          const T* also_row = nullptr) {
     const bool backwards = loaded == tiles - 1 && tiles > 1;
     for (int i = 0; i < tiles; ++i) {
       const int t = backwards ? tiles - 1 - i : i;
       if (t != loaded) load(row, t);
-      f(t);
+      if (also != nullptr && also->loaded != t) also->load(also_row, t);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const int64_t j = index(t, k);
+        if (j < nvec) f(k, j);
+      }
     }
   }
 };

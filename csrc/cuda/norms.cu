@@ -29,27 +29,21 @@ __global__ void __launch_bounds__(1024)
     xs.start_row(nvec);
     float mu = 0.f, rs;
     if constexpr (kLayerNorm) {
-      float sum = 0.f;  // the registers past the row's end hold zeros
-      xs.pass(xr, [&](int) {
+      float sum = 0.f;
+      xs.vectors(xr, [&](int k, int64_t) {
 #pragma unroll
-        for (int k = 0; k < N; ++k)
-#pragma unroll
-          for (int e = 0; e < V; ++e) sum += xs.v[k][e];
+        for (int e = 0; e < V; ++e) sum += xs.v[k][e];
       });
       const float mu0 = block_reduce(sum, Sum()) / float(h);
       // Variance of x − mu0 (no E[x²] − E[x]² cancellation) and Σ(x − mu0), which corrects the
       // rounding error of mu0.
       float sumd = 0.f, sumsq = 0.f;
-      xs.pass(xr, [&](int t) {
+      xs.vectors(xr, [&](int k, int64_t) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          if (xs.index(t, k) >= nvec) continue;
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const float d = xs.v[k][e] - mu0;
-            sumd += d;
-            sumsq += d * d;
-          }
+        for (int e = 0; e < V; ++e) {
+          const float d = xs.v[k][e] - mu0;
+          sumd += d;
+          sumsq += d * d;
         }
       });
       sumd = block_reduce(sumd, Sum());
@@ -58,11 +52,9 @@ __global__ void __launch_bounds__(1024)
       rs = rsqrtf((sumsq - sumd * sumd / float(h)) / float(h) + eps);
     } else {
       float sumsq = 0.f;
-      xs.pass(xr, [&](int) {
+      xs.vectors(xr, [&](int k, int64_t) {
 #pragma unroll
-        for (int k = 0; k < N; ++k)
-#pragma unroll
-          for (int e = 0; e < V; ++e) sumsq += xs.v[k][e] * xs.v[k][e];
+        for (int e = 0; e < V; ++e) sumsq += xs.v[k][e] * xs.v[k][e];
       });
       rs = rsqrtf(block_reduce(sumsq, Sum()) / float(h) + eps);
     }
@@ -70,18 +62,13 @@ __global__ void __launch_bounds__(1024)
       rstd[r] = rs;
       if constexpr (kLayerNorm) mean[r] = mu;
     }
-    xs.pass(xr, [&](int t) {
+    xs.vectors(xr, [&](int k, int64_t j) {
+      float wv[V], bv[V], out[V];
+      load_params<V>(w + j * V, wv);
+      if constexpr (kLayerNorm) load_params<V>(b + j * V, bv);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const int64_t j = xs.index(t, k);
-        if (j >= nvec) continue;
-        float wv[V], bv[V], out[V];
-        load_params<V>(w + j * V, wv);
-        if constexpr (kLayerNorm) load_params<V>(b + j * V, bv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) out[e] = (xs.v[k][e] - mu) * rs * wv[e] + (kLayerNorm ? bv[e] : 0.f);
-        store_vec<T, V>(y + r * h + j * V, out);
-      }
+      for (int e = 0; e < V; ++e) out[e] = (xs.v[k][e] - mu) * rs * wv[e] + (kLayerNorm ? bv[e] : 0.f);
+      store_vec<T, V>(y + r * h + j * V, out);
     });
   }
 }
@@ -136,48 +123,36 @@ __global__ void __launch_bounds__(1024)
     xs.start_row(nvec);
     gs.start_row(nvec);
     float sum_g = 0.f, sum_gx = 0.f;
-    xs.pass(xr, [&](int t) {
-      if (gs.loaded != t) gs.load(dyr, t);
+    xs.vectors(xr, [&](int k, int64_t j) {
+      float wv[V];
+      weights(k, j, wv);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const int64_t j = xs.index(t, k);
-        if (j >= nvec) continue;
-        float wv[V];
-        weights(k, j, wv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float g = gs.v[k][e] * wv[e];
-          sum_g += g;
-          sum_gx += g * (xs.v[k][e] - mu) * rs;
-        }
+      for (int e = 0; e < V; ++e) {
+        const float g = gs.v[k][e] * wv[e];
+        sum_g += g;
+        sum_gx += g * (xs.v[k][e] - mu) * rs;
       }
-    });
+    }, &gs, dyr);
     const float mean_gx = block_reduce(sum_gx, Sum()) / float(h);
     const float mean_g = kLayerNorm ? block_reduce(sum_g, Sum()) / float(h) : 0.f;
-    xs.pass(xr, [&](int t) {
-      if (gs.loaded != t) gs.load(dyr, t);
+    xs.vectors(xr, [&](int k, int64_t j) {
+      float wv[V], out[V];
+      weights(k, j, wv);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const int64_t j = xs.index(t, k);
-        if (j >= nvec) continue;
-        float wv[V], out[V];
-        weights(k, j, wv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float g = gs.v[k][e];
-          const float xhat = (xs.v[k][e] - mu) * rs;
-          out[e] = rs * (g * wv[e] - mean_g - xhat * mean_gx);
-          if (one_tile) {
-            acc[0][k][e] += g * xhat;
-            if constexpr (kLayerNorm) acc[P - 1][k][e] += g;
-          } else {
-            part[j * V + e] += g * xhat;
-            if constexpr (kLayerNorm) part[h + j * V + e] += g;
-          }
+      for (int e = 0; e < V; ++e) {
+        const float g = gs.v[k][e];
+        const float xhat = (xs.v[k][e] - mu) * rs;
+        out[e] = rs * (g * wv[e] - mean_g - xhat * mean_gx);
+        if (one_tile) {
+          acc[0][k][e] += g * xhat;
+          if constexpr (kLayerNorm) acc[P - 1][k][e] += g;
+        } else {
+          part[j * V + e] += g * xhat;
+          if constexpr (kLayerNorm) part[h + j * V + e] += g;
         }
-        store_vec<T, V>(dx + r * h + j * V, out);
       }
-    });
+      store_vec<T, V>(dx + r * h + j * V, out);
+    }, &gs, dyr);
   }
   if (!one_tile) return;
 #pragma unroll

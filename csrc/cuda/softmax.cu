@@ -39,43 +39,32 @@ __global__ void __launch_bounds__(1024)
     }
     const int64_t nv = (n + V - 1) / V;  // vectors holding the visible keys
     row.start_row(nv);
-    auto visible = [&](int64_t j, int e) { return j < nv && j * V + e < n; };
+    auto visible = [&](int64_t j, int e) { return j * V + e < n; };
     float m = -INFINITY;
-    row.pass(xr, [&](int t) {
+    row.vectors(xr, [&](int k, int64_t j) {
 #pragma unroll
-      for (int k = 0; k < N; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e)
-          if (visible(row.index(t, k), e)) m = fmaxf(m, row.v[k][e] * scale);
+      for (int e = 0; e < V; ++e)
+        if (visible(j, e)) m = fmaxf(m, row.v[k][e] * scale);
     });
     m = block_reduce(m, Max());
     // A row that fits in registers keeps exp(s − m) there for the last pass; longer rows recompute it.
     const bool keep_exp = row.tiles == 1;
+    auto exp_at = [&](int k, int64_t j, int e) { return visible(j, e) ? __expf(row.v[k][e] * scale - m) : 0.f; };
     float sum = 0.f;
-    row.pass(xr, [&](int t) {
+    row.vectors(xr, [&](int k, int64_t j) {
 #pragma unroll
-      for (int k = 0; k < N; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float p = visible(row.index(t, k), e) ? __expf(row.v[k][e] * scale - m) : 0.f;
-          sum += p;
-          if (keep_exp) row.v[k][e] = p;
-        }
+      for (int e = 0; e < V; ++e) {
+        const float p = exp_at(k, j, e);
+        sum += p;
+        if (keep_exp) row.v[k][e] = p;
+      }
     });
     const float inv = 1.f / block_reduce(sum, Sum());
-    row.pass(xr, [&](int t) {
+    row.vectors(xr, [&](int k, int64_t j) {
+      float out[V];
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const int64_t j = row.index(t, k);
-        if (j >= nv) continue;
-        float out[V];
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float p = keep_exp ? row.v[k][e] : (visible(j, e) ? __expf(row.v[k][e] * scale - m) : 0.f);
-          out[e] = p * inv;
-        }
-        store_vec<T, V>(yr + j * V, out);
-      }
+      for (int e = 0; e < V; ++e) out[e] = (keep_exp ? row.v[k][e] : exp_at(k, j, e)) * inv;
+      store_vec<T, V>(yr + j * V, out);
     });
     zero_tail<T, V>(yr, nv, sk);
   }
@@ -94,29 +83,20 @@ __global__ void __launch_bounds__(1024)
     const int64_t nv = n > 0 ? (n + V - 1) / V : 0;
     ys.start_row(nv);
     gs.start_row(nv);
-    auto visible = [&](int64_t j, int e) { return j < nv && j * V + e < n; };
+    auto visible = [&](int64_t j, int e) { return j * V + e < n; };
     float dot = 0.f;
-    ys.pass(yr, [&](int t) {
-      if (gs.loaded != t) gs.load(dyr, t);
+    ys.vectors(yr, [&](int k, int64_t j) {
 #pragma unroll
-      for (int k = 0; k < N; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e)
-          if (visible(ys.index(t, k), e)) dot += gs.v[k][e] * ys.v[k][e];
-    });
+      for (int e = 0; e < V; ++e)
+        if (visible(j, e)) dot += gs.v[k][e] * ys.v[k][e];
+    }, &gs, dyr);
     dot = block_reduce(dot, Sum());
-    ys.pass(yr, [&](int t) {
-      if (gs.loaded != t) gs.load(dyr, t);
+    ys.vectors(yr, [&](int k, int64_t j) {
+      float out[V];
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const int64_t j = ys.index(t, k);
-        if (j >= nv) continue;
-        float out[V];
-#pragma unroll
-        for (int e = 0; e < V; ++e) out[e] = visible(j, e) ? scale * ys.v[k][e] * (gs.v[k][e] - dot) : 0.f;
-        store_vec<T, V>(dxr + j * V, out);
-      }
-    });
+      for (int e = 0; e < V; ++e) out[e] = visible(j, e) ? scale * ys.v[k][e] * (gs.v[k][e] - dot) : 0.f;
+      store_vec<T, V>(dxr + j * V, out);
+    }, &gs, dyr);
     zero_tail<T, V>(dxr, nv, sk);
   }
 }
