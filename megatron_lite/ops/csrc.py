@@ -114,7 +114,10 @@ def extension() -> Optional[ModuleType]:
         sources += cuda_sources()
         cflags.append("-DWITH_CUDA")
         cuda_cflags = ["-O3", "-DWITH_CUDA", "-std=c++17"]
-    headers = sorted(CSRC_DIR.rglob("*.h")) + sorted(CSRC_DIR.rglob("*.cuh"))
+    # The CUDA headers matter only to a build with CUDA kernels (bindings.cpp includes them under WITH_CUDA).
+    headers = sorted((CSRC_DIR / "cpu").glob("*.h"))
+    if plan.with_cuda:
+        headers += sorted((CSRC_DIR / "cuda").glob("*.h")) + sorted((CSRC_DIR / "cuda").glob("*.cuh"))
     return load_extension("megatron_lite_kernels", sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                           extra_cuda_cflags=cuda_cflags, depends=headers, cuda_arch_list=plan.arch_list,
                           key_extra={"cpu_isa": _cpu_isa()})
