@@ -28,8 +28,13 @@ void check_input(const at::Tensor& t, const char* op, const char* name, int64_t 
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (the Python front end copies it)");
 }
 
-// An output gradient must be contiguous, of the given shape and of the saved input's dtype.
+void check_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but the input is on ", x.device());
+}
+
+// An output gradient must be contiguous, of the given shape and of the saved input's dtype and device.
 void check_grad(const at::Tensor& grad, at::IntArrayRef shape, const at::Tensor& saved, const char* op) {
+  check_device(grad, saved, op, "the gradient");
   TORCH_CHECK(grad.sizes() == shape && grad.scalar_type() == saved.scalar_type() && grad.is_contiguous(),
               op, ": gradient ", grad.sizes(), " ", grad.scalar_type(), " does not match the expected contiguous ",
               shape, " ", saved.scalar_type());
@@ -39,9 +44,18 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A weight, bias, cos or sin table in x's accumulation dtype on x's device, contiguous.
-at::Tensor as_acc(const at::Tensor& t, const at::Tensor& x) {
-  return t.to(x.device(), acc_type(x)).contiguous();
+// A statistic saved by the forward (mean, rstd): n values in x's accumulation dtype on x's device.
+void check_saved(const at::Tensor& t, const at::Tensor& x, int64_t n, const char* op, const char* name) {
+  check_device(t, x, op, name);
+  TORCH_CHECK(t.scalar_type() == acc_type(x) && t.numel() == n && t.is_contiguous(), op, ": ", name, " must be ",
+              n, " contiguous ", acc_type(x), " values, got ", t.sizes(), " ", t.scalar_type());
+}
+
+// A weight, bias, cos or sin table (on x's device, floating point) in x's accumulation dtype, contiguous.
+at::Tensor as_acc(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  check_device(t, x, op, name);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+  return t.to(acc_type(x)).contiguous();
 }
 
 at::Tensor acc_empty(at::IntArrayRef shape, const at::Tensor& x) {
@@ -52,7 +66,7 @@ at::Tensor acc_empty(at::IntArrayRef shape, const at::Tensor& x) {
 at::Tensor param(const at::Tensor& t, const at::Tensor& x, int64_t n, const char* op, const char* name) {
   TORCH_CHECK(t.numel() == n, op, ": ", name, " has ", t.numel(), " elements, expected ", n,
               " (the size of the last dim)");
-  return as_acc(t, x);
+  return as_acc(t, x, op, name);
 }
 
 // Optional bias as a tensor: zeros when absent, so the kernels need no second code path.
@@ -98,8 +112,8 @@ struct CudaCall {
   void check(int err) const {
     TORCH_CHECK(err == 0, op, ": CUDA launch failed: ", cudaGetErrorString(cudaError_t(err)));
   }
-  at::Tensor workspace(const at::Tensor& x, int64_t rows, int64_t width) const {
-    return at::empty({gpu::column_sum_workspace(rows, width)}, x.options().dtype(at::kFloat));
+  at::Tensor workspace(const at::Tensor& x, int64_t floats) const {
+    return at::empty({floats}, x.options().dtype(at::kFloat));
   }
 };
 #define MLITE_ON_CUDA(x) if ((x).is_cuda())
@@ -131,15 +145,18 @@ Tensors rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps) 
 
 Tensors rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& rstd) {
+  check_input(x, "rms_norm backward", "x", 2);
   check_grad(dy, x.sizes(), x, "rms_norm backward");
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = param(weight, x, h, "rms_norm", "weight");
+  check_saved(rstd, x, rows, "rms_norm backward", "rstd");
+  auto w = param(weight, x, h, "rms_norm backward", "weight");
   auto dx = at::empty_like(x);
   auto dw = acc_empty({h}, x);
   MLITE_ON_CUDA(x) {
 #ifdef WITH_CUDA
     CudaCall c(x, "rms_norm backward");
-    auto ws = c.workspace(x, rows, h);
+    auto ws = c.workspace(x, gpu::rms_norm_bwd_workspace(c.dtype, dy.data_ptr(), x.data_ptr(), ptr<float>(w),
+                                                         dx.data_ptr(), rows, h));
     c.check(gpu::rms_norm_bwd(c.dtype, dy.data_ptr(), x.data_ptr(), ptr<float>(w), ptr<float>(rstd),
                               dx.data_ptr(), ptr<float>(dw), ptr<float>(ws), rows, h, c.stream));
 #endif
@@ -181,15 +198,19 @@ Tensors layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
 
 Tensors layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& mean, const at::Tensor& rstd) {
+  check_input(x, "layer_norm backward", "x", 2);
   check_grad(dy, x.sizes(), x, "layer_norm backward");
   const int64_t rows = x.size(0), h = x.size(1);
-  auto w = param(weight, x, h, "layer_norm", "weight");
+  check_saved(mean, x, rows, "layer_norm backward", "mean");
+  check_saved(rstd, x, rows, "layer_norm backward", "rstd");
+  auto w = param(weight, x, h, "layer_norm backward", "weight");
   auto dx = at::empty_like(x);
   auto dwb = acc_empty({2, h}, x);
   MLITE_ON_CUDA(x) {
 #ifdef WITH_CUDA
     CudaCall c(x, "layer_norm backward");
-    auto ws = c.workspace(x, rows, 2 * h);
+    auto ws = c.workspace(x, gpu::layer_norm_bwd_workspace(c.dtype, dy.data_ptr(), x.data_ptr(), ptr<float>(w),
+                                                           dx.data_ptr(), rows, h));
     c.check(gpu::layer_norm_bwd(c.dtype, dy.data_ptr(), x.data_ptr(), ptr<float>(w), ptr<float>(mean),
                                 ptr<float>(rstd), dx.data_ptr(), ptr<float>(dwb), ptr<float>(ws),
                                 rows, h, c.stream));
@@ -211,7 +232,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   TORCH_CHECK(d % 2 == 0, "rotary: head dim ", d, " must be even");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == s && cos.size(1) == d / 2,
               "rotary: cos/sin must be [s, d/2] = [", s, ", ", d / 2, "], got ", cos.sizes());
-  auto c = as_acc(cos, x), sn = as_acc(sin, x);
+  auto c = as_acc(cos, x, "rotary", "cos"), sn = as_acc(sin, x, "rotary", "sin");
   auto y = at::empty_like(x);
   MLITE_ON_CUDA(x) {
 #ifdef WITH_CUDA
@@ -249,6 +270,7 @@ at::Tensor swiglu_fwd(const at::Tensor& x) {
 }
 
 at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x) {
+  check_input(x, "swiglu backward", "x", 2);
   const int64_t rows = x.size(0), f = x.size(1) / 2;
   check_grad(dy, {rows, f}, x, "swiglu backward");
   auto dx = at::empty_like(x);
@@ -288,6 +310,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
 
 Tensors bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                       bool want_dbias) {
+  check_input(x, "bias_gelu backward", "x", 2);
   check_grad(dy, x.sizes(), x, "bias_gelu backward");
   const int64_t rows = x.size(0), f = x.size(1);
   auto b = bias_or_zeros(bias, x, f, "bias_gelu backward");
@@ -296,7 +319,9 @@ Tensors bias_gelu_bwd(const at::Tensor& dy, const at::Tensor& x, const std::opti
   MLITE_ON_CUDA(x) {
 #ifdef WITH_CUDA
     CudaCall c(x, "bias_gelu backward");
-    auto ws = want_dbias ? c.workspace(x, rows, f) : at::Tensor();
+    auto ws = want_dbias ? c.workspace(x, gpu::bias_gelu_bwd_workspace(c.dtype, dy.data_ptr(), x.data_ptr(),
+                                                                         ptr<float>(b), dx.data_ptr(), rows, f))
+                         : at::Tensor();
     c.check(gpu::bias_gelu_bwd(c.dtype, dy.data_ptr(), x.data_ptr(), ptr<float>(b), dx.data_ptr(),
                                want_dbias ? ptr<float>(dbias) : nullptr,
                                want_dbias ? ptr<float>(ws) : nullptr, rows, f, c.stream));
@@ -331,6 +356,7 @@ at::Tensor causal_softmax_fwd(const at::Tensor& x, double scale) {
 }
 
 at::Tensor causal_softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale) {
+  check_input(y, "causal_softmax backward", "y", 3);
   check_grad(dy, y.sizes(), y, "causal_softmax backward");
   const int64_t batch = y.size(0), sq = y.size(1), sk = y.size(2);
   auto dx = at::empty_like(y);

@@ -8,7 +8,8 @@ import torch
 
 import megatron_lite.ops as ops
 from megatron_lite.ops import csrc, reference
-from ops_cases import OPS, SHAPES, detached, function_name, make_args, outputs_and_grads
+from ops_cases import (GPU_SHAPES, OPS, SHAPES, detached, empty_cases, function_name, make_args,
+                       outputs_and_grads, swiglu_beyond_int32)
 
 pytestmark = pytest.mark.cuda
 
@@ -43,6 +44,67 @@ def _check_against_fp32_reference(fn, op, args):
 def test_csrc_cuda_matches_reference(cuda_kernels, op, family, dtype):
     args = make_args(op, family, dtype=dtype, device="cuda")
     _check_against_fp32_reference(getattr(csrc, function_name(op)), op, args)
+
+
+@pytest.mark.parametrize("family", GPU_SHAPES)
+@pytest.mark.parametrize("op", OPS)
+def test_csrc_cuda_large_shapes(cuda_kernels, op, family):
+    """The shapes the GPU path must survive: h = 8192 × 4096 rows, h = 16384 × 512 (rows longer than
+    one register tile), 70 000 rows (beyond the grid's y limit); bf16, as in training."""
+    args = make_args(op, family, dtype=torch.bfloat16, device="cuda")
+    _check_against_fp32_reference(getattr(csrc, function_name(op)), op, args)
+
+
+@pytest.mark.parametrize("case", range(len(empty_cases())))
+def test_csrc_cuda_empty_inputs(cuda_kernels, case):
+    op, args = empty_cases(device="cuda")[case]
+    out, grads = outputs_and_grads(getattr(csrc, function_name(op)), args)
+    out_r, grads_r = outputs_and_grads(getattr(reference, function_name(op)), detached(args))
+    assert out.shape == out_r.shape and out.is_cuda
+    for g, gr in zip(grads, grads_r):
+        torch.testing.assert_close(g, gr)
+
+
+def test_csrc_cuda_swiglu_beyond_int32(cuda_kernels):
+    """A SwiGLU input of more than 2^31 elements: the last rows (past element 2^31) forward and
+    backward match the reference evaluated on those rows alone."""
+    x = swiglu_beyond_int32().requires_grad_()
+    assert x.numel() > 2**31
+    y = csrc.swiglu(x)
+    tail = slice(x.shape[0] - 4, None)
+    g = torch.randn(4, y.shape[1], dtype=y.dtype, device="cuda")
+    (dx,) = torch.autograd.grad(y[tail], x, g)
+    x_tail = x.detach()[tail].float().requires_grad_()
+    y_r = reference.swiglu(x_tail)
+    (dx_r,) = torch.autograd.grad(y_r, x_tail, g.float())
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y[tail].float(), y_r, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dx[tail].float(), dx_r, atol=atol, rtol=rtol)
+    del x, y, dx
+
+
+@pytest.mark.parametrize("backend", ["csrc", "te", "apex"])
+@pytest.mark.parametrize("batches,seq", [(25, 128), (25, 2048), (6, 1024), (12, 64), (4, 4096)])
+def test_causal_softmax_any_batch_count(backend, batches, seq):
+    """b·n = 25 (gpt_1p5b, micro batch 1), 6 (gpt2_124m at TP 2) or 12 at s ≤ 128: the vendor
+    kernels' batches-per-block rule rejects these, so the call falls back instead of asserting."""
+    try:
+        if ops.use_backend(backend) != backend:
+            pytest.skip(f"{backend} is not importable")
+        args = (torch.randn(batches, seq, seq, dtype=torch.bfloat16, device="cuda").requires_grad_(), 0.125)
+        _check_against_fp32_reference(ops.causal_softmax, "causal_softmax", args)
+    finally:
+        ops.use_backend("torch")
+
+
+def test_backward_checks_devices(cuda_kernels):
+    """Saved statistics on another device than x are an error, not a read of host memory."""
+    x, w = torch.randn(6, 64, device="cuda"), torch.ones(64, device="cuda")
+    y, rstd = cuda_kernels.rms_norm_fwd(x, w, 1e-5)
+    with pytest.raises(RuntimeError, match="rstd is on cpu but the input is on cuda"):
+        cuda_kernels.rms_norm_bwd(torch.ones_like(y), x, w, rstd.cpu())
+    with pytest.raises(RuntimeError, match="the gradient is on cpu"):
+        cuda_kernels.rms_norm_bwd(torch.ones_like(y).cpu(), x, w, rstd)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -1,34 +1,49 @@
 // SwiGLU and bias-GeLU (tanh approximation) on CUDA: one read and one write per element instead of
-// PyTorch's chain of elementwise kernels. The bias gradient is reduced like the norms' weight gradient.
+// PyTorch's chain of elementwise kernels, in 16-byte vectors where the rows are aligned. 64-bit
+// offsets throughout (inputs beyond 2^31 elements). The bias gradient is reduced like the norms'
+// weight gradient: per-block partial sums kept in registers, then sum_partials.
 #include "common.cuh"
 
 namespace mlite::cuda {
 namespace {
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 
-// x: [rows, 2f] = [gate | up]; thread (row r, column i) computes y[r, i] (grid: row_column_grid).
-template <typename T>
+// x: [rows, 2f] = [gate | up]; thread (row r, column vector c) computes y[r, cV : cV + V]
+// (grid: row_column_grid over f / V column vectors).
+template <typename T, int V>
 __global__ void swiglu_fwd_kernel(const T* x, T* y, int64_t rows, int64_t f) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= f) return;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= f / V) return;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const float g = to_float(x[r * 2 * f + i]), u = to_float(x[r * 2 * f + f + i]);
-    y[r * f + i] = from_float<T>(g * sigmoid(g) * u);
+    float g[V], u[V], out[V];
+    load_vec<T, V>(x + r * 2 * f + c * V, g);
+    load_vec<T, V>(x + r * 2 * f + f + c * V, u);
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = g[e] * sigmoid(g[e]) * u[e];
+    store_vec<T, V>(y + r * f + c * V, out);
   }
 }
 
 // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g))).
-template <typename T>
+template <typename T, int V>
 __global__ void swiglu_bwd_kernel(const T* dy, const T* x, T* dx, int64_t rows, int64_t f) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= f) return;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= f / V) return;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const int64_t gi = r * 2 * f + i, ui = gi + f;
-    const float g = to_float(x[gi]), u = to_float(x[ui]), d = to_float(dy[r * f + i]);
-    const float sig = sigmoid(g);
-    dx[gi] = from_float<T>(d * u * sig * (1.f + g * (1.f - sig)));
-    dx[ui] = from_float<T>(d * g * sig);
+    const int64_t gate = r * 2 * f + c * V, up = gate + f;
+    float g[V], u[V], d[V], dg[V], du[V];
+    load_vec<T, V>(x + gate, g);
+    load_vec<T, V>(x + up, u);
+    load_vec<T, V>(dy + r * f + c * V, d);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float sig = sigmoid(g[e]);
+      dg[e] = d[e] * u[e] * sig * (1.f + g[e] * (1.f - sig));
+      du[e] = d[e] * g[e] * sig;
+    }
+    store_vec<T, V>(dx + gate, dg);
+    store_vec<T, V>(dx + up, du);
   }
 }
 
@@ -36,36 +51,71 @@ __global__ void swiglu_bwd_kernel(const T* dy, const T* x, T* dx, int64_t rows, 
 constexpr float kGeluK = 0.7978845608028654f;
 constexpr float kGeluC = 0.044715f;
 
-template <typename T>
+template <typename T, int V>
 __global__ void bias_gelu_fwd_kernel(const T* x, const float* bias, T* y, int64_t rows, int64_t f) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= f) return;
-  const float b = bias[i];
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= f / V) return;
+  float b[V];
+  load_params<V>(bias + c * V, b);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const float v = to_float(x[r * f + i]) + b;
-    y[r * f + i] = from_float<T>(0.5f * v * (1.f + tanhf(kGeluK * (v + kGeluC * v * v * v))));
+    float v[V];
+    load_vec<T, V>(x + r * f + c * V, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float s = v[e] + b[e];
+      v[e] = 0.5f * s * (1.f + tanhf(kGeluK * (s + kGeluC * s * s * s)));
+    }
+    store_vec<T, V>(y + r * f + c * V, v);
   }
 }
 
-// Blocks stride over rows, threads over columns; with partials, each block sums dx over its rows
-// into its workspace row (the bias gradient before sum_partials).
-template <typename T>
-__global__ void bias_gelu_bwd_kernel(const T* dy, const T* x, const float* bias, T* dx, float* partials,
-                                     int64_t rows, int64_t f) {
+// Blocks stride over rows, threads over column vectors; with partials, each block sums dx over its
+// rows in registers and writes them once to its workspace row (the bias gradient before sum_partials).
+template <typename T, int V>
+__global__ void __launch_bounds__(1024) bias_gelu_bwd_kernel(const T* dy, const T* x, const float* bias, T* dx,
+                                                             float* partials, int64_t rows, int64_t f) {
   float* part = partials ? partials + int64_t(blockIdx.x) * f : nullptr;
-  for (int64_t i = threadIdx.x; i < f; i += blockDim.x) {
-    float acc = 0.f;
+  for (int64_t c = threadIdx.x; c < f / V; c += blockDim.x) {
+    float b[V], acc[V];
+    load_params<V>(bias + c * V, b);
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-      const int64_t e = r * f + i;
-      const float v = to_float(x[e]) + bias[i];
-      const float t = tanhf(kGeluK * (v + kGeluC * v * v * v));
-      const float dt = (1.f - t * t) * kGeluK * (1.f + 3.f * kGeluC * v * v);
-      const float g = to_float(dy[e]) * 0.5f * (1.f + t + v * dt);
-      dx[e] = from_float<T>(g);
-      acc += g;
+      float v[V], d[V];
+      load_vec<T, V>(x + r * f + c * V, v);
+      load_vec<T, V>(dy + r * f + c * V, d);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float s = v[e] + b[e];
+        const float t = tanhf(kGeluK * (s + kGeluC * s * s * s));
+        const float dt = (1.f - t * t) * kGeluK * (1.f + 3.f * kGeluC * s * s);
+        d[e] *= 0.5f * (1.f + t + s * dt);
+        acc[e] += d[e];
+      }
+      store_vec<T, V>(dx + r * f + c * V, d);
     }
-    if (part) part[i] = acc;
+    if (part) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) part[c * V + e] = acc[e];
+    }
   }
+}
+
+template <typename T> bool vectorise(int64_t f, std::initializer_list<const void*> pointers) {
+  return f % kVec16<T> == 0 && aligned16(pointers);
+}
+
+// Calls f(kernel, threads, blocks) with the bias-GeLU backward kernel and its grid (shared by the
+// workspace size and the launch).
+template <typename T, typename F>
+void with_bias_gelu_bwd_plan(const void* dy, const void* x, const float* bias, const void* dx, int64_t rows,
+                             int64_t f, F&& fn) {
+  with_vec_width<T>(vectorise<T>(f, {dy, x, bias, dx}), [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    auto kernel = bias_gelu_bwd_kernel<T, V>;
+    const int threads = row_block_threads(f / V, 1, 32);
+    fn(kernel, threads, resident_blocks(kernel, threads, rows));
+  });
 }
 
 }  // namespace
@@ -74,8 +124,11 @@ int swiglu_fwd(DType t, const void* x, void* y, int64_t rows, int64_t f, void* s
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    swiglu_fwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(x), static_cast<T*>(y), rows, f);
+    with_vec_width<T>(vectorise<T>(f, {x, y}), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      swiglu_fwd_kernel<T, V><<<row_column_grid(rows, f / V), kColumnThreads, 0, cudaStream_t(stream)>>>(
+          static_cast<const T*>(x), static_cast<T*>(y), rows, f);
+    });
   });
 }
 
@@ -83,8 +136,11 @@ int swiglu_bwd(DType t, const void* dy, const void* x, void* dx, int64_t rows, i
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    swiglu_bwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), rows, f);
+    with_vec_width<T>(vectorise<T>(f, {dy, x, dx}), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      swiglu_bwd_kernel<T, V><<<row_column_grid(rows, f / V), kColumnThreads, 0, cudaStream_t(stream)>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), rows, f);
+    });
   });
 }
 
@@ -92,20 +148,36 @@ int bias_gelu_fwd(DType t, const void* x, const float* bias, void* y, int64_t ro
   if (rows * f == 0) return 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    bias_gelu_fwd_kernel<T><<<row_column_grid(rows, f), kColumnThreads, 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(x), bias, static_cast<T*>(y), rows, f);
+    with_vec_width<T>(vectorise<T>(f, {x, bias, y}), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      bias_gelu_fwd_kernel<T, V><<<row_column_grid(rows, f / V), kColumnThreads, 0, cudaStream_t(stream)>>>(
+          static_cast<const T*>(x), bias, static_cast<T*>(y), rows, f);
+    });
   });
+}
+
+int64_t bias_gelu_bwd_workspace(DType t, const void* dy, const void* x, const float* bias, const void* dx,
+                                int64_t rows, int64_t f) {
+  int64_t floats = 0;
+  with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    with_bias_gelu_bwd_plan<T>(dy, x, bias, dx, rows, f, [&](auto, int, int64_t blocks) { floats = blocks * f; });
+  });
+  return floats;
 }
 
 int bias_gelu_bwd(DType t, const void* dy, const void* x, const float* bias, void* dx, float* dbias,
                   float* workspace, int64_t rows, int64_t f, void* stream) {
   if (f == 0) return 0;
+  if (rows == 0) return dbias ? zero_floats(dbias, f, cudaStream_t(stream)) : 0;
   return dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    bias_gelu_bwd_kernel<T><<<unsigned(reduce_blocks(rows)), row_threads(f), 0, cudaStream_t(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), bias, static_cast<T*>(dx),
-        dbias ? workspace : nullptr, rows, f);
-    if (dbias) launch_sum_partials(workspace, dbias, rows, f, cudaStream_t(stream));
+    with_bias_gelu_bwd_plan<T>(dy, x, bias, dx, rows, f, [&](auto kernel, int threads, int64_t blocks) {
+      kernel<<<unsigned(blocks), threads, 0, cudaStream_t(stream)>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), bias, static_cast<T*>(dx),
+          dbias ? workspace : nullptr, rows, f);
+      if (dbias) launch_sum_partials(workspace, dbias, blocks, f, cudaStream_t(stream));
+    });
   });
 }
 

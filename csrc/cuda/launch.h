@@ -1,6 +1,7 @@
 // Launcher API of the CUDA kernels: plain C++ (no CUDA or torch headers), raw device pointers to
 // contiguous row-major data, fp32 statistics, weights and biases. Each launcher enqueues its kernels on
-// `stream` (a cudaStream_t) and returns the cudaError_t of the launch (0 on success).
+// `stream` (a cudaStream_t) on the current device and returns the cudaError_t of the launch (0 on
+// success). Empty inputs (no rows, or h = 0) launch nothing; a gradient summed over zero rows is 0.
 #pragma once
 
 #include <cstdint>
@@ -10,17 +11,19 @@ namespace mlite::cuda {
 // Element type of the activations (x, y, dy, dx); everything else is fp32.
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
-// Floats of scratch memory a backward launcher with `width` per-column sums over `rows` rows needs
-// (rms_norm_bwd: width h; layer_norm_bwd: 2h; bias_gelu_bwd: f).
-int64_t column_sum_workspace(int64_t rows, int64_t width);
-
 int rms_norm_fwd(DType t, const void* x, const float* w, void* y, float* rstd, int64_t rows,
                  int64_t h, float eps, void* stream);
+// Floats of scratch memory rms_norm_bwd needs for these arguments (its grid depends on the device,
+// the dtype and the pointers' alignment).
+int64_t rms_norm_bwd_workspace(DType t, const void* dy, const void* x, const float* w, const void* dx,
+                               int64_t rows, int64_t h);
 int rms_norm_bwd(DType t, const void* dy, const void* x, const float* w, const float* rstd, void* dx,
                  float* dw, float* workspace, int64_t rows, int64_t h, void* stream);
 
 int layer_norm_fwd(DType t, const void* x, const float* w, const float* b, void* y, float* mean,
                    float* rstd, int64_t rows, int64_t h, float eps, void* stream);
+int64_t layer_norm_bwd_workspace(DType t, const void* dy, const void* x, const float* w, const void* dx,
+                                 int64_t rows, int64_t h);
 // dwb: [2, h] = (dw, db).
 int layer_norm_bwd(DType t, const void* dy, const void* x, const float* w, const float* mean,
                    const float* rstd, void* dx, float* dwb, float* workspace, int64_t rows,
@@ -37,6 +40,8 @@ int swiglu_bwd(DType t, const void* dy, const void* x, void* dx, int64_t rows, i
 // bias: [f]; dbias: [f] or nullptr (then workspace may be nullptr too).
 int bias_gelu_fwd(DType t, const void* x, const float* bias, void* y, int64_t rows, int64_t f,
                   void* stream);
+int64_t bias_gelu_bwd_workspace(DType t, const void* dy, const void* x, const float* bias,
+                                const void* dx, int64_t rows, int64_t f);
 int bias_gelu_bwd(DType t, const void* dy, const void* x, const float* bias, void* dx, float* dbias,
                   float* workspace, int64_t rows, int64_t f, void* stream);
 

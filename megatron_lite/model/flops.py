@@ -12,7 +12,31 @@ and once per token the logits, 2·h·V. Recomputation is not counted (model FLOP
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import ModelConfig, head_dim
+
+# Dense peak FLOP/s per GPU (vendor datasheets, without sparsity): (name fragment, bf16/fp16 tensor
+# core, TF32 tensor core, FP32). Matched in order against torch.cuda.get_device_name(), most
+# specific first: the PCIe and NVL parts of a GPU run at lower clocks and power than the SXM one.
+PEAK_FLOPS: list[tuple[str, float, float, float]] = [
+    ("H200 NVL", 835e12, 417.5e12, 60e12),
+    ("H200", 989e12, 494.5e12, 67e12),  # SXM (also GH200)
+    ("H100 NVL", 835e12, 417.5e12, 60e12),
+    ("H100 PCIe", 756e12, 378e12, 51e12),
+    ("H100", 989e12, 494.5e12, 67e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100", 312e12, 156e12, 19.5e12),  # SXM and PCIe alike
+]
+
+
+def peak_flops(gpu_name: str, precision: str, tf32: bool) -> Optional[float]:
+    """The peak the MFU of a run is measured against: the bf16/fp16 tensor-core peak for bf16 and
+    fp16 runs; for fp32 runs the TF32 peak if matmuls may use TF32 (``tf32``), else the FP32 peak.
+    None for a GPU not in ``PEAK_FLOPS``."""
+    for fragment, half, tf32_peak, fp32 in PEAK_FLOPS:
+        if fragment in gpu_name:
+            return half if precision in ("bf16", "fp16") else (tf32_peak if tf32 else fp32)
+    return None
 
 
 def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_size: int, causal: bool = True) -> float:

@@ -114,6 +114,15 @@ class GPTChunk(nn.Module):
             self.register_buffer("rope_sin", sin[self.positions], persistent=False)
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to`` / ``.cuda()`` / ``.half()``: the RoPE tables follow the device but stay fp32
+        (as in Megatron-LM; bf16 tables are ~0.4 % off)."""
+        tables = {name: getattr(self, name) for name in ("rope_cos", "rope_sin") if hasattr(self, name)}
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            setattr(self, name, table.to(device=getattr(self, name).device, dtype=torch.float32))
+        return self
+
     def output_weight_tensor(self) -> torch.Tensor:
         """The output layer's weight [V/t, h] (the embedding's own when tied on one stage)."""
         if not self.cfg.tie_embeddings:

@@ -9,6 +9,7 @@ as ring attention over the CP group.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ from ..parallel.context import CPGroup, ring_attention
 from torch.utils.checkpoint import checkpoint
 
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
-from ..tensor_parallel.random import checkpoint_rng_context
+from ..tensor_parallel.random import as_default_generator, checkpoint_rng_context
 from ..tensor_parallel.sharding import mark_sharded
 
 
@@ -125,12 +126,16 @@ class Attention(nn.Module):
             return ring_attention(q, k, v, self.cp)
         sq, sk = q.shape[2], k.shape[2]
         if self.use_sdpa:
+            dropout_p = self.dropout_p if self.training else 0.0
             # SDPA's is_causal aligns the mask to the first key; a cache needs it at the last.
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if 1 < sq < sk else None
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=sq == sk, enable_gqa=self.q_per_group > 1,
-                dropout_p=self.dropout_p if self.training else 0.0,
-            )
+            # SDPA's dropout draws from the default generator: lend it the TP-aware one (heads differ
+            # per TP rank), so the masks are reproducible, checkpointed and replayed by recomputation.
+            with as_default_generator(self.rng.tensor_parallel) if dropout_p else nullcontext():
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=sq == sk, enable_gqa=self.q_per_group > 1,
+                    dropout_p=dropout_p,
+                )
         return self._explicit_attention(q, k, v)
 
     def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,21 @@ def use_backend(name: str = "auto") -> str:
     for op in OPS:
         ops[op], sources[op] = _chain(op, _providers(resolved), getattr(base, op))
     _active.update(backend=resolved, ops=ops, sources=sources)
+    if base is csrc and torch.cuda.is_available() and not csrc.has_cuda_kernels():
+        _warn_once(f"model.kernel_backend={name}: the csrc extension has {csrc.describe_build()}, so CUDA "
+                   "tensors run the PyTorch reference ops; install the CUDA toolkit (nvcc, CUDA_HOME) and "
+                   "rebuild with `python -m megatron_lite.ops --require-cuda`")
     _log.info("kernel backend: %s", describe())
     return resolved
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def backend() -> str:
@@ -92,12 +105,15 @@ def backend() -> str:
 
 
 def describe() -> str:
-    """One line for the start-up log, e.g. ``te (causal_softmax: te/apex, rms_norm: apex; rest csrc)``."""
+    """One line for the start-up log: the backend, the ops a vendor library runs, and whether the
+    csrc extension has its CUDA kernels, e.g. ``te (causal_softmax: te/apex, rms_norm: apex; rest
+    csrc: CUDA kernels for sm 8.0;9.0)`` or ``csrc (CPU kernels only: torch is a CPU build)``."""
+    uses_csrc = _active["backend"] != "torch" and csrc.available()
+    build = f"csrc: {csrc.describe_build()}" if uses_csrc else ""
     vendor_ops = [f"{op}: {src}" for op, src in _active["sources"].items() if src]
     if not vendor_ops:
-        return _active["backend"]
-    rest = "csrc" if csrc.available() else "torch"
-    return f"{_active['backend']} ({', '.join(vendor_ops)}; rest {rest})"
+        return f"{_active['backend']} ({csrc.describe_build()})" if uses_csrc else _active["backend"]
+    return f"{_active['backend']} ({', '.join(vendor_ops)}; rest {build or 'torch'})"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -27,45 +31,118 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def cuda_sources() -> list[Path]:
-    """The CUDA kernel files (compiled into the extension when torch has CUDA)."""
+    """The CUDA kernel files (compiled into the extension when the build has CUDA, see ``cuda_plan``)."""
     return sorted((CSRC_DIR / "cuda").glob("*.cu"))
 
 
-def _build_key() -> str:
-    """Hash of the headers and of this CPU's instruction set, passed as a define so that it enters
-    the build cache key: the objects are compiled with -march=native and include the headers."""
-    digest = hashlib.sha256()
-    for header in sorted(CSRC_DIR.rglob("*.h")):
-        digest.update(header.read_bytes())
+# Compiled when no GPU is visible (e.g. `docker build`) and TORCH_CUDA_ARCH_LIST is unset: A100 and
+# H100/H200. A visible GPU that none of these can run (another major version) is added.
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    """Whether the extension gets CUDA kernels, for which architectures, and if not, why."""
+
+    with_cuda: bool
+    arch_list: Optional[str] = None
+    reason: str = ""
+
+
+def cuda_arch_list() -> str:
+    """``$TORCH_CUDA_ARCH_LIST`` if set, else ``DEFAULT_CUDA_ARCHS`` plus any visible GPU's
+    architecture they cannot run (a cubin runs on GPUs of its major version with a minor ≥ its own)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    archs = list(DEFAULT_CUDA_ARCHS)
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(index)
+        if not any(_arch(a)[0] == major and _arch(a)[1] <= minor for a in archs):
+            archs.append(f"{major}.{minor}")
+    return ";".join(sorted(set(archs), key=_arch))
+
+
+def _arch(entry: str) -> tuple[int, int]:
+    """(major, minor) of a TORCH_CUDA_ARCH_LIST entry such as ``9.0`` or ``9.0+PTX``."""
+    match = re.match(r"(\d+)\.(\d+)", entry)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def cuda_plan() -> CudaPlan:
+    """CUDA kernels are compiled whenever torch is a CUDA build and the CUDA toolkit (nvcc) is found,
+    whether or not a GPU is visible, so an image or a login node can build what the GPU nodes run.
+    ``MEGATRON_LITE_CUDA=0`` leaves them out."""
+    from torch.utils import cpp_extension
+
+    if os.environ.get("MEGATRON_LITE_CUDA") == "0":
+        return CudaPlan(False, reason="MEGATRON_LITE_CUDA=0")
+    if not torch.version.cuda:
+        return CudaPlan(False, reason="torch is a CPU build")
+    home = cpp_extension.CUDA_HOME
+    if not home or not (Path(home) / "bin" / "nvcc").exists():
+        return CudaPlan(False, reason="no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)")
+    return CudaPlan(True, cuda_arch_list())
+
+
+def cpu_arch() -> str:
+    """The -march of the CPU objects: ``$MEGATRON_LITE_CPU_ARCH`` or ``native`` (this machine's CPU;
+    a container image built on one host and run on others sets a portable one, e.g. x86-64-v3)."""
+    return os.environ.get("MEGATRON_LITE_CPU_ARCH", "native")
+
+
+def _cpu_isa() -> str:
+    """What -march means here: this CPU's instruction set for ``native``, else the named arch."""
+    if cpu_arch() != "native":
+        return cpu_arch()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     isa = sorted({ln for ln in lines if ln.startswith(("flags", "Features", "model name"))})
-    digest.update("\n".join(isa).encode())
-    return digest.hexdigest()[:12]
+    return hashlib.sha256("\n".join(isa).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)
 def extension() -> Optional[ModuleType]:
-    """The compiled extension (CUDA kernels included when torch has CUDA), or None if it cannot be
+    """The compiled extension (with CUDA kernels when ``cuda_plan()`` says so), or None if it cannot be
     built (``load_extension`` has then warned once)."""
-    from torch.utils import cpp_extension
-
-    cflags = ["-O3", "-fopenmp", "-march=native", f"-DMLITE_BUILD_KEY={_build_key()}"]
+    plan = cuda_plan()
+    cflags = ["-O3", "-fopenmp", f"-march={cpu_arch()}"]
     sources: list[str | Path] = list(CPU_SOURCES)
     cuda_cflags = None
-    if torch.cuda.is_available() and torch.version.cuda and cpp_extension.CUDA_HOME:
+    if plan.with_cuda:
         sources += cuda_sources()
         cflags.append("-DWITH_CUDA")
         cuda_cflags = ["-O3", "-DWITH_CUDA", "-std=c++17"]
-    return load_extension("megatron_lite_kernels", sources, extra_cflags=cflags,
-                          extra_ldflags=["-fopenmp"], extra_cuda_cflags=cuda_cflags)
+    # The CUDA headers matter only to a build with CUDA kernels (bindings.cpp includes them under WITH_CUDA).
+    headers = sorted((CSRC_DIR / "cpu").glob("*.h"))
+    if plan.with_cuda:
+        headers += sorted((CSRC_DIR / "cuda").glob("*.h")) + sorted((CSRC_DIR / "cuda").glob("*.cuh"))
+    return load_extension("megatron_lite_kernels", sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                          extra_cuda_cflags=cuda_cflags, depends=headers, cuda_arch_list=plan.arch_list,
+                          key_extra={"cpu_isa": _cpu_isa()})
 
 
 def available() -> bool:
     """Whether the extension builds (and loads) on this machine."""
     return extension() is not None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension contains the CUDA kernels."""
+    ext = extension()
+    return ext is not None and bool(ext.with_cuda)
+
+
+def describe_build() -> str:
+    """The extension in a few words: ``CUDA kernels for sm 8.0;9.0``, ``CPU kernels only: torch is a
+    CPU build`` or ``not built``."""
+    if extension() is None:
+        return "not built"
+    plan = cuda_plan()
+    if has_cuda_kernels():
+        return f"CUDA kernels for sm {plan.arch_list}"
+    return f"CPU kernels only: {plan.reason or 'built without CUDA'}"
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -79,8 +156,9 @@ def _usable(x: torch.Tensor) -> bool:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., h] as a contiguous [rows, h] tensor (a copy only when x is not contiguous)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """x [..., h] as a contiguous [rows, h] tensor (a copy only when x is not contiguous; h = 0 and
+    no rows are fine)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def _grad_for(grad: Optional[torch.Tensor], param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -208,5 +286,6 @@ def causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     if not _usable(scores):
         return reference.causal_softmax(scores, scale)
     sq, sk = scores.shape[-2:]
-    return _CausalSoftmax.apply(scores.reshape(-1, sq, sk).contiguous(), float(scale)).view(scores.shape)
+    batch = math.prod(scores.shape[:-2])
+    return _CausalSoftmax.apply(scores.reshape(batch, sq, sk).contiguous(), float(scale)).view(scores.shape)
 

@@ -25,13 +25,16 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotary position embedding, rotate-half convention (GPT-NeoX / LLaMA in HF transformers).
 
     x: [b, s, n, d]; cos, sin: [s, d/2]. The first and second halves of the head dimension form the
-    rotated pairs: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin).
+    rotated pairs: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin). Computed in fp32 (or x's dtype if
+    wider) with the tables as given, one rounding to x's dtype at the end, as the fused kernels do.
     """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c = cos[None, :, None, :].to(x.dtype)
-    s = sin[None, :, None, :].to(x.dtype)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute)
+    x1, x2 = xc[..., :half], xc[..., half:]
+    c = cos[None, :, None, :].to(compute)
+    s = sin[None, :, None, :].to(compute)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,30 @@ def launch_info() -> LaunchInfo:
     return LaunchInfo(0, 1, 0)
 
 
+def local_cuda_device(local_rank: int, device_count: int) -> torch.device:
+    """The GPU of a rank: ``local_rank % device_count``. Ranks of a node share its visible GPUs in
+    order; with one visible GPU per task (SLURM ``--gpus-per-task=1``) every rank uses cuda:0."""
+    if device_count < 1:
+        raise RuntimeError("backend nccl, but this process sees no CUDA device (check CUDA_VISIBLE_DEVICES "
+                           "and the job's GPU request)")
+    return torch.device("cuda", local_rank % device_count)
+
+
+def process_group_options(backend: str, local_rank: int, device_count: int) -> dict:
+    """Extra ``init_process_group`` arguments: with NCCL the rank's device, bound eagerly
+    (``device_id``), so every communicator is created on the right GPU."""
+    return {"device_id": local_cuda_device(local_rank, device_count)} if backend == "nccl" else {}
+
+
 def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> LaunchInfo:
     """Create the default process group (once). A plain ``python`` run becomes a world of one."""
     info = launch_info()
     if dist.is_initialized():
         return info
     backend = backend or default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+    options = process_group_options(backend, info.local_rank, torch.cuda.device_count() if backend == "nccl" else 0)
+    if "device_id" in options:
+        torch.cuda.set_device(options["device_id"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store for every restart of the workers: keys of the previous
         # attempt (gloo's and NCCL's peer addresses) would be read by the next one, which then
@@ -77,7 +93,7 @@ def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> Launc
                               is_master=False, timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_lite/attempt_{attempt}", store),
-                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+                                rank=info.rank, world_size=info.world_size, timeout=timeout, **options)
         return info
     if "MASTER_ADDR" in os.environ:
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -95,6 +111,7 @@ def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> Launc
         rank=info.rank,
         world_size=info.world_size,
         timeout=timeout,
+        **options,
     )
     return info
 

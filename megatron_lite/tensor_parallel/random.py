@@ -11,6 +11,8 @@ Pipeline stages hold different layers, so the stage index enters both seeds.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 TP_SEED_OFFSET = 2718
@@ -41,7 +43,7 @@ def dropout(x: torch.Tensor, p: float, generator: torch.Generator, training: boo
 def checkpoint_rng_context(rng: ModelRNG):
     """``context_fn`` for torch.utils.checkpoint: the recomputation replays the generators' states
     from the original forward (so dropout masks match), then puts the current states back."""
-    from contextlib import contextmanager, nullcontext
+    from contextlib import nullcontext
 
     snapshot = rng.get_state()
 
@@ -55,3 +57,22 @@ def checkpoint_rng_context(rng: ModelRNG):
             rng.set_state(current)
 
     return nullcontext(), replay()
+
+
+@contextmanager
+def as_default_generator(generator: torch.Generator):
+    """Run the block with ``generator``'s state in its device's default generator, for ops that draw
+    only from the default one (SDPA's dropout); afterwards ``generator`` has advanced by what they drew
+    and the default generator is as before. So their randomness follows the TP-aware ``ModelRNG``:
+    reproducible, checkpointed, replayed by recomputation."""
+    if generator.device.type == "cuda":
+        default = torch.cuda.default_generators[generator.device.index or torch.cuda.current_device()]
+    else:
+        default = torch.default_generator
+    saved = default.get_state()
+    default.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(default.get_state())
+        default.set_state(saved)

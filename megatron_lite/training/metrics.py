@@ -137,7 +137,7 @@ def console_line(r: dict[str, Any], train_iters: int) -> str:
     if r.get("skipped_iterations"):
         parts.append(f"skipped {r['skipped_iterations']}")
     if r.get("mfu") is not None:
-        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        parts.append(f"MFU {100 * r['mfu']:.1f}% (Megatron's non-causal count {100 * r['mfu_noncausal']:.1f}%)")
     parts.append(f"peak mem {r['peak_memory_gb']:.2f} GB")
     parts.append(f"eta {_duration(r['eta_s'])}")
     return " | ".join(parts)

@@ -28,6 +28,7 @@ from ..config import Config, ParallelDims, padded_vocab_size
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
+from ..model.flops import peak_flops
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
@@ -41,15 +42,15 @@ from .metrics import IntervalAverage, MetricsLogger, console_line
 from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense bf16 peak FLOP/s by device name (vendor datasheets), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
-def device_peak_flops(device: torch.device) -> Optional[float]:
+def device_peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """The peak FLOP/s of this GPU for runs in ``precision`` (``model.flops.peak_flops``); None on CPU
+    or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+    return peak_flops(torch.cuda.get_device_name(device), precision, tf32)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -136,7 +137,9 @@ class Trainer:
             dims.pipeline_schedule, dims.pp, dims.vpp, dims.num_microbatches, state.pp_rank, forward_only=True
         )
         self.flops_per_iteration = model_flops_per_iteration(m, self.vocab_size, gbs)
-        self.peak_flops = device_peak_flops(self.device)
+        # Megatron-LM's papers and logs count the full s×s attention matrix: reported beside ours.
+        self.flops_per_iteration_noncausal = model_flops_per_iteration(m, self.vocab_size, gbs, causal=False)
+        self.peak_flops = device_peak_flops(self.device, t.precision)
         # The logging rank holds the loss: last pipeline stage, first TP and CP rank, first DP replica.
         self.is_logging_rank = (state.is_last_stage and state.tp_rank == 0 and state.cp_rank == 0
                                 and state.dp_rank == 0)
@@ -313,11 +316,14 @@ class Trainer:
         done = self.iteration - start_iteration
         eta = (time.time() - run_start) / done * (t.train_iters - self.iteration)
         tflops = self.flops_per_iteration / elapsed / self.state.world_size / 1e12
+        tflops_noncausal = self.flops_per_iteration_noncausal / elapsed / self.state.world_size / 1e12
         record = {
             "iteration": self.iteration, "consumed_samples": self.consumed_samples, "loss": out["loss"],
             "lr": out["lr"], "grad_norm": out["grad_norm"], "ms_per_iter": elapsed * 1e3,
             "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
+            "tflops_per_device_noncausal": tflops_noncausal,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
+            "mfu_noncausal": tflops_noncausal * 1e12 / self.peak_flops if self.peak_flops else None,
             "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
             "loss_scale": out["loss_scale"], "skipped_iterations": out["skipped_iterations"],
         }
