@@ -9,8 +9,15 @@ never below ``min_scale``. A constant scale never changes.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 
 class LossScaler:
+    """The fp16 loss scale: ``scale_loss`` before the backward, ``unscale_`` on the fp32 gradients
+    after it, ``update`` once per iteration (module docstring)."""
+
     def __init__(
         self, initial_scale: float = 2.0**32, window: int = 1000, hysteresis: int = 2,
         min_scale: float = 1.0, dynamic: bool = True,
@@ -19,6 +26,21 @@ class LossScaler:
         self.window, self.hysteresis, self.min_scale, self.dynamic = window, hysteresis, min_scale, dynamic
         self._clean_steps = 0
         self._overflows_left = hysteresis
+
+    @classmethod
+    def for_precision(cls, precision: str, loss_scale: Optional[float], initial_scale: float, window: int,
+                      hysteresis: int, min_scale: float) -> Optional["LossScaler"]:
+        """fp16: a constant scaler when ``loss_scale`` is set, else a dynamic one; None otherwise."""
+        if precision != "fp16":
+            return None
+        return cls(loss_scale or initial_scale, window, hysteresis, min_scale, dynamic=loss_scale is None)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    def unscale_(self, grads: torch.Tensor) -> None:
+        """Divide the fp32 gradients (in place) by the scale the loss was multiplied with."""
+        grads.mul_(1.0 / self.scale)
 
     def update(self, found_inf: bool) -> None:
         """Account for one step: an overflow (skipped step) or a clean one."""

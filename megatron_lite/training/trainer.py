@@ -9,6 +9,10 @@ One iteration:
      average over DP (optim/grads.py);
   4. AdamW step with the scheduled learning rate after clipping by the global norm;
   5. the loss (mean over the global batch) and throughput logged by the logging rank.
+
+``train()`` first resumes from ``checkpoint.load`` (``resume()``; the Checkpointer receives the
+parameters, optimizer, generators and this object as the train state), and after every iteration
+asks the stop policy (preemption.py) whether the ranks agreed to stop early.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..checkpoint.manager import Checkpointer
-from ..config import Config, ParallelDims, padded_vocab_size
+from ..config import Config, ParallelDims, padded_vocab_size, to_yaml
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
@@ -34,6 +38,7 @@ from ..parallel.state import ParallelState, default_timeout
 from ..pipeline import schedules
 from ..pipeline.executor import run_schedule, save_trace
 from .metrics import MetricsLogger, console_line
+from .preemption import StopAgreement, announce
 from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,12 +96,13 @@ class Trainer:
         )
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
             self.optimizer = DistributedOptimizer(
-                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather, names=names
+                params=self.params, grads=self.grads, cfg=o, norm_group=None, tp_rank=state.tp_rank,
+                overlap_param_gather=o.overlap_param_gather, names=names,
             )
             if o.overlap_param_gather:
                 self.optimizer.install_param_gather_hooks(self.chunks)
         else:
-            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank, names=names)
+            self.optimizer = Optimizer(self.params, o, norm_group=state.mp_group, tp_rank=state.tp_rank, names=names)
 
         gbs = t.global_batch_size
         evaluations = t.train_iters // t.eval_interval + 1
@@ -111,12 +117,9 @@ class Trainer:
         self._train_batches = None  # this rank's microbatches per iteration, from consumed_samples on
         self.skipped_iterations = 0
         self.consecutive_skips = 0
-        self.scaler = None
-        if t.precision == "fp16":
-            self.scaler = LossScaler(
-                t.loss_scale or t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale,
-                dynamic=t.loss_scale is None,
-            )
+        self.scaler = LossScaler.for_precision(
+            t.precision, t.loss_scale, t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale
+        )
 
         seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
         self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
@@ -130,8 +133,20 @@ class Trainer:
         self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
         self.logger: Optional[MetricsLogger] = None
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
-        self.checkpointer = Checkpointer(self)
-        self.checkpointer.load()
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, named_params=self.named_params, optimizer=self.optimizer, model_rng=self.chunks[0].rng,
+            train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
+            layout={"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
+            tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
+        )
+        self.resumed: Optional[bool] = None  # set by resume()
+
+    def resume(self) -> bool:
+        """Load ``checkpoint.load`` if it holds a checkpoint (collective; once, before training).
+        Returns whether a checkpoint was loaded."""
+        if self.resumed is None:
+            self.resumed = self.checkpointer.load()
+        return self.resumed
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
@@ -160,7 +175,7 @@ class Trainer:
         mask = batch["loss_mask"].to(self.device)
         loss = (losses * mask).sum() / mask.sum().clamp_min(1.0)
         if self.scaler is not None and chunk.training:
-            loss = loss * self.scaler.scale  # reported losses are divided back in train_step
+            loss = self.scaler.scale_loss(loss)  # reported losses are divided back in train_step
         return loss
 
     def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
@@ -216,8 +231,8 @@ class Trainer:
         scale = self.scaler.scale if self.scaler is not None else 1.0
         finite = self._grads_are_finite()
         if finite:
-            if scale != 1.0:
-                self.grads.data.mul_(1.0 / scale)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.grads.data)
             grad_norm = self.optimizer.step(lr)
             self.consecutive_skips = 0
         else:
@@ -258,6 +273,15 @@ class Trainer:
 
     # The loop ----------------------------------------------------------------------------------
     def train(self) -> None:
+        """Resume (if not done yet), then train to ``training.train_iters`` or an agreed early stop."""
+        self.resume()
+        stop = StopAgreement(self.cfg.checkpoint.save is not None, self.cfg.training.exit_duration_mins, self.device)
+        try:
+            self._loop(stop)
+        finally:
+            stop.restore()
+
+    def _loop(self, stop: StopAgreement) -> None:
         t, log = self.cfg.training, self.cfg.logging
         if self.is_logging_rank:
             self.logger = MetricsLogger(log, self.cfg, resumed=self.iteration > 0)
@@ -276,11 +300,12 @@ class Trainer:
                 self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self._log_eval()
-            # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
-            # signal or training.exit_duration_mins).
-            stop_reason = self.checkpointer.after_step()
+            stop_reason = stop.reason()  # the same on every rank
+            if stop_reason is not None and self.state.rank == 0:
+                announce(stop_reason, self.iteration, saving=bool(self.cfg.checkpoint.save))
+            self.checkpointer.after_step(self.iteration, stopping=stop_reason is not None)
         self.optimizer.finish_param_gather()
-        self.checkpointer.finish()
+        self.checkpointer.finish(self.iteration)
         if stop_reason is None or not stop_reason.startswith("signal"):
             self._log_eval()
         if self.logger is not None:
