@@ -1,0 +1,77 @@
+"""Optimizer state through checkpoints in every precision: fp32 master weights rebuilt from the loaded
+parameters when a checkpoint has none (saved in fp32, imported from HF), whatever the optimizer."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_checkpoint import BASE, _train, losses
+from test_training import _train as _train_and_gather
+from test_training import rel
+
+# Trained far enough that the loss (about 7.3) is clearly below a fresh model's ln(4096) = 8.3.
+TRAINED = ["optimizer.lr=3e-3", "training.train_iters=12"]
+
+
+@pytest.fixture(scope="module")
+def fp32_checkpoint(ranks, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp32")
+    ranks(1).run(_train, BASE + TRAINED + [f"logging.dir={root / 'run'}", f"checkpoint.save={root / 'ckpt'}",
+                                          "checkpoint.save_interval=10"])
+    return root
+
+
+@pytest.mark.parametrize("precision,world,extra", [
+    ("bf16", 2, ["optimizer.use_distributed_optimizer=true"]),
+    ("fp16", 1, ["training.initial_loss_scale=4096"]),
+])
+def test_low_precision_resume_of_fp32_checkpoint(ranks, fp32_checkpoint, tmp_path, precision, world, extra):
+    """The checkpoint has no fp32 masters: the optimizer takes them from the loaded parameters, so the
+    losses after the first low-precision steps follow the fp32 run's (not a fresh model's ln(vocab))."""
+    ranks(world).run(_train, BASE + TRAINED + extra + [
+        f"training.precision={precision}", f"logging.dir={tmp_path}",
+        f"checkpoint.load={fp32_checkpoint / 'ckpt'}", "checkpoint.load_iteration=10",
+    ])
+    ref, got = losses(fp32_checkpoint / "run"), losses(tmp_path)
+    assert sorted(got) == [11, 12]
+    err = rel([got[i] for i in got], [ref[i] for i in got])
+    print(f"{precision} resumed from fp32: losses {[round(got[i], 4) for i in got]}, fp32 "
+          f"{[round(ref[i], 4) for i in got]}, error {err:.1e}")
+    assert ref[12] < 7.9 and err < 0.01
+
+
+def _hf_llama(directory: Path) -> None:
+    """A random LlamaForCausalLM built and saved by transformers itself (GQA, untied head). Its weights
+    have five times our init's std, so a run that fell back to its own initialisation would show it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=16, initializer_range=0.1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def test_hf_import_trains_in_bf16_on_tp2(ranks, tmp_path):
+    """An imported checkpoint (weights only) trained in bf16 at TP 2 follows the fp32 run from the same
+    import: the first steps update the imported weights, not a fresh initialisation."""
+    from megatron_lite.checkpoint.hf import main
+
+    _hf_llama(tmp_path / "hf")
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
+    shape = json.loads((tmp_path / "imported" / "iter_0000000" / "meta.json").read_text())["model"]
+    assert shape["num_layers"] == 2 and not shape["tie_embeddings"]
+    run = ["model=llama_tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=8",
+           "model.num_query_groups=4", "model.ffn_hidden_size=96", "model.seq_length=16", "model.tie_embeddings=false",
+           "model.vocab_size=4096", "training.micro_batch_size=2", "training.global_batch_size=8",
+           "training.train_iters=3", "training.eval_iters=0", "parallel.tensor_model_parallel_size=2",
+           f"checkpoint.load={tmp_path / 'imported'}"]
+    ref = ranks(2).run(_train_and_gather, run + [f"logging.dir={tmp_path / 'fp32'}"])[0]
+    got = ranks(2).run(_train_and_gather, run + ["training.precision=bf16", f"logging.dir={tmp_path / 'bf16'}"])[0]
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    loss_err = rel(list(b.values()), list(a.values()))
+    param_err = max(rel(got[k], ref[k]) for k in ref)
+    print(f"HF import, bf16 TP2: losses {[round(x, 4) for x in b.values()]} fp32 {[round(x, 4) for x in a.values()]}; "
+          f"loss error {loss_err:.1e}, parameter error after 3 steps {param_err:.1e}")
+    assert loss_err < 0.01 and param_err < 0.02
