@@ -75,3 +75,80 @@ def test_hf_import_trains_in_bf16_on_tp2(ranks, tmp_path):
     print(f"HF import, bf16 TP2: losses {[round(x, 4) for x in b.values()]} fp32 {[round(x, 4) for x in a.values()]}; "
           f"loss error {loss_err:.1e}, parameter error after 3 steps {param_err:.1e}")
     assert loss_err < 0.01 and param_err < 0.02
+
+
+# One AdamW state format --------------------------------------------------------------------------
+def test_gpu_path_selects_torch_fused_adamw():
+    """On GPU torch's fused AdamW (step kept per parameter, as on the CPU), never apex's FusedAdam
+    (step in param_groups: saving per parameter lost it, and the distributed optimizer dropped the
+    moments)."""
+    from megatron_lite.config import OptimizerConfig
+    from megatron_lite.optim.optimizer import adamw_options
+
+    assert adamw_options(OptimizerConfig(), "cuda")["fused"] is True
+    assert adamw_options(OptimizerConfig(), "cpu")["foreach"] is True
+
+
+def _small_model(dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).to(dtype)
+
+
+def _optimizer(kind: str, model: torch.nn.Module):
+    from megatron_lite.config import OptimizerConfig
+    from megatron_lite.optim import DistributedOptimizer, GradBuffer, Optimizer
+
+    params, names = list(model.parameters()), [n for n, _ in model.named_parameters()]
+    cfg = OptimizerConfig(lr=1e-2)
+    if kind == "plain":
+        GradBuffer(params)  # gives every parameter its fp32 main_grad
+        return Optimizer(params, cfg, norm_group=None, names=names)
+    grads = GradBuffer(params, reduce_scatter=True, bucket_elements=64)
+    return DistributedOptimizer(params=params, grads=grads, cfg=cfg, names=names)
+
+
+def _step(optimizer, model: torch.nn.Module, k: int) -> None:
+    generator = torch.Generator().manual_seed(k)
+    for p in model.parameters():
+        p.main_grad.copy_(torch.randn(p.shape, generator=generator))
+    optimizer.step(1e-2)
+
+
+@pytest.mark.parametrize("kind", ["plain", "distributed"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_adamw_state_saved_whole_by_the_gpu_optimizer_class(monkeypatch, tmp_path, kind, precision):
+    """The optimizer class and options the GPU path selects (torch's fused AdamW, here on CPU tensors),
+    three steps, a checkpoint, a fresh model and optimizer loading it: every field is saved (step,
+    moments, fp32 masters) and the next two steps are bit-identical to the uninterrupted ones."""
+    from megatron_lite.checkpoint.sharded import ShardedState
+    from megatron_lite.checkpoint.storage import find_checkpoint, read_tensors, write_checkpoint
+    from megatron_lite.optim import optimizer as optimizer_module
+
+    gpu_options = optimizer_module.adamw_options
+    monkeypatch.setattr(optimizer_module, "adamw_options", lambda cfg, _device_type: gpu_options(cfg, "cuda"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = _small_model(dtype, seed=0)
+    opt_a = _optimizer(kind, a)
+    assert type(opt_a.inner) is torch.optim.AdamW and opt_a.inner.defaults["fused"]
+    for k in range(3):
+        _step(opt_a, a, k)
+    saved = ShardedState(list(a.named_parameters()))
+    write_checkpoint({**saved.model_tensors(), **saved.optimizer_tensors(opt_a.named_param_states())}, {}, "", tmp_path, 3)
+
+    info = find_checkpoint(tmp_path)
+    names = [n for n, _ in a.named_parameters()]
+    assert {k for k in info.keys() if k.startswith("optimizer/")} == {
+        f"optimizer/{n}/{f}" for n in names for f in ("step", "exp_avg", "exp_avg_sq", "master")}
+    b = _small_model(dtype, seed=1)
+    opt_b = _optimizer(kind, b)
+    loading = ShardedState(list(b.named_parameters()))
+    targets, states = loading.optimizer_targets(info, opt_b.state_ranges())
+    read_tensors({**loading.model_targets(info), **targets}, info)
+    assert all(s.fields["step"].item() == 3 for s in states.values())
+    opt_b.load_named_param_states(states)
+    for k in (3, 4):
+        _step(opt_a, a, k)
+        _step(opt_b, b, k)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    ref, got = opt_a.named_param_states(), opt_b.named_param_states()
+    assert all(torch.equal(ref[n].fields[f], got[n].fields[f]) for n in ref for f in ref[n].fields)
