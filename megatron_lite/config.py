@@ -110,7 +110,8 @@ class TrainingConfig:
     loss_scale_window: int = positive(1000)
     hysteresis: int = positive(2)
     # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
-    # the run (exit code 3) rather than train on.
+    # the run (exit code 3) rather than train on. fp16's warm-up search for a loss scale (skips before
+    # the first applied step, while the scale can still halve) does not count.
     max_skipped_steps: int = positive(10)
     # Hang watchdog: a step running longer than this many seconds ends the rank (exit code 4) with a
     # line naming the schedule action and the collective it waits in. None: max(10 × the median of
@@ -167,6 +168,15 @@ class CheckpointConfig:
     save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
     keep_last: Optional[int] = positive(None)  # None: keep every checkpoint
+    # Fine-tuning controls (Megatron's names): finetune loads the weights only (iteration, optimizer,
+    # random generators and data position start fresh); load_optimizer / load_rng = false skip those.
+    finetune: bool = False
+    load_optimizer: bool = True
+    load_rng: bool = True
+    # Take the model's architecture from the checkpoint (Megatron's --use-checkpoint-args): every
+    # model.* key but the run's own choices (seq_length unless positions are learned, dropout,
+    # kernel and attention backends, init_std, make_vocab_size_divisible_by).
+    use_checkpoint_model_config: bool = False
 
 
 @dataclass
@@ -460,8 +470,12 @@ def _check_flags(cfg: Config) -> None:
         raise ConfigError(
             "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
         )
-    if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+    c = cfg.checkpoint
+    if c.async_save and not c.save:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")
+    for key in ("finetune", "use_checkpoint_model_config"):
+        if getattr(c, key) and not c.load:
+            raise ConfigError(f"checkpoint.{key}", "needs checkpoint.load (the checkpoint directory)")
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:

@@ -13,6 +13,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from megatron_lite.checkpoint.manager import with_checkpoint_model_config
 from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
 from megatron_lite.training.errors import exit_on_user_error
@@ -25,6 +26,11 @@ def run(cfg: Config | DictConfig) -> Trainer:
     still alive). Callable from any launcher whose environment says the rank and world size
     (torchrun, SLURM, or a plain single process)."""
     config = to_config(cfg)
+    if config.checkpoint.use_checkpoint_model_config and config.checkpoint.load:
+        config, changed = with_checkpoint_model_config(config)
+        if launch_info().rank == 0 and changed:
+            taken = ", ".join(f"{k} {ours!r} -> {saved!r}" for k, (ours, saved) in changed.items())
+            print(f"checkpoint: model config from {config.checkpoint.load}: {taken}", flush=True)
     dims = validate(config, launch_info().world_size)
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)
     configure_nccl(config.logging.dir)

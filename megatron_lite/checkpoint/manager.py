@@ -21,7 +21,11 @@ tracker's iteration, or ``checkpoint.load_iteration``) is checked (files, versio
 read into this rank's shards in whatever layout this run has. Random generators are restored only
 when the layout is the same (they are per rank). Optimizer state the checkpoint lacks starts fresh,
 and fp32 master weights it lacks (a checkpoint saved in fp32, an imported HF model) are rebuilt from
-the loaded parameters.
+the loaded parameters. Fine-tuning controls: ``checkpoint.finetune`` loads the weights only (the
+iteration, optimizer, generators and data position start fresh); ``checkpoint.load_optimizer`` /
+``checkpoint.load_rng`` = false skip those parts. ``checkpoint.use_checkpoint_model_config``: the run
+takes its model architecture from the checkpoint (``with_checkpoint_model_config``, before the
+config is validated).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch.distributed as dist
 from torch import nn
 
-from ..config import CheckpointConfig, ModelConfig
+from ..config import CheckpointConfig, Config, ModelConfig
 from ..optim.optimizer import NamedStateOptimizer
 from ..tensor_parallel import ModelRNG
 from .sharded import ShardedState, restore_rng, rng_targets, rng_tensors
@@ -71,6 +75,35 @@ def model_meta(cfg: ModelConfig, vocab_size: int, padded_vocab_size: int) -> dic
     return {"model": model_signature(cfg, vocab_size),
             "model_config": dataclasses.asdict(dataclasses.replace(cfg, vocab_size=vocab_size)),
             "padded_vocab_size": padded_vocab_size}
+
+
+# Model keys that are the run's own choice, not the checkpoint's (seq_length is the checkpoint's only
+# for learned position embeddings, where it is a parameter shape).
+RUN_MODEL_KEYS = ("seq_length", "dropout", "kernel_backend", "attention_backend", "init_std",
+                  "make_vocab_size_divisible_by")
+
+
+def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with its model architecture read from the checkpoint ``checkpoint.load`` names
+    (``checkpoint.use_checkpoint_model_config``), and the keys that changed: {key: (ours, saved)}.
+    Reads meta.json's model config (config.yaml's model section for checkpoints that lack it)."""
+    c = cfg.checkpoint
+    info = find_checkpoint(c.load, c.load_iteration) if c.load else None
+    if info is None:
+        raise CheckpointError(f"{Path(c.load or '.') / 'latest_checkpointed_iteration.txt'}: no checkpoint to take "
+                              "the model config from (checkpoint.use_checkpoint_model_config)")
+    saved = info.meta.get("model_config")
+    if saved is None:
+        from omegaconf import OmegaConf
+
+        saved = dict(OmegaConf.to_container(OmegaConf.create((info.path / "config.yaml").read_text()))["model"])
+        saved["vocab_size"] = info.meta["model"]["vocab_size"]
+    learned = saved.get("position_embedding") == "learned"
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    taken = {k: v for k, v in saved.items()
+             if k in fields and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
+    changed = {k: (getattr(cfg.model, k), v) for k, v in taken.items() if getattr(cfg.model, k) != v}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **taken)), changed
 
 
 def check_model(info: CheckpointInfo, expected: dict[str, Any]) -> None:
@@ -221,10 +254,18 @@ class Checkpointer:
             self._print(f"no {self.cfg.load}/latest_checkpointed_iteration.txt: starting from iteration 0")
             return False
         check_model(info, self.model_meta["model"])
+        cfg, notes = self.cfg, []
+        if cfg.finetune:
+            notes.append("fine-tuning: weights only; iteration, optimizer, generators and data position start fresh")
         model = self.sharded.model_targets(info)
-        optimizer, states = self.sharded.optimizer_targets(info, self.optimizer.state_ranges())
+        optimizer, states = {}, {}
+        load_optimizer = cfg.load_optimizer and not cfg.finetune
+        if load_optimizer:
+            optimizer, states = self.sharded.optimizer_targets(info, self.optimizer.state_ranges())
+        elif not cfg.finetune:
+            notes.append("optimizer state not loaded (checkpoint.load_optimizer=false)")
         same_layout = info.meta.get("layout") == self.layout
-        rng = rng_targets(self.rank, info) if same_layout else {}
+        rng = rng_targets(self.rank, info) if same_layout and cfg.load_rng and not cfg.finetune else {}
         read_tensors({**model, **optimizer, **rng}, info, self.group)
         self.sharded.finish_load()
         fields = {name: frozenset(s.fields) for name, s in states.items()}
@@ -232,12 +273,16 @@ class Checkpointer:
         missing = next((n for n, f in fields.items() if f != complete), None)
         if missing is not None:
             raise CheckpointError(f"{info.path}: incomplete optimizer state for {missing}")
-        self.optimizer.load_named_param_states(states)
+        self.optimizer.load_named_param_states(states)  # masters from the loaded weights where none
         if rng:
             restore_rng(self.rank, rng, self.model_rng)
-        self.train_state.load_state_dict(info.meta["trainer"])
-        notes = [] if complete else ["no optimizer state: the optimizer starts fresh"]
+        if not cfg.finetune:
+            self.train_state.load_state_dict(info.meta["trainer"])
+        if load_optimizer and not complete:
+            notes.append("no optimizer state: the optimizer starts fresh")
         if not same_layout:
             notes.append(f"resharded from {info.meta.get('layout')} to {self.layout}; random generators not restored")
+        elif not rng and not cfg.finetune:
+            notes.append("random generators not restored (checkpoint.load_rng=false)")
         self._print(f"loaded {info.path} (iteration {info.iteration})" + "".join(f"; {n}" for n in notes))
         return True

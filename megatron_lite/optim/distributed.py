@@ -13,6 +13,7 @@ Bytes per parameter on each rank (Megatron's table; d = DP size):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -93,13 +94,16 @@ class DistributedOptimizer(AdamWBase):
         self._build([(x.master, x.param.ndim >= 2) for x in self.pieces], self.param_data.device)
 
     def step(self, lr: float) -> float:
-        """Clip and update this rank's slices, then all-gather; returns the global grad norm."""
+        """Clip and update this rank's slices, then all-gather; returns the global grad norm (not
+        finite: the step was skipped on every rank, nothing is gathered)."""
         for x in self.pieces:
             x.master.grad = x.grad
         norm = self._update([x.grad for x in self.pieces], [x.counted for x in self.pieces], lr)
-        self._masters_to_params()
         for x in self.pieces:
             x.master.grad = None
+        if not math.isfinite(norm):
+            return norm
+        self._masters_to_params()
         if self.overlap_param_gather:
             self._gathers = gather_params(self.grads, self.param_data, async_op=True)
         else:

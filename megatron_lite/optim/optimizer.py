@@ -14,6 +14,7 @@ parameter name, as the elements of the flattened local parameter this rank holds
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
@@ -110,8 +111,12 @@ class AdamWBase:
 
     def _update(self, grads: list[torch.Tensor], counted: list[bool], lr: float) -> float:
         """Clip ``grads`` (the masters' ``.grad``; ``counted``: which enter the norm) and run AdamW
-        with ``lr``; returns the global gradient norm before clipping."""
-        norm = global_grad_norm([g for g, c in zip(grads, counted) if c], self.norm_group)
+        with ``lr``; returns the global gradient norm before clipping. A non-finite norm (some
+        gradient on some rank holds an inf or NaN) updates nothing, on every rank."""
+        norm = global_grad_norm([g for g, c in zip(grads, counted) if c], self.norm_group,
+                                uncounted=[g for g, c in zip(grads, counted) if not c])
+        if not math.isfinite(norm):
+            return norm
         clip_by_norm(grads, norm, self.cfg.clip_grad)
         for group in self.inner.param_groups:
             group["lr"] = lr
@@ -149,13 +154,14 @@ class Optimizer(AdamWBase):
         self._build([(m, p.ndim >= 2) for m, p in zip(self.master_params, self.model_params)], self.model_params[0].device)
 
     def step(self, lr: float) -> float:
-        """Clip and update; returns the global gradient norm before clipping."""
+        """Clip and update; returns the global gradient norm before clipping (not finite: the step
+        was skipped on every rank)."""
         for master, p in zip(self.master_params, self.model_params):
             master.grad = p.main_grad
         norm = self._update([m.grad for m in self.master_params], self.counted, lr)
         with torch.no_grad():
             for master, p in zip(self.master_params, self.model_params):
-                if master is not p:
+                if master is not p and math.isfinite(norm):
                     p.copy_(master)
                 master.grad = None
         return norm

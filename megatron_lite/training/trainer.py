@@ -195,17 +195,14 @@ class Trainer:
             loss /= self.state.dp_size
         return loss.item()
 
-    def _grads_are_finite(self) -> bool:
-        """False if any rank's gradients hold an inf or NaN (agreed over the whole world)."""
-        bad = (~torch.isfinite(self.grads.data)).any().float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bad.item()
-
     def train_step(self) -> dict[str, float]:
         """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr.
 
         A step with non-finite gradients anywhere is skipped on every rank (fp16 overflow, or a NaN
-        in any precision); ``training.max_skipped_steps`` of them in a row raise TrainingStopped.
+        in any precision): the iteration and consumed samples advance, the learning-rate schedule does
+        not (it follows the applied steps, as Megatron's). ``training.max_skipped_steps`` skips in a
+        row raise TrainingStopped, not counting fp16's warm-up search for a loss scale (skips before
+        the first applied step while the scale can still halve).
         """
         for chunk in self.chunks:
             chunk.train()
@@ -227,18 +224,20 @@ class Trainer:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
                        self.dims.vpp, self.dims.num_microbatches)
         finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
-        lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
+        applied_steps = self.iteration - self.skipped_iterations
+        lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        finite = self._grads_are_finite()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.grads.data)
+        grad_norm = self.optimizer.step(lr)  # not finite: skipped on every rank (agreed in its reduction)
+        finite = math.isfinite(grad_norm)
         if finite:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.grads.data)
-            grad_norm = self.optimizer.step(lr)
             self.consecutive_skips = 0
         else:
             grad_norm = math.nan
             self.skipped_iterations += 1
-            self.consecutive_skips += 1
+            searching = applied_steps == 0 and self.scaler is not None and self.scaler.can_lower
+            self.consecutive_skips += 0 if searching else 1
         if self.scaler is not None:
             self.scaler.update(found_inf=not finite)
         self.iteration += 1
