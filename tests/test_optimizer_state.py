@@ -55,16 +55,16 @@ def _hf_llama(directory: Path) -> None:
 
 def test_hf_import_trains_in_bf16_on_tp2(ranks, tmp_path):
     """An imported checkpoint (weights only) trained in bf16 at TP 2 follows the fp32 run from the same
-    import: the first steps update the imported weights, not a fresh initialisation."""
+    import: the first steps update the imported weights, not a fresh initialisation. The model's
+    shape comes from the checkpoint (no model overrides but the training length)."""
     from megatron_lite.checkpoint.hf import main
 
     _hf_llama(tmp_path / "hf")
     assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
     shape = json.loads((tmp_path / "imported" / "iter_0000000" / "meta.json").read_text())["model"]
     assert shape["num_layers"] == 2 and not shape["tie_embeddings"]
-    run = ["model=llama_tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=8",
-           "model.num_query_groups=4", "model.ffn_hidden_size=96", "model.seq_length=16", "model.tie_embeddings=false",
-           "model.vocab_size=4096", "training.micro_batch_size=2", "training.global_batch_size=8",
+    run = ["checkpoint.use_checkpoint_model_config=true", "model.seq_length=16",
+           "training.micro_batch_size=2", "training.global_batch_size=8",
            "training.train_iters=3", "training.eval_iters=0", "parallel.tensor_model_parallel_size=2",
            f"checkpoint.load={tmp_path / 'imported'}"]
     ref = ranks(2).run(_train_and_gather, run + [f"logging.dir={tmp_path / 'fp32'}"])[0]
