@@ -264,7 +264,7 @@ class Checkpointer:
             optimizer, states = self.sharded.optimizer_targets(info, self.optimizer.state_ranges())
         elif not cfg.finetune:
             notes.append("optimizer state not loaded (checkpoint.load_optimizer=false)")
-        same_layout = info.meta.get("layout") == self.layout
+        same_layout = {"cp": 1, **info.meta.get("layout", {})} == self.layout  # saved before CP: cp 1
         rng = rng_targets(self.rank, info) if same_layout and cfg.load_rng and not cfg.finetune else {}
         read_tensors({**model, **optimizer, **rng}, info, self.group)
         self.sharded.finish_load()

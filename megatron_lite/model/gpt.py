@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
+from ..parallel.context import CPGroup, local_positions
 from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
 from ..tensor_parallel.random import checkpoint_rng_context
 from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
@@ -60,6 +61,8 @@ class GPTChunk(nn.Module):
 
     forward(x, labels=None):
       x: token ids [b, s] on the first chunk, else hidden states [b, s, h] ([b, s/t, h] under SP).
+      Under context parallelism (``cp``) s is this CP rank's s/c tokens, at the global positions
+      ``local_positions`` gives (the zigzag split): RoPE angles and position embeddings follow them.
       Returns hidden states for the next chunk; on the last chunk per-token losses [b, s] (fp32)
       when ``labels`` [b, s] are given, else this TP rank's logits [b, s, V/t].
 
@@ -69,10 +72,10 @@ class GPTChunk(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
-        recompute: str = "none", recompute_num_layers: int = 1,
+        recompute: str = "none", recompute_num_layers: int = 1, cp: CPGroup = CPGroup(),
     ):
         super().__init__()
-        self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
+        self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
         if spec.pre_process:
@@ -82,7 +85,7 @@ class GPTChunk(nn.Module):
                 self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
                 self.position_embedding.init_std = cfg.init_std
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective")
+            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective", cp)
              for i in range(spec.first_layer, spec.last_layer)}
         )
         if spec.post_process:
@@ -94,10 +97,12 @@ class GPTChunk(nn.Module):
                 tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
                 tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
                 setattr(self, TIED_OUTPUT_NAME, tied)
+        # Global positions of this CP rank's tokens (all of 0..s-1 without context parallelism).
+        self.register_buffer("positions", local_positions(cfg.seq_length, cp.size, cp.rank), persistent=False)
         if cfg.position_embedding == "rope":
             cos, sin = rotary_tables(cfg.seq_length, h // cfg.num_attention_heads, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", cos[self.positions], persistent=False)
+            self.register_buffer("rope_sin", sin[self.positions], persistent=False)
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default
 
     def output_weight_tensor(self) -> torch.Tensor:
@@ -131,7 +136,10 @@ class GPTChunk(nn.Module):
         """Token (+ learned position) embeddings: [b, s] ids -> [b, s, h] ([b, s/t, h] under SP)."""
         x = self.embedding(ids)
         if self.cfg.position_embedding == "learned":
-            positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
+            if self.cp.size == 1:
+                positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
+            else:
+                positions = self.position_embedding[self.positions].unsqueeze(0)
             x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
         return dropout(x, self.cfg.dropout, self.generator, self.training)
 
@@ -178,12 +186,13 @@ def build_model_chunks(
     device: torch.device | str = "cpu",
     recompute: str = "none",
     recompute_num_layers: int = 1,
+    cp: CPGroup = CPGroup(),
 ) -> list[GPTChunk]:
     """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, cp)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

@@ -2,11 +2,12 @@
 
 One iteration:
   1. this DP rank's microbatches of the global batch (the sampler; only the fields this pipeline
-     stage reads);
+     stage reads; under context parallelism only this CP rank's two chunks of each sequence);
   2. the pipeline schedule runs every microbatch's forward and backward over the model chunks
      (PP = 1 is the same code with one stage), accumulating fp32 gradients;
   3. gradients finished: sequence-parallel sums over TP, tied-embedding sum over the embedding group,
-     average over DP (optim/grads.py);
+     average over DP × CP (optim/grads.py; each CP rank's loss is its share of the sequence's mean,
+     ``masked_mean_over_cp``);
   4. AdamW step with the scheduled learning rate after clipping by the global norm;
   5. the loss (mean over the global batch) and throughput logged by the logging rank.
 
@@ -34,6 +35,7 @@ from ..model import build_model_chunks, model_flops_per_iteration
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
+from ..parallel.context import CPGroup, local_positions, masked_mean_over_cp
 from ..parallel.state import ParallelState, default_timeout
 from ..pipeline import schedules
 from ..pipeline.executor import run_schedule, save_trace
@@ -79,9 +81,12 @@ class Trainer:
         self.unpadded_vocab_size = m.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
+        self.cp = CPGroup.from_state(state)
+        # The token positions this CP rank reads from every sample (None: all of them).
+        self.positions = local_positions(m.seq_length, dims.cp, state.cp_rank) if dims.cp > 1 else None
         self.chunks = build_model_chunks(
             m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers,
+            t.recompute, t.recompute_num_layers, self.cp,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
@@ -89,8 +94,8 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         names = [n for n, _ in self.named_params]
         o = cfg.optimizer
-        self.grads = GradBuffer(
-            self.params, state.dp_group, state.dp_size, state.dp_rank,
+        self.grads = GradBuffer(  # parameters are replicated over DP × CP
+            self.params, state.dp_cp_group, state.dp_cp_size, state.dp_cp_rank,
             reduce_scatter=o.use_distributed_optimizer, overlap=o.overlap_grad_reduce,
             bucket_elements=o.grad_bucket_elements,
         )
@@ -121,7 +126,8 @@ class Trainer:
             t.precision, t.loss_scale, t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale
         )
 
-        seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
+        seq = m.seq_length // dims.cp
+        seq = seq // dims.tp if dims.sequence_parallel else seq
         self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
         self.actions = schedules.schedule(dims.pipeline_schedule, dims.pp, dims.vpp, dims.num_microbatches, state.pp_rank)
         self.eval_actions = schedules.schedule(
@@ -129,14 +135,15 @@ class Trainer:
         )
         self.flops_per_iteration = model_flops_per_iteration(m, self.vocab_size, gbs)
         self.peak_flops = device_peak_flops(self.device)
-        # The logging rank holds the loss: last pipeline stage, first TP rank, first DP replica.
-        self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
+        # The logging rank holds the loss: last pipeline stage, first TP and CP rank, first DP replica.
+        self.is_logging_rank = (state.is_last_stage and state.tp_rank == 0 and state.cp_rank == 0
+                                and state.dp_rank == 0)
         self.logger: Optional[MetricsLogger] = None
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
         self.checkpointer = Checkpointer(
             cfg.checkpoint, named_params=self.named_params, optimizer=self.optimizer, model_rng=self.chunks[0].rng,
             train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
-            layout={"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
+            layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
             tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
         )
         self.resumed: Optional[bool] = None  # set by resume()
@@ -172,8 +179,7 @@ class Trainer:
         if not chunk.spec.post_process:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
-        mask = batch["loss_mask"].to(self.device)
-        loss = (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = masked_mean_over_cp(losses, batch["loss_mask"].to(self.device), self.cp)
         if self.scaler is not None and chunk.training:
             loss = self.scaler.scale_loss(loss)  # reported losses are divided back in train_step
         return loss
@@ -183,16 +189,16 @@ class Trainer:
             consumed + self.cfg.training.global_batch_size, consumed, self.cfg.training.micro_batch_size,
             self.cfg.training.global_batch_size, self.state.dp_rank, self.state.dp_size,
         )
-        return [collate(dataset, indices, self.fields) for indices in next(iter(sampler))]
+        return [collate(dataset, indices, self.fields, self.positions) for indices in next(iter(sampler))]
 
     def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
-        """The last stage's mean loss averaged over DP (NaN on other stages, which have none)."""
+        """The last stage's mean loss averaged over DP × CP (NaN on other stages, which have none)."""
         if not self.state.is_last_stage:
             return math.nan
         loss = loss.detach().float().reshape(1).clone()
-        if self.state.dp_size > 1:
-            dist.all_reduce(loss, group=self.state.dp_group)
-            loss /= self.state.dp_size
+        if self.state.dp_cp_size > 1:
+            dist.all_reduce(loss, group=self.state.dp_cp_group)
+            loss /= self.state.dp_cp_size
         return loss.item()
 
     def train_step(self) -> dict[str, float]:
@@ -213,7 +219,9 @@ class Trainer:
                 t.train_iters * t.global_batch_size, self.consumed_samples, t.micro_batch_size,
                 t.global_batch_size, self.state.dp_rank, self.state.dp_size,
             )
-            self._train_batches = microbatch_loader(self.train_data, sampler, self.fields, self.cfg.data.num_workers)
+            self._train_batches = microbatch_loader(
+                self.train_data, sampler, self.fields, self.cfg.data.num_workers, self.positions
+            )
         batches = next(self._train_batches)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
@@ -352,7 +360,7 @@ def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str,
     """What rank 0 prints at start-up."""
     n_params = sum(p.numel() for p in trainer.params)
     return {
-        "layout": f"TP={dims.tp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
+        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
         "schedule": dims.pipeline_schedule, "microbatches": dims.num_microbatches,
         "sequence_parallel": dims.sequence_parallel, "vocab_size_padded": trainer.vocab_size,
         "parameters_on_rank0": n_params, "precision": cfg.training.precision,
