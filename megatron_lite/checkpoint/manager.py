@@ -125,7 +125,7 @@ def save_weights(
     e.g. an imported model: training loads it in any layout, its masters rebuilt from these weights."""
     meta = {"trainer": {"iteration": iteration, "consumed_samples": 0},
             **model_meta(model_config, vocab_size, padded_vocab_size),
-            "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1}}
+            "layout": {"tp": 1, "cp": 1, "pp": 1, "vpp": 1, "dp": 1}}
     return write_checkpoint(ShardedState(named_params).model_tensors(), meta, config_yaml, root, iteration)
 
 
