@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -509,6 +509,35 @@ def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
         )
 
 
+# Model keys that are the run's own choice, not the checkpoint's (seq_length is the checkpoint's only
+# for learned position embeddings, where it is a parameter shape).
+RUN_MODEL_KEYS = ("seq_length", "dropout", "kernel_backend", "attention_backend", "init_std",
+                  "make_vocab_size_divisible_by")
+
+
+def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with its model architecture read from the checkpoint ``checkpoint.load`` names
+    (``checkpoint.use_checkpoint_model_config``), and the keys that changed: {key: (ours, saved)}.
+    Reads meta.json's model config (config.yaml's model section for checkpoints that lack it)."""
+    from .checkpoint.storage import CheckpointError, find_checkpoint  # storage reads no config
+
+    c = cfg.checkpoint
+    info = find_checkpoint(c.load, c.load_iteration) if c.load else None
+    if info is None:
+        raise CheckpointError(f"{Path(c.load or '.') / 'latest_checkpointed_iteration.txt'}: no checkpoint to take "
+                              "the model config from (checkpoint.use_checkpoint_model_config)")
+    saved = info.meta.get("model_config")
+    if saved is None:
+        saved = dict(OmegaConf.to_container(OmegaConf.create((info.path / "config.yaml").read_text()))["model"])
+        saved["vocab_size"] = info.meta["model"]["vocab_size"]
+    learned = saved.get("position_embedding") == "learned"
+    names = {f.name for f in fields(ModelConfig)}
+    taken = {k: v for k, v in saved.items()
+             if k in names and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
+    changed = {k: (getattr(cfg.model, k), v) for k, v in taken.items() if getattr(cfg.model, k) != v}
+    return replace(cfg, model=replace(cfg.model, **taken)), changed
+
+
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of ``multiple × tp``."""
     step = multiple * tp
@@ -534,13 +563,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the composed YAML")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2_124m")
     args = parser.parse_args(argv)
+    from .checkpoint.storage import CheckpointError
+
     try:
         cfg = load_config(args.overrides)
+        if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+            cfg, _ = with_checkpoint_model_config(cfg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dims = validate(cfg, args.world_size)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)

@@ -13,8 +13,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from megatron_lite.checkpoint.manager import with_checkpoint_model_config
-from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate
+from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate, with_checkpoint_model_config
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
 from megatron_lite.training.errors import exit_on_user_error
 from megatron_lite.training.trainer import Trainer, describe_run

@@ -59,7 +59,7 @@ def test_without_random_generators(ranks, tmp_path):
 def test_model_config_from_the_checkpoint(trained):
     """Every architecture key comes from the checkpoint; the run's own choices stay (a RoPE model's
     sequence length, dropout)."""
-    from megatron_lite.checkpoint.manager import with_checkpoint_model_config
+    from megatron_lite.config import with_checkpoint_model_config
 
     cfg = load_config(["model=gpt_tiny", "model.seq_length=32", "model.dropout=0.1",
                        f"checkpoint.load={trained / 'ckpt'}", "checkpoint.use_checkpoint_model_config=true"])

@@ -24,8 +24,8 @@ and fp32 master weights it lacks (a checkpoint saved in fp32, an imported HF mod
 the loaded parameters. Fine-tuning controls: ``checkpoint.finetune`` loads the weights only (the
 iteration, optimizer, generators and data position start fresh); ``checkpoint.load_optimizer`` /
 ``checkpoint.load_rng`` = false skip those parts. ``checkpoint.use_checkpoint_model_config``: the run
-takes its model architecture from the checkpoint (``with_checkpoint_model_config``, before the
-config is validated).
+takes its model architecture from the checkpoint (``config.py:with_checkpoint_model_config``,
+before the config is validated).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch.distributed as dist
 from torch import nn
 
-from ..config import CheckpointConfig, Config, ModelConfig
+from ..config import CheckpointConfig, ModelConfig
 from ..optim.optimizer import NamedStateOptimizer
 from ..tensor_parallel import ModelRNG
 from .sharded import ShardedState, restore_rng, rng_targets, rng_tensors
@@ -75,35 +75,6 @@ def model_meta(cfg: ModelConfig, vocab_size: int, padded_vocab_size: int) -> dic
     return {"model": model_signature(cfg, vocab_size),
             "model_config": dataclasses.asdict(dataclasses.replace(cfg, vocab_size=vocab_size)),
             "padded_vocab_size": padded_vocab_size}
-
-
-# Model keys that are the run's own choice, not the checkpoint's (seq_length is the checkpoint's only
-# for learned position embeddings, where it is a parameter shape).
-RUN_MODEL_KEYS = ("seq_length", "dropout", "kernel_backend", "attention_backend", "init_std",
-                  "make_vocab_size_divisible_by")
-
-
-def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
-    """``cfg`` with its model architecture read from the checkpoint ``checkpoint.load`` names
-    (``checkpoint.use_checkpoint_model_config``), and the keys that changed: {key: (ours, saved)}.
-    Reads meta.json's model config (config.yaml's model section for checkpoints that lack it)."""
-    c = cfg.checkpoint
-    info = find_checkpoint(c.load, c.load_iteration) if c.load else None
-    if info is None:
-        raise CheckpointError(f"{Path(c.load or '.') / 'latest_checkpointed_iteration.txt'}: no checkpoint to take "
-                              "the model config from (checkpoint.use_checkpoint_model_config)")
-    saved = info.meta.get("model_config")
-    if saved is None:
-        from omegaconf import OmegaConf
-
-        saved = dict(OmegaConf.to_container(OmegaConf.create((info.path / "config.yaml").read_text()))["model"])
-        saved["vocab_size"] = info.meta["model"]["vocab_size"]
-    learned = saved.get("position_embedding") == "learned"
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    taken = {k: v for k, v in saved.items()
-             if k in fields and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
-    changed = {k: (getattr(cfg.model, k), v) for k, v in taken.items() if getattr(cfg.model, k) != v}
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **taken)), changed
 
 
 def check_model(info: CheckpointInfo, expected: dict[str, Any]) -> None:
