@@ -133,7 +133,8 @@ def test_adamw_state_saved_whole_by_the_gpu_optimizer_class(monkeypatch, tmp_pat
     for k in range(3):
         _step(opt_a, a, k)
     saved = ShardedState(list(a.named_parameters()))
-    write_checkpoint({**saved.model_tensors(), **saved.optimizer_tensors(opt_a.named_param_states())}, {}, "", tmp_path, 3)
+    tensors = {**saved.model_tensors(), **saved.optimizer_tensors(opt_a.named_param_states())}
+    write_checkpoint(tensors, {}, "", tmp_path, 3)
 
     info = find_checkpoint(tmp_path)
     names = [n for n, _ in a.named_parameters()]

@@ -193,7 +193,8 @@ class Checkpointer:
         self.last_saved = iteration
 
     def _write(self, tensors, meta, iteration: int, start: float, blocked: Optional[float]) -> None:
-        path = write_checkpoint(tensors, meta, self.config_yaml, self.cfg.save, iteration, self.group, self.cfg.keep_last)
+        path = write_checkpoint(tensors, meta, self.config_yaml, self.cfg.save, iteration, self.group,
+                                self.cfg.keep_last)
         seconds = time.perf_counter() - start
         how = f"asynchronously; training blocked {blocked:.2f} s" if blocked is not None else "synchronously"
         self._print(f"saved {path} in {seconds:.2f} s ({how})")

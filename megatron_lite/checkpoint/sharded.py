@@ -121,8 +121,8 @@ class ShardedState:
     # Loading ---------------------------------------------------------------------------------------
     def model_targets(self, info: CheckpointInfo) -> dict[str, Chunks | torch.Tensor]:
         """Views into the live parameters to read ``model/<name>`` into (in place)."""
-        return {MODEL + canonical_name(n): self._target(MODEL + canonical_name(n), n, p.detach().view(-1), 0, p.numel(), info)
-                for n, p in self.params.items()}
+        keys = {n: MODEL + canonical_name(n) for n in self.params}
+        return {keys[n]: self._target(keys[n], n, p.detach().view(-1), 0, p.numel(), info) for n, p in self.params.items()}
 
     def optimizer_targets(
         self, info: CheckpointInfo, ranges: dict[str, tuple[int, int]]

@@ -90,7 +90,8 @@ class DistributedOptimizer(AdamWBase):
                 a, b = max(start, lo), min(end, hi)
                 if a < b:
                     piece = nn.Parameter(master[a - lo : b - lo], requires_grad=False)
-                    self.pieces.append(Piece(p, name, a - start, b - start, piece, grads.data[a:b], counted_once(p, tp_rank)))
+                    self.pieces.append(Piece(p, name, a - start, b - start, piece, grads.data[a:b],
+                                             counted_once(p, tp_rank)))
         self._build([(x.master, x.param.ndim >= 2) for x in self.pieces], self.param_data.device)
 
     def step(self, lr: float) -> float:
@@ -158,7 +159,8 @@ class DistributedOptimizer(AdamWBase):
         with torch.no_grad():
             for x in self.pieces:
                 fields = states[x.name].fields if x.name in states else {}
-                x.master.copy_(fields["master"] if "master" in fields else x.param.detach().reshape(-1)[x.start : x.end])
+                loaded = x.param.detach().reshape(-1)[x.start : x.end]
+                x.master.copy_(fields["master"] if "master" in fields else loaded)
                 moments[x.master] = fields
         load_adam_moments(self.inner, moments)
         self._masters_to_params()

@@ -6,8 +6,8 @@ the fp32 main gradients are divided by it before the optimizer step. A step whos
 inf or NaN on any rank is skipped on every rank. Dynamic scaling: the first ``hysteresis`` − 1
 overflows are tolerated; from then on every overflow halves the scale (never below ``min_scale``),
 until ``window`` clean steps in a row double it and restore the hysteresis. From 2^32 a run therefore
-skips (hysteresis − 1) + (32 − log2 of a workable scale) steps before its first applied one. A constant scale
-never changes.
+skips (hysteresis − 1) + (32 − log2 of a workable scale) steps before its first applied one. A
+constant scale never changes.
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ class Optimizer(AdamWBase):
             p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params
         ]
         self.counted = [counted_once(p, tp_rank) for p in self.model_params]
-        self._build([(m, p.ndim >= 2) for m, p in zip(self.master_params, self.model_params)], self.model_params[0].device)
+        masters = [(m, p.ndim >= 2) for m, p in zip(self.master_params, self.model_params)]
+        self._build(masters, self.model_params[0].device)
 
     def step(self, lr: float) -> float:
         """Clip and update; returns the global gradient norm before clipping (not finite: the step
