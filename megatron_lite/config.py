@@ -563,20 +563,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the composed YAML")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2_124m")
     args = parser.parse_args(argv)
-    from .checkpoint.storage import CheckpointError
-
     try:
         cfg = load_config(args.overrides)
         if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
-            cfg, _ = with_checkpoint_model_config(cfg)
+            from .checkpoint.storage import CheckpointError  # torch: only when a checkpoint is read
+
+            try:
+                cfg, _ = with_checkpoint_model_config(cfg)
+            except CheckpointError as err:
+                print(f"checkpoint error: {err}", file=sys.stderr)
+                return 2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dims = validate(cfg, args.world_size)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
