@@ -4,7 +4,7 @@ blocked by an asynchronous save versus a synchronous one.
     python benchmarks/checkpoint_io.py [--ranks 8] [--mb 512] [--dir /tmp/ckpt_bench]
 
 Each rank holds 1/N of every tensor of a synthetic fp32 state of ``--mb`` MB (sharded like TP
-parameters, DTensors over all ranks) and a replicated tenth more (written once by DCP). Measured:
+parameters: one box of each ``Chunks``) and a replicated tenth more (written once by DCP). Measured:
 - sync save: ``write_checkpoint`` (DCP write with fsync, rename, tracker) — what training waits for;
 - async save: host copy (what training waits for), then the background write until the tracker names it;
 - load: ``read_tensors`` into the same sharding (page cache warm, as for the dd read);
@@ -28,25 +28,21 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_lite.checkpoint.manager import BackgroundWriter  # noqa: E402
-from megatron_lite.checkpoint.sharded import host_copy  # noqa: E402
-from megatron_lite.checkpoint.storage import find_checkpoint, read_tensors, write_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.storage import (  # noqa: E402
+    Chunks, find_checkpoint, host_copy, read_tensors, write_checkpoint,
+)
 
 ROWS = 8192  # per full tensor; columns set the size
 
 
-def _state(rank: int, world: int, mb: int) -> dict[str, torch.Tensor]:
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
-
-    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+def _state(rank: int, world: int, mb: int) -> dict[str, Chunks | torch.Tensor]:
     cols = 1024
     n = max(1, mb * 2**20 // (ROWS * cols * 4))
     gen = torch.Generator().manual_seed(rank)
     state = {}
     for i in range(n):
         local = torch.rand(ROWS // world, cols, generator=gen)
-        state[f"model/w{i}"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
-                                                  shape=torch.Size((ROWS, cols)), stride=(cols, 1))
+        state[f"model/w{i}"] = Chunks((ROWS, cols), [((rank * (ROWS // world), 0), local)])
     state["model/replicated"] = torch.ones(ROWS // 10, cols)  # the same on every rank
     return state
 
@@ -73,17 +69,26 @@ def _rank(rank: int, world: int, port: int, mb: int, root: str, results) -> None
     writer.wait()
     timings["async_total"] = time.perf_counter() - start
 
-    targets = {k: torch.empty_like(v) for k, v in state.items()}
+    targets = {k: _empty_like(v) for k, v in state.items()}
     info = find_checkpoint(root, 2)
     dist.barrier()
     start = time.perf_counter()
     read_tensors(targets, info, group)
     dist.barrier()
     timings["load"] = time.perf_counter() - start
-    assert all(torch.equal(targets[k].to_local() if hasattr(targets[k], "to_local") else targets[k],
-                           v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items())
+    assert all(torch.equal(_local(targets[k]), _local(v)) for k, v in state.items())
     results.put((rank, timings))
     dist.destroy_process_group()
+
+
+def _empty_like(t: Chunks | torch.Tensor) -> Chunks | torch.Tensor:
+    if isinstance(t, Chunks):
+        return Chunks(t.shape, [(o, torch.empty_like(b)) for o, b in t.boxes.items()])
+    return torch.empty_like(t)
+
+
+def _local(t: Chunks | torch.Tensor) -> torch.Tensor:
+    return next(iter(t.boxes.values())) if isinstance(t, Chunks) else t
 
 
 def _dd(path: Path, nbytes: int) -> tuple[float, float]:

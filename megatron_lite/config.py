@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -127,7 +128,8 @@ class TrainingConfig:
     loss_scale_window: int = positive(1000)
     hysteresis: int = positive(2)
     # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
-    # the run (exit code 3) rather than train on.
+    # the run (exit code 3) rather than train on. fp16's warm-up search for a loss scale (skips before
+    # the first applied step, while the scale can still halve) does not count.
     max_skipped_steps: int = positive(10)
     # Hang watchdog: a step running longer than this many seconds ends the rank (exit code 4) with a
     # line naming the schedule action and the collective it waits in. None: max(10 × the median of
@@ -199,6 +201,15 @@ class CheckpointConfig:
     save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
     keep_last: Optional[int] = positive(None)  # None: keep every checkpoint
+    # Fine-tuning controls (Megatron's names): finetune loads the weights only (iteration, optimizer,
+    # random generators and data position start fresh); load_optimizer / load_rng = false skip those.
+    finetune: bool = False
+    load_optimizer: bool = True
+    load_rng: bool = True
+    # Take the model's architecture from the checkpoint (Megatron's --use-checkpoint-args): every
+    # model.* key but the run's own choices (seq_length unless positions are learned, dropout,
+    # kernel and attention backends, init_std, make_vocab_size_divisible_by).
+    use_checkpoint_model_config: bool = False
 
 
 @dataclass
@@ -519,8 +530,12 @@ def _check_flags(cfg: Config) -> None:
         raise ConfigError(
             "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
         )
-    if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+    c = cfg.checkpoint
+    if c.async_save and not c.save:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")
+    for key in ("finetune", "use_checkpoint_model_config"):
+        if getattr(c, key) and not c.load:
+            raise ConfigError(f"checkpoint.{key}", "needs checkpoint.load (the checkpoint directory)")
 
 
 def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
@@ -546,6 +561,35 @@ def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
             f"{m.dropout} with context_parallel_size={cp}: ring attention has no attention dropout; "
             "set model.dropout=0 or context_parallel_size=1",
         )
+
+
+# Model keys that are the run's own choice, not the checkpoint's (seq_length is the checkpoint's only
+# for learned position embeddings, where it is a parameter shape).
+RUN_MODEL_KEYS = ("seq_length", "dropout", "kernel_backend", "attention_backend", "init_std",
+                  "make_vocab_size_divisible_by")
+
+
+def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with its model architecture read from the checkpoint ``checkpoint.load`` names
+    (``checkpoint.use_checkpoint_model_config``), and the keys that changed: {key: (ours, saved)}.
+    Reads meta.json's model config (config.yaml's model section for checkpoints that lack it)."""
+    from .checkpoint.storage import CheckpointError, find_checkpoint  # storage reads no config
+
+    c = cfg.checkpoint
+    info = find_checkpoint(c.load, c.load_iteration) if c.load else None
+    if info is None:
+        raise CheckpointError(f"{Path(c.load or '.') / 'latest_checkpointed_iteration.txt'}: no checkpoint to take "
+                              "the model config from (checkpoint.use_checkpoint_model_config)")
+    saved = info.meta.get("model_config")
+    if saved is None:
+        saved = dict(OmegaConf.to_container(OmegaConf.create((info.path / "config.yaml").read_text()))["model"])
+        saved["vocab_size"] = info.meta["model"]["vocab_size"]
+    learned = saved.get("position_embedding") == "learned"
+    names = {f.name for f in fields(ModelConfig)}
+    taken = {k: v for k, v in saved.items()
+             if k in names and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
+    changed = {k: (getattr(cfg.model, k), v) for k, v in taken.items() if getattr(cfg.model, k) != v}
+    return replace(cfg, model=replace(cfg.model, **taken)), changed
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -575,6 +619,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
+        if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+            from .checkpoint.storage import CheckpointError  # torch: only when a checkpoint is read
+
+            try:
+                cfg, _ = with_checkpoint_model_config(cfg)
+            except CheckpointError as err:
+                print(f"checkpoint error: {err}", file=sys.stderr)
+                return 2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dims = validate(cfg, args.world_size)

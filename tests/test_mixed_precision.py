@@ -86,3 +86,41 @@ def test_low_precision_tracks_fp32(ranks, tmp_path, precision, tolerance):
     worst = max(abs(a - b) for a, b in zip(got, ref))
     print(f"{precision}: max |loss - fp32 loss| over 50 iterations {worst:.4f} (fp32 {ref[0]:.3f} -> {ref[-1]:.3f})")
     assert len(got) == 50 and worst < tolerance
+
+
+def test_hysteresis_counts_down_once():
+    """Megatron's DynamicGradScaler: after the first hysteresis − 1 overflows every overflow halves
+    the scale, until a growth restores the hysteresis."""
+    s = LossScaler(initial_scale=2.0**32, window=2, hysteresis=2)
+    scales = []
+    for found_inf in [True, True, True, True, False, False, True, True, True]:
+        s.update(found_inf)
+        scales.append(s.scale)
+    assert scales == [2**32, 2**31, 2**30, 2**29, 2**29, 2**30, 2**30, 2**29, 2**28]
+
+
+TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.ffn_hidden_size=128",
+        "model.seq_length=16", "training.micro_batch_size=2", "training.global_batch_size=4",
+        "training.train_iters=60", "training.eval_iters=0", "logging.log_interval=1000"]
+
+
+def test_fp16_with_default_loss_scaling_trains(ranks, tmp_path):
+    """Defaults (initial scale 2^32, hysteresis 2, training.max_skipped_steps 10): the warm-up search
+    for a scale skips the first iterations without stopping the run; afterwards fp16 follows bf16 at
+    the same number of applied steps, with the same learning rate (the schedule counts applied steps
+    only) while consumed_samples counts every iteration."""
+    ranks(1).run(_train, TINY + ["training.precision=fp16", f"logging.dir={tmp_path / 'fp16'}"])
+    ranks(1).run(_train, TINY + ["training.precision=bf16", f"logging.dir={tmp_path / 'bf16'}"])
+    fp16, bf16 = read_metrics(tmp_path / "fp16")[0], read_metrics(tmp_path / "bf16")[0]
+    skipped = [r["skipped_iterations"] for r in fp16]
+    warmup = next(i for i, n in enumerate(skipped) if n == i)  # skips before the first applied step
+    assert len(fp16) == 60 and fp16[-1]["consumed_samples"] == 60 * 4 and 5 <= warmup <= 25, skipped
+    # fp16 iteration i + 1 starts from i − skipped[i − 1] applied steps, as bf16's iteration of that number.
+    pairs = [(fp16[i], bf16[i - skipped[i - 1]]) for i in range(warmup + 1, 60)]
+    assert all(a["lr"] == b["lr"] for a, b in pairs)
+    last = pairs[-10:]
+    got, ref = (sum(r["loss"] for r in rows) / len(rows) for rows in zip(*last))
+    print(f"fp16 with defaults: {warmup} warm-up skips ({skipped[-1]} in all), final loss scale "
+          f"{fp16[-1]['loss_scale']:.0f}; mean loss of the last 10 iterations {got:.4f}, bf16 at the same "
+          f"applied steps {ref:.4f}")
+    assert ref < fp16[0]["loss"] - 0.4 and abs(got - ref) < 0.02 * ref

@@ -37,9 +37,9 @@ from ..data.errors import DataError
 from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, canonical_type, load_tokenizer
 from ..model import GPTChunk, build_gpt
 from ..model.hf import family, from_hf, hf_config, to_hf
-from .manager import model_signature
+from .manager import save_weights
 from .sharded import ShardedState
-from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors, write_checkpoint
+from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -352,14 +352,9 @@ def import_(
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.zero_()[: ours[name].shape[0]].copy_(ours[name])  # extra vocabulary rows: zero padding
-    meta = {
-        "trainer": {"iteration": 0, "consumed_samples": 0}, "model": model_signature(cfg.model, vocab),
-        "padded_vocab_size": padded, "layout": {"tp": 1, "cp": 1, "pp": 1, "vpp": 1, "dp": 1},
-    }
-    tensors = ShardedState(list(model.named_parameters())).model_tensors()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        path = write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)
+        path = save_weights(output, 0, list(model.named_parameters()), cfg.model, vocab, padded, to_yaml(cfg))
     if tokenizer is not None:
         (output / "tokenizer").mkdir(exist_ok=True)
         for name in TOKENIZER_FILES:

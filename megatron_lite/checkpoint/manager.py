@@ -1,45 +1,61 @@
-"""The trainer's checkpoints: when to save, what a checkpoint holds, how a run resumes.
+"""Checkpoints of a training run: what one holds, saving it, and resuming from one.
 
-Saved (``save``): every parameter and its optimizer state keyed by unsharded name (sharded.py), each
-rank's random generators, and in meta.json ``Trainer.state_dict()`` (the iteration, of which the
-learning rate is a function, and the consumed samples, the sampler's whole state), the model's shape
-and the parallel layout; config.yaml holds the resolved config. When: every
-``checkpoint.save_interval`` iterations, at the end of training, and when the ranks agree to stop
-early (a preemption signal or ``training.exit_duration_mins``, see preemption.py).
+A ``Checkpointer`` receives the components it saves (as torchtitan's CheckpointManager does), not
+the trainer: the parameters by name, the optimizer through its named-state protocol
+(optim/optimizer.py: each DP rank's own state, nothing gathered), the model's random generators, a
+train state with ``state_dict``/``load_state_dict`` (the trainer's iteration, consumed samples, loss
+scale), the parallel layout and the model config. A checkpoint holds every parameter and its
+optimizer state keyed by unsharded name (sharded.py), each rank's generators, and in meta.json the
+train state, the model's shape signature, its full config and the layout; config.yaml holds the
+run's resolved config.
 
+When to save is the caller's: ``after_step`` saves on ``checkpoint.save_interval`` or when told the
+run stops (the stop policy lives in training/preemption.py); ``finish`` saves the last iteration.
 ``checkpoint.async_save``: the state is copied to host memory, then a background thread writes it
-while training continues; the next save and the end of training wait for it, and the tracker is
-updated only when it is complete. DCP's collectives run on a dedicated gloo group, so the writer
-thread never shares a group with training's collectives.
+while training continues; the next save and ``finish`` wait for it, and the tracker is updated only
+when it is complete. DCP's collectives run on a dedicated gloo group, so the writer thread never
+shares a group with training's collectives.
 
-Loading (``load``, from the constructor): the checkpoint named by ``checkpoint.load`` (the tracker's
-iteration, or ``checkpoint.load_iteration``) is checked (files, version, model shape) and read into
-this rank's shards in whatever layout this run has. Random generators are restored only when the
-layout is the same (they are per rank); the optimizer starts fresh when the checkpoint has no
-optimizer state (an imported HF model).
+Loading (``load``, called by ``Trainer.resume``): the checkpoint named by ``checkpoint.load`` (the
+tracker's iteration, or ``checkpoint.load_iteration``) is checked (files, version, model shape) and
+read into this rank's shards in whatever layout this run has. Random generators are restored only
+when the layout is the same (they are per rank). Optimizer state the checkpoint lacks starts fresh,
+and fp32 master weights it lacks (a checkpoint saved in fp32, an imported HF model) are rebuilt from
+the loaded parameters. Fine-tuning controls: ``checkpoint.finetune`` loads the weights only (the
+iteration, optimizer, generators and data position start fresh); ``checkpoint.load_optimizer`` /
+``checkpoint.load_rng`` = false skip those parts. ``checkpoint.use_checkpoint_model_config``: the run
+takes its model architecture from the checkpoint (``config.py:with_checkpoint_model_config``,
+before the config is validated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 import torch.distributed as dist
+from torch import nn
 
-from ..config import ModelConfig, head_dim, to_yaml
-from .preemption import StopAgreement, announce
-from .sharded import ShardedState, host_copy, restore_rng, rng_targets, rng_tensors, tp_mesh
-from .storage import CheckpointError, CheckpointInfo, find_checkpoint, read_tensors, write_checkpoint
-
-if TYPE_CHECKING:
-    from ..training.trainer import Trainer
+from ..config import CheckpointConfig, ModelConfig, head_dim
+from ..optim.optimizer import NamedStateOptimizer
+from ..tensor_parallel import ModelRNG
+from .sharded import ShardedState, restore_rng, rng_targets, rng_tensors
+from .storage import CheckpointError, CheckpointInfo, find_checkpoint, host_copy, read_tensors, write_checkpoint
 
 # The model config fields that decide the parameters' shapes (a checkpoint must agree on all of them).
 SHAPE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "normalization", "activation", "position_embedding", "add_bias_linear", "tie_embeddings",
 )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def model_signature(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
@@ -54,6 +70,14 @@ def model_signature(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     return sig
 
 
+def model_meta(cfg: ModelConfig, vocab_size: int, padded_vocab_size: int) -> dict[str, Any]:
+    """meta.json's description of the model: its shape signature, its whole config (``vocab_size``
+    resolved to the unpadded vocabulary) and the padded vocabulary."""
+    return {"model": model_signature(cfg, vocab_size),
+            "model_config": dataclasses.asdict(dataclasses.replace(cfg, vocab_size=vocab_size)),
+            "padded_vocab_size": padded_vocab_size}
+
+
 def check_model(info: CheckpointInfo, expected: dict[str, Any]) -> None:
     """One line naming the first shape field where the checkpoint and this model differ."""
     saved = info.meta.get("model", {})
@@ -63,6 +87,18 @@ def check_model(info: CheckpointInfo, expected: dict[str, Any]) -> None:
                 f"{info.path / 'meta.json'}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} "
                 "in this config; load it with the same model shape"
             )
+
+
+def save_weights(
+    root: str | Path, iteration: int, named_params: list[tuple[str, nn.Parameter]], model_config: ModelConfig,
+    vocab_size: int, padded_vocab_size: int, config_yaml: str,
+) -> Path:
+    """A checkpoint of the parameters only (one process, TP = 1; no optimizer state, no generators),
+    e.g. an imported model: training loads it in any layout, its masters rebuilt from these weights."""
+    meta = {"trainer": {"iteration": iteration, "consumed_samples": 0},
+            **model_meta(model_config, vocab_size, padded_vocab_size),
+            "layout": {"tp": 1, "cp": 1, "pp": 1, "vpp": 1, "dp": 1}}
+    return write_checkpoint(ShardedState(named_params).model_tensors(), meta, config_yaml, root, iteration)
 
 
 class BackgroundWriter:
@@ -93,20 +129,41 @@ class BackgroundWriter:
 
 
 class Checkpointer:
-    """Saves and loads one trainer's state; the trainer calls ``load``, ``after_step``, ``finish``."""
+    """Saves and loads one rank's training state (module docstring).
 
-    def __init__(self, trainer: "Trainer"):
-        self.trainer, self.cfg = trainer, trainer.cfg.checkpoint
-        state, dims = trainer.state, trainer.dims
-        self.rank = state.rank
-        self.layout = {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}
-        self.signature = model_signature(trainer.cfg.model, trainer.unpadded_vocab_size)
-        active = bool(self.cfg.save or self.cfg.load)
+    ``named_params``: (name, parameter) of this rank's model chunks; ``optimizer``: their optimizer;
+    ``model_rng``: the chunks' generators; ``train_state``: the loop's own state (JSON-serialisable);
+    ``model_config``: the model, ``vocab_size`` the unpadded vocabulary; ``layout``: {tp, pp, vpp,
+    dp} sizes; ``tp_rank``/``tp_size``: this rank's place in its TP group; ``config_yaml``: the
+    resolved run config stored beside each checkpoint. Construction is collective (it creates the
+    checkpoint group on every rank).
+    """
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        *,
+        named_params: list[tuple[str, nn.Parameter]],
+        optimizer: NamedStateOptimizer,
+        model_rng: ModelRNG,
+        train_state: Stateful,
+        model_config: ModelConfig,
+        vocab_size: int,
+        padded_vocab_size: int,
+        layout: dict[str, int],
+        rank: int,
+        tp_rank: int,
+        tp_size: int,
+        config_yaml: str,
+    ):
+        self.cfg, self.optimizer, self.model_rng, self.train_state = cfg, optimizer, model_rng, train_state
+        self.rank, self.layout, self.config_yaml = rank, dict(layout), config_yaml
+        self.model_meta = model_meta(model_config, vocab_size, padded_vocab_size)
+        active = bool(cfg.save or cfg.load)
         # Every rank creates it (new_group is collective); DCP's planning and barriers run on it.
         self.group = dist.new_group(backend="gloo") if active and dist.is_initialized() else None
-        self.sharded = ShardedState(trainer.named_params, tp_mesh(state)) if active else None
+        self.sharded = ShardedState(named_params, tp_rank, tp_size)
         self.writer = BackgroundWriter()
-        self.stop = StopAgreement(self.cfg.save is not None, trainer.cfg.training.exit_duration_mins, state.device)
         self.last_saved: Optional[int] = None
 
     def _print(self, text: str) -> None:
@@ -115,84 +172,90 @@ class Checkpointer:
 
     # Saving ----------------------------------------------------------------------------------------
     def save(self) -> None:
-        """Save this iteration (collective over every rank); asynchronous with checkpoint.async_save."""
-        t = self.trainer
+        """Save the train state's iteration (collective over every rank); asynchronous with
+        checkpoint.async_save."""
         self.writer.wait()
-        t.optimizer.finish_param_gather()  # parameters updated by an overlapped all-gather
+        self.optimizer.finish_param_gather()  # parameters updated by an overlapped all-gather
         start = time.perf_counter()
         tensors = {
             **self.sharded.model_tensors(),
-            **self.sharded.optimizer_tensors(t.optimizer.named_param_states()),
-            **rng_tensors(self.rank, t.chunks[0].rng),
+            **self.sharded.optimizer_tensors(self.optimizer.named_param_states()),
+            **rng_tensors(self.rank, self.model_rng),
         }
-        meta = {
-            "trainer": t.state_dict(), "model": self.signature, "padded_vocab_size": t.vocab_size,
-            "layout": self.layout,
-        }
-        config_yaml, iteration = to_yaml(t.cfg), t.iteration
+        train_state = self.train_state.state_dict()
+        meta = {"trainer": train_state, **self.model_meta, "layout": self.layout}
+        iteration = int(train_state["iteration"])
         if self.cfg.async_save:
             tensors = host_copy(tensors)
             blocked = time.perf_counter() - start
-            self.writer.submit(lambda: self._write(tensors, meta, config_yaml, iteration, start, blocked))
+            self.writer.submit(lambda: self._write(tensors, meta, iteration, start, blocked))
         else:
-            self._write(tensors, meta, config_yaml, iteration, start, None)
+            self._write(tensors, meta, iteration, start, None)
         self.last_saved = iteration
 
-    def _write(self, tensors, meta, config_yaml: str, iteration: int, start: float, blocked: Optional[float]) -> None:
-        path = write_checkpoint(tensors, meta, config_yaml, self.cfg.save, iteration, self.group, self.cfg.keep_last)
+    def _write(self, tensors, meta, iteration: int, start: float, blocked: Optional[float]) -> None:
+        path = write_checkpoint(tensors, meta, self.config_yaml, self.cfg.save, iteration, self.group,
+                                self.cfg.keep_last)
         seconds = time.perf_counter() - start
         how = f"asynchronously; training blocked {blocked:.2f} s" if blocked is not None else "synchronously"
         self._print(f"saved {path} in {seconds:.2f} s ({how})")
 
-    def after_step(self) -> Optional[str]:
-        """Save when the interval says so or the ranks agree to stop; returns the stop reason (the
-        same on every rank) or None."""
-        reason = self.stop.reason()
-        interval, iteration = self.cfg.save_interval, self.trainer.iteration
-        if reason is not None and self.rank == 0:
-            announce(reason, iteration, saving=bool(self.cfg.save))
-        if self.cfg.save and (reason is not None or (interval and iteration % interval == 0)):
+    def after_step(self, iteration: int, stopping: bool = False) -> None:
+        """Save when ``iteration`` is on the save interval or the run is ``stopping`` early."""
+        interval = self.cfg.save_interval
+        if self.cfg.save and (stopping or (interval and iteration % interval == 0)):
             self.save()
-        return reason
 
-    def finish(self) -> None:
-        """End of training: save unless this iteration is saved, wait for a background save, put back
-        the signal handlers, release the checkpoint group."""
-        if self.cfg.save and self.last_saved != self.trainer.iteration:
+    def finish(self, iteration: int) -> None:
+        """End of training: save ``iteration`` unless it is saved, wait for a background save, release
+        the checkpoint group."""
+        if self.cfg.save and self.last_saved != iteration:
             self.save()
         self.writer.wait()
-        self.stop.restore()
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
 
     # Loading ---------------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Resume from ``checkpoint.load`` if it holds a checkpoint (collective over every rank)."""
+    def load(self) -> bool:
+        """Resume from ``checkpoint.load`` if it holds a checkpoint (collective over every rank);
+        returns whether one was loaded."""
         if not self.cfg.load:
-            return
+            return False
         info = find_checkpoint(self.cfg.load, self.cfg.load_iteration)
         if info is None:
             self._print(f"no {self.cfg.load}/latest_checkpointed_iteration.txt: starting from iteration 0")
-            return
-        check_model(info, self.signature)
-        t = self.trainer
+            return False
+        check_model(info, self.model_meta["model"])
+        cfg, notes = self.cfg, []
+        if cfg.finetune:
+            notes.append("fine-tuning: weights only; iteration, optimizer, generators and data position start fresh")
         model = self.sharded.model_targets(info)
-        optimizer, states = self.sharded.optimizer_targets(info)
+        optimizer, states = {}, {}
+        load_optimizer = cfg.load_optimizer and not cfg.finetune
+        if load_optimizer:
+            optimizer, states = self.sharded.optimizer_targets(info, self.optimizer.state_ranges())
+        elif not cfg.finetune:
+            notes.append("optimizer state not loaded (checkpoint.load_optimizer=false)")
         same_layout = {"cp": 1, **info.meta.get("layout", {})} == self.layout  # saved before CP: cp 1
-        rng = rng_targets(self.rank, info) if same_layout else {}
+        rng = rng_targets(self.rank, info) if same_layout and cfg.load_rng and not cfg.finetune else {}
         read_tensors({**model, **optimizer, **rng}, info, self.group)
         self.sharded.finish_load()
-        fields = {name: frozenset(f) for name, f in states.items()}
-        if any(fields.values()):
-            missing = next((n for n, f in fields.items() if f != max(fields.values(), key=len)), None)
-            if missing is not None:
-                raise CheckpointError(f"{info.path}: incomplete optimizer state for {missing}")
-            t.optimizer.load_named_param_states(states)
+        fields = {name: frozenset(s.fields) for name, s in states.items()}
+        complete = max(fields.values(), key=len, default=frozenset())
+        missing = next((n for n, f in fields.items() if f != complete), None)
+        if missing is not None:
+            raise CheckpointError(f"{info.path}: incomplete optimizer state for {missing}")
+        self.optimizer.load_named_param_states(states)  # masters from the loaded weights where none
         if rng:
-            restore_rng(self.rank, rng, t.chunks[0].rng)
-        t.load_state_dict(info.meta["trainer"])
-        notes = [] if any(fields.values()) else ["no optimizer state: the optimizer starts fresh"]
+            restore_rng(self.rank, rng, self.model_rng)
+        if not cfg.finetune:
+            self.train_state.load_state_dict(info.meta["trainer"])
+        if load_optimizer and not complete:
+            notes.append("no optimizer state: the optimizer starts fresh")
         if not same_layout:
             notes.append(f"resharded from {info.meta.get('layout')} to {self.layout}; random generators not restored")
+        elif not rng and not cfg.finetune:
+            notes.append("random generators not restored (checkpoint.load_rng=false)")
         self._print(f"loaded {info.path} (iteration {info.iteration})" + "".join(f"; {n}" for n in notes))
+        return True

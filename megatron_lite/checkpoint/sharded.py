@@ -1,17 +1,21 @@
-"""This rank's training state as DCP tensors keyed by layout-independent names.
+"""This rank's training state as checkpoint tensors keyed by layout-independent names.
 
 Keys:
   model/<name>                 a parameter, named as in the single-rank model (global layer indices)
   optimizer/<name>/<field>     its optimizer state (exp_avg, exp_avg_sq, master, step)
   rng/rank<r>/<generator>      rank r's random generators (restored only into the same layout)
 
-A tensor-parallel parameter becomes a DTensor over the TP group: its local shard plus the global shape
-and offsets, so DCP writes each chunk once and reads any chunk back into any other sharding. A
-parameter whose full tensor stacks ``tp_stride`` sub-matrices along ``tp_dim`` (SwiGLU's fc1 =
-[gate; up], each split over TP) is stored as its [stride, n/stride, ...] view: there, every rank's
-shard is one block along the next dimension, whatever the TP size. Replicated parameters are plain
-tensors; DCP writes one copy. The tied output copy on the last pipeline stage is keyed as the
-embedding it equals (one copy written, both stages filled on load).
+Each tensor is saved at its full (unsharded) shape as the ``Chunks`` this rank holds (storage.py).
+A tensor-parallel parameter's local shard is one box at its TP offset; a parameter whose full tensor
+stacks ``tp_stride`` sub-matrices along ``tp_dim`` (SwiGLU's fc1 = [gate; up], each split over TP) is
+stored as its [stride, n/stride, ...] view: there, every rank's shard is one block along the next
+dimension, whatever the TP size. Optimizer state covers a flat range of the local parameter (all of
+it, or with the distributed optimizer the piece in this DP rank's slice): ``flat_boxes`` cuts the
+range into boxes, so each DP rank writes only what it owns and a load in any layout reads the
+overlaps it needs. Replicated tensors are boxes at offset 0 held by many ranks; DCP writes one copy.
+The tied output copy on the last pipeline stage is keyed as the embedding it equals: its parameter
+is written once (the same box on both stages), its optimizer state only by the first stage, and
+both stages are filled on load.
 
 Vocabulary padding depends on TP (padded to a multiple of 128 × TP); a vocabulary-sized tensor
 saved with another padding is read whole and its padding rows dropped or added.
@@ -19,140 +23,144 @@ saved with another padding is read whole and its padding rows dropped or added.
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Optional
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 
 from ..model.gpt import canonical_name
-from ..parallel.state import ParallelState
+from ..optim.optimizer import ParamState
 from ..tensor_parallel import ModelRNG
 from ..tensor_parallel.sharding import shard_tensor
-from .storage import CheckpointInfo
+from .storage import CheckpointInfo, Chunks
 
 MODEL, OPTIMIZER, RNG = "model/", "optimizer/", "rng/"
 VOCAB_PARAMS = ("embedding.weight", "output", "output_weight")
 
 
-def tp_mesh(state: ParallelState) -> Optional[DeviceMesh]:
-    """A one-dimensional device mesh over this rank's TP group (None without TP)."""
-    if state.tp_size == 1:
-        return None
-    return DeviceMesh.from_group(state.tp_group, state.device.type)
-
-
-def global_view(local: torch.Tensor, dim: Optional[int], stride: int, mesh: Optional[DeviceMesh]) -> torch.Tensor:
-    """``local`` (this rank's shard, sharded along ``dim`` over the TP mesh) as a piece of the full
-    tensor: a DTensor sharing ``local``'s storage, or ``local`` (a view of it) when it is replicated."""
-    if dim is not None and stride > 1:
-        local = local.unflatten(dim, (stride, local.shape[dim] // stride))
-        dim += 1
-    if dim is None or mesh is None:
-        return local
-    shape = list(local.shape)
-    shape[dim] *= mesh.size()
-    full_stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=full_stride)
-
-
-def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors copied to CPU memory (what an asynchronous save writes while training goes on)."""
-    out: dict[str, torch.Tensor] = {}
-    cpu_meshes: dict[int, DeviceMesh] = {}  # a DTensor moves its local tensor to its mesh's device type
-    for key, t in tensors.items():
-        if isinstance(t, DTensor):
-            local = t.to_local().detach().to("cpu", copy=True)
-            mesh = t.device_mesh
-            if mesh.device_type != "cpu":
-                mesh = cpu_meshes.setdefault(id(mesh), DeviceMesh.from_group(mesh.get_group(), "cpu"))
-            out[key] = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
-        else:
-            out[key] = t.detach().to("cpu", copy=True)
-    return out
+def flat_boxes(shape: Sequence[int], start: int, end: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """The boxes tiling elements [start, end) of a row-major tensor of ``shape``: (offsets, sizes,
+    flat index of the box's first element), in order. Each box is a contiguous run of the flattening;
+    a range needs at most 2·ndim − 1 of them."""
+    if start >= end:
+        return []
+    if len(shape) == 0:
+        return [((), (), start)]
+    row = math.prod(shape[1:])
+    if start % row == 0 and end % row == 0:  # whole rows
+        return [((start // row,) + (0,) * (len(shape) - 1), ((end - start) // row, *shape[1:]), start)]
+    first, last = start // row, (end - 1) // row
+    if first == last:  # inside one row
+        return [((first, *o), (1, *size), first * row + f)
+                for o, size, f in flat_boxes(shape[1:], start - first * row, end - first * row)]
+    # A partial first row, whole rows, a partial last row (either partial row may be absent).
+    head = start if start % row == 0 else (first + 1) * row
+    tail = end if end % row == 0 else last * row
+    return flat_boxes(shape, start, head) + flat_boxes(shape, head, tail) + flat_boxes(shape, tail, end)
 
 
 class ShardedState:
     """Maps this rank's parameters and optimizer state to checkpoint keys, for saving and loading.
 
     ``named_params``: (name, parameter) of this rank's chunks, names as the optimizer knows them;
-    ``mesh``: the TP group's mesh (``tp_mesh``), None for an unsharded model.
+    ``tp_rank``/``tp_size``: this rank's place in its TP group (how its shards sit in the full tensors).
     """
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], mesh: Optional[DeviceMesh] = None):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], tp_rank: int = 0, tp_size: int = 1):
         self.params = dict(named_params)
-        self.mesh = mesh
-        self.tp_rank, self.tp_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-        self._fixups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self._fixups: list[tuple[torch.Tensor, torch.Size, torch.Tensor, int, int]] = []
 
-    def _sharding(self, name: str) -> tuple[Optional[int], int]:
+    def _layout(self, name: str) -> tuple[list[int], list[int], list[int]]:
+        """The stored view of ``name``'s local shard: its shape, the full tensor's shape, and the
+        shard's offsets in it."""
         p = self.params[name]
-        return getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)
+        dim, stride = getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)
+        local = list(p.shape)
+        if dim is not None and stride > 1:
+            local[dim : dim + 1] = [stride, local[dim] // stride]
+            dim += 1
+        full, offsets = list(local), [0] * len(local)
+        if dim is not None:
+            full[dim] *= self.tp_size
+            offsets[dim] = self.tp_rank * local[dim]
+        return local, full, offsets
+
+    def _chunks(self, name: str, flat: torch.Tensor, start: int, end: int) -> Chunks:
+        """``flat`` (1-D, elements [start, end) of ``name``'s flattened local shard) as Chunks of the
+        full tensor: views into ``flat``."""
+        local, full, shard_offsets = self._layout(name)
+        boxes = []
+        for offsets, sizes, first in flat_boxes(local, start, end):
+            n = math.prod(sizes)
+            view = flat[first - start : first - start + n].view(sizes)
+            boxes.append((tuple(a + b for a, b in zip(shard_offsets, offsets)), view))
+        return Chunks(full, boxes)
 
     # Saving ----------------------------------------------------------------------------------------
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        """Every parameter as a view into the live tensor, keyed ``model/<name>``."""
-        return {
-            MODEL + canonical_name(n): global_view(p.detach(), *self._sharding(n), self.mesh)
-            for n, p in self.params.items()
-        }
+    def model_tensors(self) -> dict[str, Chunks]:
+        """Every parameter as views into the live tensor, keyed ``model/<name>``."""
+        return {MODEL + canonical_name(n): self._chunks(n, p.detach().view(-1), 0, p.numel())
+                for n, p in self.params.items()}
 
-    def optimizer_tensors(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """``Optimizer.named_param_states()`` keyed ``optimizer/<name>/<field>``; a field shaped like
-        its parameter is sharded like it, any other (the 0-d step) is replicated."""
+    def optimizer_tensors(self, states: dict[str, ParamState]) -> dict[str, Chunks | torch.Tensor]:
+        """``NamedStateOptimizer.named_param_states()`` keyed ``optimizer/<name>/<field>``: a 1-D field
+        as Chunks of its range of the parameter, the 0-d step as a replicated tensor."""
         out = {}
-        for name, fields in states.items():
-            for field, t in fields.items():
-                same = t.shape == self.params[name].shape
-                sharding = self._sharding(name) if same else (None, 1)
-                out[f"{OPTIMIZER}{canonical_name(name)}/{field}"] = global_view(t.detach(), *sharding, self.mesh)
+        for name, state in states.items():
+            if canonical_name(name) != name:  # the tied output copy: the first stage writes it
+                continue
+            for field, t in state.fields.items():
+                key = f"{OPTIMIZER}{name}/{field}"
+                out[key] = t.detach() if t.ndim == 0 else self._chunks(name, t.detach(), state.start, state.end)
         return out
 
     # Loading ---------------------------------------------------------------------------------------
-    def model_targets(self, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    def model_targets(self, info: CheckpointInfo) -> dict[str, Chunks | torch.Tensor]:
         """Views into the live parameters to read ``model/<name>`` into (in place)."""
         keys = {n: MODEL + canonical_name(n) for n in self.params}
-        return {keys[n]: self._target(keys[n], n, p.detach(), info) for n, p in self.params.items()}
+        return {keys[n]: self._target(keys[n], n, p.detach().view(-1), 0, p.numel(), info) for n, p in self.params.items()}
 
     def optimizer_targets(
-        self, info: CheckpointInfo
-    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        """Fresh tensors for every saved optimizer field of this rank's parameters: (read targets,
-        the same tensors as ``{name: {field: local tensor}}`` for ``load_named_param_states``)."""
+        self, info: CheckpointInfo, ranges: dict[str, tuple[int, int]]
+    ) -> tuple[dict[str, Chunks | torch.Tensor], dict[str, ParamState]]:
+        """Fresh tensors for every saved optimizer field of the ranges (``state_ranges()``) of this
+        rank's parameters: (read targets, the same tensors as ``ParamState``s)."""
         targets, states = {}, {}
-        for name, p in self.params.items():
+        for name, (start, end) in ranges.items():
             prefix = f"{OPTIMIZER}{canonical_name(name)}/"
-            fields = {}
+            state = states[name] = ParamState(start, end)
+            device = self.params[name].device
             for key in (k for k in info.keys() if k.startswith(prefix)):
-                dtype = info.dtype(key)
+                field, dtype = key[len(prefix):], info.dtype(key)
                 if len(info.shape(key)) == 0:  # the step count
-                    fields[key[len(prefix):]] = targets[key] = torch.empty((), dtype=dtype)
+                    state.fields[field] = targets[key] = torch.empty((), dtype=dtype)
                 else:
-                    fields[key[len(prefix):]] = local = torch.empty(p.shape, dtype=dtype, device=p.device)
-                    targets[key] = self._target(key, name, local, info)
-            states[name] = fields
+                    state.fields[field] = flat = torch.empty(end - start, dtype=dtype, device=device)
+                    targets[key] = self._target(key, name, flat, start, end, info)
         return targets, states
 
-    def _target(self, key: str, name: str, local: torch.Tensor, info: CheckpointInfo) -> torch.Tensor:
-        view = global_view(local, *self._sharding(name), self.mesh)
+    def _target(self, key: str, name: str, flat: torch.Tensor, start: int, end: int,
+                info: CheckpointInfo) -> Chunks | torch.Tensor:
+        chunks = self._chunks(name, flat, start, end)
         saved = info.shape(key) if info.has(key) else None
-        if name in VOCAB_PARAMS and saved is not None and saved != view.shape and saved[1:] == view.shape[1:]:
-            whole = torch.empty(info.shape(key), dtype=info.dtype(key))  # other vocabulary padding
-            self._fixups.append((whole, local))
+        if name in VOCAB_PARAMS and saved is not None and saved != chunks.shape and saved[1:] == chunks.shape[1:]:
+            whole = torch.empty(saved, dtype=info.dtype(key))  # other vocabulary padding
+            self._fixups.append((whole, self.params[name].shape, flat, start, end))
             return whole
-        return view
+        return chunks
 
     def finish_load(self) -> None:
         """Shard the vocabulary-sized tensors that were read whole (padding rows cut or added)."""
-        for whole, local in self._fixups:
-            rows = local.shape[0] * self.tp_size
+        for whole, local_shape, flat, start, end in self._fixups:
+            rows = local_shape[0] * self.tp_size
             padded = torch.zeros((rows, *whole.shape[1:]), dtype=whole.dtype)
             n = min(rows, whole.shape[0])
             padded[:n] = whole[:n]
-            local.copy_(shard_tensor(padded, 0, 1, self.tp_rank, self.tp_size))
+            flat.copy_(shard_tensor(padded, 0, 1, self.tp_rank, self.tp_size).reshape(-1)[start:end])
         self._fixups.clear()
 
 

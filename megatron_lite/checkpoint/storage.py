@@ -10,7 +10,10 @@
       iter_0000200.tmp/                   a save in progress, or one killed mid-way: never read
 
 torch.distributed.checkpoint (DCP) does the file I/O: every rank writes the chunks it holds, in
-parallel, and a tensor held by several ranks (DP replicas, TP-replicated norms) is written once. A save
+parallel, and a chunk held by several ranks (DP replicas, TP-replicated norms) is written once. A
+tensor is handed to DCP as ``Chunks``: its global shape and the boxes of it this rank holds (a TP
+shard, or the pieces of a ZeRO slice), each at its global offsets; loading reads into each box the
+overlap of every saved chunk, whatever layout wrote them. A save
 goes into ``iter_N.tmp/``; when every rank's file is complete, rank 0 adds meta.json and config.yaml,
 renames the directory to ``iter_N/``, then rewrites the tracker (write + rename), so a reader never sees
 a partial checkpoint. Loading reads DCP's index through an allow-list unpickler (DCP metadata classes,
@@ -26,13 +29,17 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 VERSION = 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -75,6 +82,70 @@ def _barrier(group: Optional[dist.ProcessGroup]) -> None:
         dist.barrier(group=group)
 
 
+# What DCP reads and writes ------------------------------------------------------------------------
+class Chunks:
+    """A tensor of global ``shape`` of which this rank holds ``boxes``: (global offsets, a tensor of the
+    box's shape, usually a view into live state). Disjoint boxes; several ranks may hold the same box
+    (it is written once). Implements DCP's chunk protocol (``__create_write_items__``,
+    ``__create_chunk_list__``); ``_SavePlanner``/``_LoadPlanner`` resolve a box by its offsets."""
+
+    def __init__(self, shape: Sequence[int], boxes: list[tuple[tuple[int, ...], torch.Tensor]]):
+        self.shape = torch.Size(shape)
+        self.boxes = {tuple(offsets): tensor for offsets, tensor in boxes}
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def box(self, offsets: Sequence[int]) -> torch.Tensor:
+        return self.boxes[tuple(offsets)]
+
+    def __create_write_items__(self, fqn: str, _obj: Any) -> list[WriteItem]:
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape),
+                    properties=TensorProperties.create_from_tensor(t), size=self.shape,
+                ),
+            )
+            for offsets, t in self.boxes.items()
+        ]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.shape) for o, t in self.boxes.items()]
+
+    def host_copy(self) -> "Chunks":
+        """The same boxes copied to CPU memory."""
+        return Chunks(self.shape, [(o, t.detach().to("cpu", copy=True)) for o, t in self.boxes.items()])
+
+
+def host_copy(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` (Chunks or plain tensors) copied to CPU memory: what an asynchronous save writes
+    while training goes on."""
+    return {k: t.host_copy() if isinstance(t, Chunks) else t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+
+
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict.get(index.fqn)
+        return obj.box(index.offset) if isinstance(obj, Chunks) else super().lookup_object(index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Optional[Metadata] = None,
+                       is_coordinator: bool = False) -> None:
+        # The default set-up (materialising meta tensors) replaces values of types it does not know,
+        # such as Chunks, by None: put them back.
+        chunks = {k: v for k, v in state_dict.items() if isinstance(v, Chunks)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        state_dict.update(chunks)
+        self.state_dict.update(chunks)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict.get(index.fqn)
+        return obj.box(index.offset) if isinstance(obj, Chunks) else super().lookup_tensor(index)
+
+
 # Writing ------------------------------------------------------------------------------------------
 def remove_partial_saves(root: str | Path) -> list[Path]:
     """Delete ``iter_N.tmp`` directories left by a killed save; returns them (coordinator only)."""
@@ -93,7 +164,7 @@ def write_checkpoint(
     group: Optional[dist.ProcessGroup] = None,
     keep_last: Optional[int] = None,
 ) -> Path:
-    """Write ``tensors`` (plain tensors and DTensors, keyed by name) as ``root/iter_N``; collective
+    """Write ``tensors`` (Chunks and plain tensors, keyed by name) as ``root/iter_N``; collective
     over ``group`` (every rank of the job). Returns the published directory once it is complete on
     disk and the tracker names it."""
     root, final, temp = Path(root), iteration_dir(root, iteration), _temp_dir(root, iteration)
@@ -109,7 +180,7 @@ def write_checkpoint(
             error = err
     _raise_if_any_failed(error, root, iteration, group)
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), process_group=group,
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(temp), planner=_SavePlanner(), process_group=group,
                  no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP raises the same failure on every rank
         raise CheckpointError(_save_failure(root, iteration, err)) from None
@@ -291,7 +362,7 @@ class _SafeReader(dcp.FileSystemReader):
 
 
 def read_tensors(targets: dict[str, Any], info: CheckpointInfo, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Fill ``targets`` (plain tensors and DTensors, keyed as saved) in place from ``info``'s files,
+    """Fill ``targets`` (Chunks and plain tensors, keyed as saved) in place from ``info``'s files,
     reading only the overlap of each saved chunk with each target chunk (resharding). Collective
     over ``group``. Checks every key exists with the same global shape first."""
     for key, target in targets.items():
@@ -303,7 +374,8 @@ def read_tensors(targets: dict[str, Any], info: CheckpointInfo, group: Optional[
             raise CheckpointError(
                 f"{info.path}: {key} has shape {tuple(saved)} in the checkpoint, {tuple(target.shape)} in this model"
             )
-    dcp.load(targets, storage_reader=_SafeReader(info.path), process_group=group, no_dist=not dist.is_initialized())
+    dcp.load(targets, storage_reader=_SafeReader(info.path), planner=_LoadPlanner(), process_group=group,
+             no_dist=not dist.is_initialized())
 
 
 def read_full(info: CheckpointInfo, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """The global gradient norm over TP × PP (× DP for sharded optimizer states), each gradient counted
-once, and clipping by it."""
+once, and clipping by it. The norm's one all-reduce is also how the ranks agree that a step's
+gradients are finite: it is inf/NaN on every rank of the group as soon as any element of any rank's
+gradients is."""
 
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 
 
 def global_grad_norm(
-    grads: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup]
+    grads: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup], uncounted: Iterable[torch.Tensor] = ()
 ) -> float:
-    """sqrt(Σ‖g‖²) over ``grads`` on every rank of ``group`` (None: the whole world)."""
+    """sqrt(Σ‖g‖²) over ``grads`` on every rank of ``group`` (None: the whole world); NaN or inf on
+    every rank if any element of ``grads`` or ``uncounted`` (this rank's other gradients, not part of
+    the norm) on any rank is not finite."""
     grads = list(grads)
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:  # fp64 accumulation without an fp64 copy of the gradient
         squares += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+    for g in uncounted:  # adds 0 when g is finite, NaN when it holds an inf or NaN
+        squares += torch.sum(g, dtype=torch.float64) * 0.0
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(squares, group=group)
     return math.sqrt(squares.item())

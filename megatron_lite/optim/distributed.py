@@ -13,25 +13,42 @@ Bytes per parameter on each rank (Megatron's table; d = DP size):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import OptimizerConfig
-from .clip import clip_by_norm, counted_once, global_grad_norm
+from .clip import counted_once
 from .grads import GradBuffer, gather_params
-from .optimizer import load_adam_moments, make_adamw
+from .optimizer import AdamWBase, ParamState, adam_fields, load_adam_moments
 
 
-class DistributedOptimizer:
+class Piece(NamedTuple):
+    """The part of one parameter inside this rank's slice of its bucket (at most one per parameter,
+    since buckets hold whole parameters)."""
+
+    param: nn.Parameter  # the model's parameter
+    name: str
+    start: int  # [start, end) of the flattened parameter
+    end: int
+    master: nn.Parameter  # fp32, what AdamW updates (a view of param_data for fp32 models)
+    grad: torch.Tensor  # its slice of the reduced gradient buffer
+    counted: bool  # enters the gradient norm (counted_once)
+
+
+class DistributedOptimizer(AdamWBase):
     """AdamW over this DP rank's slice of every gradient bucket (see module docstring).
 
     ``norm_group`` must span TP × PP × DP (None: the whole world), since each rank holds a distinct
     slice of the gradients. With ``overlap_param_gather`` the all-gather of the updated parameters
     runs in the background after ``step``; ``wait_for(params)`` (called by forward pre-hooks, see
     ``install_param_gather_hooks``) blocks only on the buckets those parameters live in.
+
+    Checkpoints (the named-state protocol of optimizer.py) get each parameter's piece in this rank's
+    slices: every DP rank saves the state it owns, nothing is gathered.
     """
 
     def __init__(
@@ -46,11 +63,11 @@ class DistributedOptimizer:
     ):
         if not grads.reduce_scatter:
             raise ValueError("the distributed optimizer needs a GradBuffer with reduce_scatter=True")
-        self.cfg, self.grads, self.norm_group = cfg, grads, norm_group
+        super().__init__(cfg, norm_group)
+        self.grads = grads
         self.overlap_param_gather = overlap_param_gather
         self._gathers: dict[int, object] = {}  # bucket -> in-flight all-gather
         self.model_params = list(params)
-        # The model's parameter names: what checkpoints key the optimizer state by.
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.model_params))]
         dtype = self.model_params[0].dtype
         self.param_data = torch.zeros(grads.data.numel(), dtype=dtype, device=grads.data.device)
@@ -66,39 +83,39 @@ class DistributedOptimizer:
             self.param_data[lo:hi] if dtype == torch.float32 else self.param_data[lo:hi].float()
             for lo, hi in self.shards
         ]
-        self.pieces: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, bool]] = []
-        for p in self.model_params:
+        self.pieces: list[Piece] = []
+        for name, p in zip(self.names, self.model_params):
             start, end = grads.offsets[p]
             for (lo, hi), master in zip(self.shards, self.master_slices):
                 a, b = max(start, lo), min(end, hi)
                 if a < b:
                     piece = nn.Parameter(master[a - lo : b - lo], requires_grad=False)
-                    self.pieces.append((p, piece, grads.data[a:b], counted_once(p, tp_rank)))
-        decay = [piece for p, piece, _, _ in self.pieces if p.ndim >= 2]
-        no_decay = [piece for p, piece, _, _ in self.pieces if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.inner = make_adamw([g for g in groups if g["params"]], cfg, self.param_data.device)
+                    self.pieces.append(Piece(p, name, a - start, b - start, piece, grads.data[a:b],
+                                             counted_once(p, tp_rank)))
+        self._build([(x.master, x.param.ndim >= 2) for x in self.pieces], self.param_data.device)
 
     def step(self, lr: float) -> float:
-        """Clip and update this rank's slices, then all-gather; returns the global grad norm."""
-        for _, piece, grad, _ in self.pieces:
-            piece.grad = grad
-        norm = global_grad_norm([g for _, _, g, counted in self.pieces if counted], self.norm_group)
-        clip_by_norm([g for _, _, g, _ in self.pieces], norm, self.cfg.clip_grad)
-        for group in self.inner.param_groups:
-            group["lr"] = lr
-        self.inner.step()
-        with torch.no_grad():
-            for (lo, hi), master in zip(self.shards, self.master_slices):
-                if master.data_ptr() != self.param_data[lo:hi].data_ptr():
-                    self.param_data[lo:hi].copy_(master)
-        for _, piece, _, _ in self.pieces:
-            piece.grad = None
+        """Clip and update this rank's slices, then all-gather; returns the global grad norm (not
+        finite: the step was skipped on every rank, nothing is gathered)."""
+        for x in self.pieces:
+            x.master.grad = x.grad
+        norm = self._update([x.grad for x in self.pieces], [x.counted for x in self.pieces], lr)
+        for x in self.pieces:
+            x.master.grad = None
+        if not math.isfinite(norm):
+            return norm
+        self._masters_to_params()
         if self.overlap_param_gather:
             self._gathers = gather_params(self.grads, self.param_data, async_op=True)
         else:
             gather_params(self.grads, self.param_data)
         return norm
+
+    def _masters_to_params(self) -> None:
+        with torch.no_grad():
+            for (lo, hi), master in zip(self.shards, self.master_slices):
+                if master.data_ptr() != self.param_data[lo:hi].data_ptr():
+                    self.param_data[lo:hi].copy_(master)
 
     def wait_for(self, params) -> None:
         """Block until the all-gathers of the buckets holding ``params`` are done."""
@@ -121,70 +138,30 @@ class DistributedOptimizer:
                 if own:
                     module.register_forward_pre_hook(lambda _m, _args, own=own: self.wait_for(own))
 
-    # Checkpoint interface (the same as Optimizer's) -------------------------------------------
-    def _full_flat_states(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Adam moments (and fp32 masters for low-precision models) as full flat buffers laid out like
-        the gradient buffer, assembled from every DP rank's slices (all-reduce over DP of zero-filled
-        buffers); and the step count."""
-        n, device = self.grads.data.numel(), self.param_data.device
-        fields = ["exp_avg", "exp_avg_sq"] + ([] if self.param_data.dtype == torch.float32 else ["master"])
-        flats = {k: torch.zeros(n, dtype=torch.float32, device=device) for k in fields}
-        step = torch.zeros(1, device=device)
-        for _, piece, grad, _ in self.pieces:
-            start = grad.storage_offset() - self.grads.data.storage_offset()
-            state = self.inner.state.get(piece, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in state:
-                    flats[k][start : start + piece.numel()] = state[k]
-            if "master" in flats:
-                flats["master"][start : start + piece.numel()] = piece.detach()
-            if "step" in state:
-                step = torch.maximum(step, torch.as_tensor(state["step"], dtype=torch.float32, device=device).reshape(1))
-        if self.grads.dp_size > 1:
-            for t in flats.values():
-                dist.all_reduce(t, group=self.grads.dp_group)
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.grads.dp_group)
-        return flats, step
+    # Named-state protocol (optimizer.py): this rank's pieces only -------------------------------
+    def state_ranges(self) -> dict[str, tuple[int, int]]:
+        return {x.name: (x.start, x.end) for x in self.pieces}
 
-    def named_param_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Each parameter's full AdamW state (its local TP-shard shape), the same on every DP rank:
-        collective over DP. Fields as ``Optimizer.named_param_states``."""
-        flats, step = self._full_flat_states()
+    def named_param_states(self) -> dict[str, ParamState]:
         out = {}
-        for name, p in zip(self.names, self.model_params):
-            start, end = self.grads.offsets[p]
-            fields = {k: t[start:end].view(p.shape) for k, t in flats.items()}
-            if step.item() > 0:
-                fields["step"] = step.cpu().reshape(())
-            else:
-                fields.pop("exp_avg"), fields.pop("exp_avg_sq")
-            out[name] = fields
+        low_precision = self.param_data.dtype != torch.float32
+        for x in self.pieces:
+            fields = adam_fields(self.inner, x.master)
+            if low_precision:
+                fields["master"] = x.master.detach()
+            out[x.name] = ParamState(x.start, x.end, fields)
         return out
 
-    def load_named_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Keep this DP rank's slices of every parameter's state, then re-gather the parameters."""
-        name_of = dict(zip(self.model_params, self.names))
+    def load_named_param_states(self, states: dict[str, ParamState]) -> None:
+        """Keep this rank's pieces; masters not in ``states`` come from the (loaded) parameters. Then
+        re-gather the parameters."""
         moments = {}
-        for p, piece, grad, _ in self.pieces:
-            fields = states[name_of[p]]
-            offset = grad.storage_offset() - self.grads.data.storage_offset() - self.grads.offsets[p][0]
-
-            def mine(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(-1)[offset : offset + piece.numel()].clone()
-
-            if "master" in fields:
-                with torch.no_grad():
-                    piece.copy_(mine(fields["master"]))
-            moments[piece] = {k: v if k == "step" else mine(v) for k, v in fields.items() if k != "master"}
-        load_adam_moments(self.inner, moments)
         with torch.no_grad():
-            for (lo, hi), master in zip(self.shards, self.master_slices):
-                if master.data_ptr() != self.param_data[lo:hi].data_ptr():
-                    self.param_data[lo:hi].copy_(master)
+            for x in self.pieces:
+                fields = states[x.name].fields if x.name in states else {}
+                loaded = x.param.detach().reshape(-1)[x.start : x.end]
+                x.master.copy_(fields["master"] if "master" in fields else loaded)
+                moments[x.master] = fields
+        load_adam_moments(self.inner, moments)
+        self._masters_to_params()
         gather_params(self.grads, self.param_data)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)

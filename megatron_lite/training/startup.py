@@ -92,9 +92,10 @@ def resolve_resume(cfg: Config) -> Optional[str]:
     if c.load is None:
         c.load = c.save
         return None
-    if c.load != c.save and restart_count() > 0 and read_tracker(c.save) is not None:
+    if restart_count() > 0 and read_tracker(c.save) is not None and (c.load != c.save or c.finetune):
+        # The job resumes its own progress, not its starting point (a fine-tuning start included).
         previous, c.load = c.load, c.save
-        c.load_iteration = None
+        c.load_iteration, c.finetune = None, False
         return (f"checkpoint: restart {restart_count()}: resuming this job's own checkpoints in {c.save} "
                 f"instead of checkpoint.load={previous}")
     return None
@@ -133,7 +134,7 @@ class Startup:
 def prepare(cfg: Config, tokenizer: Tokenizer) -> Startup:
     """Every check above, in order; raises the first user error (ConfigError, DataError)."""
     check_optional_packages(cfg)
-    notes = [line for line in [resolve_resume(cfg)] if line]
+    notes: list[str] = []
     check_logging_dir(cfg, start_iteration(cfg))
     vocab, warning = check_vocabulary(cfg, tokenizer)
     if warning:

@@ -10,6 +10,10 @@ One iteration:
      ``masked_mean_over_cp``);
   4. AdamW step with the scheduled learning rate after clipping by the global norm;
   5. the loss (mean over the global batch) and throughput logged by the logging rank.
+
+``train()`` first resumes from ``checkpoint.load`` (``resume()``; the Checkpointer receives the
+parameters, optimizer, generators and this object as the train state), and after every iteration
+asks the stop policy (preemption.py) whether the ranks agreed to stop early.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..checkpoint.manager import Checkpointer
-from ..config import Config, ParallelDims, padded_vocab_size
+from ..config import Config, ParallelDims, padded_vocab_size, to_yaml
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
@@ -39,6 +43,7 @@ from ..pipeline.executor import run_schedule, save_trace
 from ..data.tokenizer import Tokenizer
 from .heartbeat import Heartbeat
 from .metrics import IntervalAverage, MetricsLogger, console_line
+from .preemption import StopAgreement, announce
 from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,12 +107,13 @@ class Trainer:
         )
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
             self.optimizer = DistributedOptimizer(
-                self.params, self.grads, o, None, state.tp_rank, o.overlap_param_gather, names=names
+                params=self.params, grads=self.grads, cfg=o, norm_group=None, tp_rank=state.tp_rank,
+                overlap_param_gather=o.overlap_param_gather, names=names,
             )
             if o.overlap_param_gather:
                 self.optimizer.install_param_gather_hooks(self.chunks)
         else:
-            self.optimizer = Optimizer(self.params, o, state.mp_group, state.tp_rank, names=names)
+            self.optimizer = Optimizer(self.params, o, norm_group=state.mp_group, tp_rank=state.tp_rank, names=names)
 
         gbs = t.global_batch_size
         evaluations = t.train_iters // t.eval_interval + 1
@@ -122,12 +128,9 @@ class Trainer:
         self._train_batches = None  # this rank's microbatches per iteration, from consumed_samples on
         self.skipped_iterations = 0
         self.consecutive_skips = 0
-        self.scaler = None
-        if t.precision == "fp16":
-            self.scaler = LossScaler(
-                t.loss_scale or t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale,
-                dynamic=t.loss_scale is None,
-            )
+        self.scaler = LossScaler.for_precision(
+            t.precision, t.loss_scale, t.initial_loss_scale, t.loss_scale_window, t.hysteresis, t.min_loss_scale
+        )
 
         seq = m.seq_length // dims.cp
         seq = seq // dims.tp if dims.sequence_parallel else seq
@@ -147,8 +150,20 @@ class Trainer:
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes),
                                  heartbeat=heartbeat)
         self._interval = IntervalAverage()
-        self.checkpointer = Checkpointer(self)
-        self.checkpointer.load()
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, named_params=self.named_params, optimizer=self.optimizer, model_rng=self.chunks[0].rng,
+            train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
+            layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
+            tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
+        )
+        self.resumed: Optional[bool] = None  # set by resume()
+
+    def resume(self) -> bool:
+        """Load ``checkpoint.load`` if it holds a checkpoint (collective; once, before training).
+        Returns whether a checkpoint was loaded."""
+        if self.resumed is None:
+            self.resumed = self.checkpointer.load()
+        return self.resumed
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
@@ -176,7 +191,7 @@ class Trainer:
         losses = chunk(x, batch["labels"].to(self.device))
         loss = masked_mean_over_cp(losses, batch["loss_mask"].to(self.device), self.cp)
         if self.scaler is not None and chunk.training:
-            loss = loss * self.scaler.scale  # reported losses are divided back in train_step
+            loss = self.scaler.scale_loss(loss)  # reported losses are divided back in train_step
         return loss
 
     def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
@@ -196,17 +211,14 @@ class Trainer:
             loss /= self.state.dp_cp_size
         return loss.item()
 
-    def _grads_are_finite(self) -> bool:
-        """False if any rank's gradients hold an inf or NaN (agreed over the whole world)."""
-        bad = (~torch.isfinite(self.grads.data)).any().float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bad.item()
-
     def train_step(self) -> dict[str, float]:
         """Run one iteration; returns loss (logging rank only, else NaN), grad norm and lr.
 
         A step with non-finite gradients anywhere is skipped on every rank (fp16 overflow, or a NaN
-        in any precision); ``training.max_skipped_steps`` of them in a row raise TrainingStopped.
+        in any precision): the iteration and consumed samples advance, the learning-rate schedule does
+        not (it follows the applied steps, as Megatron's). ``training.max_skipped_steps`` skips in a
+        row raise TrainingStopped, not counting fp16's warm-up search for a loss scale (skips before
+        the first applied step while the scale can still halve).
         """
         for chunk in self.chunks:
             chunk.train()
@@ -230,18 +242,20 @@ class Trainer:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
                        self.dims.vpp, self.dims.num_microbatches)
         finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
-        lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
+        applied_steps = self.iteration - self.skipped_iterations
+        lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        finite = self._grads_are_finite()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.grads.data)
+        grad_norm = self.optimizer.step(lr)  # not finite: skipped on every rank (agreed in its reduction)
+        finite = math.isfinite(grad_norm)
         if finite:
-            if scale != 1.0:
-                self.grads.data.mul_(1.0 / scale)
-            grad_norm = self.optimizer.step(lr)
             self.consecutive_skips = 0
         else:
             grad_norm = math.nan
             self.skipped_iterations += 1
-            self.consecutive_skips += 1
+            searching = applied_steps == 0 and self.scaler is not None and self.scaler.can_lower
+            self.consecutive_skips += 0 if searching else 1
         if self.scaler is not None:
             self.scaler.update(found_inf=not finite)
         self.iteration += 1
@@ -278,6 +292,15 @@ class Trainer:
 
     # The loop ----------------------------------------------------------------------------------
     def train(self) -> None:
+        """Resume (if not done yet), then train to ``training.train_iters`` or an agreed early stop."""
+        self.resume()
+        stop = StopAgreement(self.cfg.checkpoint.save is not None, self.cfg.training.exit_duration_mins, self.device)
+        try:
+            self._loop(stop)
+        finally:
+            stop.restore()
+
+    def _loop(self, stop: StopAgreement) -> None:
         t, log = self.cfg.training, self.cfg.logging
         if self.is_logging_rank:
             self.logger = MetricsLogger(log, self.cfg)
@@ -296,13 +319,16 @@ class Trainer:
                 self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self._log_eval()
+            stop_reason = stop.reason()  # the same on every rank
+            if stop_reason is not None and self.state.rank == 0:
+                announce(stop_reason, self.iteration, saving=bool(self.cfg.checkpoint.save))
             # Saves on checkpoint.save_interval, and when the ranks agree to stop early (a preemption
             # signal or training.exit_duration_mins).
             with self.watchdog.watch(f"checkpointing after iteration {self.iteration}", collective_bound=True):
-                stop_reason = self.checkpointer.after_step()
+                self.checkpointer.after_step(self.iteration, stopping=stop_reason is not None)
         self.optimizer.finish_param_gather()
         with self.watchdog.watch(f"the final checkpoint at iteration {self.iteration}", collective_bound=True):
-            self.checkpointer.finish()
+            self.checkpointer.finish(self.iteration)
         if stop_reason is None or not stop_reason.startswith("signal"):
             self._log_eval()
             if self.iteration >= t.train_iters:

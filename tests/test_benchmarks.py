@@ -1,0 +1,34 @@
+"""The benchmarks that check themselves, in a small mode, so their checks cannot rot unseen: the
+communication volume of one training step against its analytic count, the checkpoint benchmark's
+read-back, the step-overhead benchmark's same-model check. Timings are printed, never asserted."""
+
+import subprocess
+import sys
+
+from test_training import REPO
+
+sys.path.insert(0, str(REPO))
+from benchmarks import comm_volume  # noqa: E402
+
+
+def test_comm_volume_matches_the_analytic_count(ranks):
+    """gpt_tiny at TP2 × PP2 (VPP 2) × DP2 with sequence parallelism: every rank's bytes per
+    (collective, group) equal the benchmark's formula (which has no reduction for the inf/NaN check)."""
+    results = ranks(8).run(comm_volume._measure, comm_volume.DEFAULT_OVERRIDES)
+    assert comm_volume.differences(results) == []
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_checkpoint_io_reads_back_what_it_wrote(tmp_path):
+    out = _run("benchmarks/checkpoint_io.py", "--ranks", "2", "--mb", "8", "--dir", str(tmp_path / "bench"))
+    assert "load:" in out
+
+
+def test_step_overhead_compares_the_same_model():
+    out = _run("benchmarks/step_overhead.py", "--rounds", "1", "--models", "gpt_tiny", "--threads", "1")
+    assert '"benchmark": "step_overhead"' in out
