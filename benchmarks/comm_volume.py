@@ -123,7 +123,7 @@ def analytic(trainer) -> Counter:
     out = Counter()
     specs = [chunk.spec for chunk in trainer.chunks]
     layers = sum(spec.last_layer - spec.first_layer for spec in specs)
-    first, last = any(x.pre_process for x in specs), any(x.post_process for x in specs)
+    first, last = any(x.has_embedding for x in specs), any(x.has_head for x in specs)
     if t > 1:
         if dims.sequence_parallel:
             # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP

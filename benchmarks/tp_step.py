@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 
 from megatron_lite.config import load_config
 from megatron_lite.model import build_gpt
+from megatron_lite.optim import GradBuffer, finalize_grads
 from megatron_lite.parallel.collectives import TPGroup
 from megatron_lite.parallel.state import ParallelState, free_port
-from megatron_lite.tensor_parallel import allreduce_sequence_parallel_grads
 
 VOCAB = 4096
 
@@ -36,13 +36,15 @@ def _rank(rank: int, world: int, port: int, args, sp: bool, out) -> None:
     tp = TPGroup.from_state(state, sequence_parallel=sp)
     cfg = load_config(["model=gpt_tiny"]).model
     model = build_gpt(cfg, VOCAB, tp)
+    grads = GradBuffer(model.parameters())
     ids = torch.randint(0, VOCAB, (args.micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
     times = []
     for step in range(args.steps + 2):
         dist.barrier()
         start = time.perf_counter()
+        grads.start_step(1)
         model(ids, ids).mean().backward()
-        allreduce_sequence_parallel_grads(model, tp)
+        finalize_grads(grads, state)
         times.append(time.perf_counter() - start)
     if rank == 0:
         out.put(statistics.median(times[2:]))

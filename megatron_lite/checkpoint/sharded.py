@@ -7,8 +7,8 @@ Keys:
 
 A tensor-parallel parameter becomes a DTensor over the TP group: its local shard plus the global shape
 and offsets, so DCP writes each chunk once and reads any chunk back into any other sharding. A
-parameter whose full tensor stacks ``tp_stride`` sub-matrices along ``tp_dim`` (SwiGLU's fc1 =
-[gate; up], each split over TP) is stored as its [stride, n/stride, ...] view: there, every rank's
+parameter whose full tensor stacks ``meta.tp_shard_stride`` sub-matrices along ``meta.tp_shard_dim``
+(SwiGLU's fc1 = [gate; up], each split over TP) is stored as its [stride, n/stride, ...] view: there, every rank's
 shard is one block along the next dimension, whatever the TP size. Replicated parameters are plain
 tensors; DCP writes one copy. The tied output copy on the last pipeline stage is keyed as the
 embedding it equals (one copy written, both stages filled on load).
@@ -90,7 +90,7 @@ class ShardedState:
 
     def _sharding(self, name: str) -> tuple[Optional[int], int]:
         p = self.params[name]
-        return getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)
+        return p.meta.tp_shard_dim, p.meta.tp_shard_stride
 
     # Saving ----------------------------------------------------------------------------------------
     def model_tensors(self) -> dict[str, torch.Tensor]:

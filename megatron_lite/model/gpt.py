@@ -17,15 +17,22 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
-from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
+from ..parallel.collectives import TPGroup
+from ..tensor_parallel import (
+    ModelRNG,
+    ParallelLMHead,
+    ParamMeta,
+    VocabParallelEmbedding,
+    dropout,
+    new_parameter,
+    vocab_parallel_cross_entropy,
+)
 from ..tensor_parallel.random import checkpoint_rng_context
-from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
+from ..tensor_parallel.sharding import full_shape, shard_tensor
 from .transformer import Norm, TransformerBlock, rotary_tables
 
 # The output layer's weight when it is tied to the embedding but lives on another pipeline stage:
@@ -40,8 +47,8 @@ class ChunkSpec:
     index: int  # global chunk index in [0, p·v)
     first_layer: int
     last_layer: int
-    pre_process: bool  # holds the embedding
-    post_process: bool  # holds the final norm, output layer and loss
+    has_embedding: bool  # the token (and learned position) embedding
+    has_head: bool  # the final norm, output layer and loss
 
 
 def chunk_specs(num_layers: int, pp_size: int, vpp_size: int, pp_rank: int) -> list[ChunkSpec]:
@@ -75,25 +82,27 @@ class GPTChunk(nn.Module):
         self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
-        if spec.pre_process:
-            self.embedding = VocabParallelEmbedding(vocab_size, h, tp, init_std=cfg.init_std)
-            self.embedding.weight.shared_embedding = cfg.tie_embeddings
+        tied = cfg.tie_embeddings
+        # A tied embedding whose output copy sits on another chunk: the two gradients are summed.
+        vocab_meta = ParamMeta(init_std=cfg.init_std, grad_summed_over_embedding_group=tied and not spec.has_head)
+        if spec.has_embedding:
+            self.embedding = VocabParallelEmbedding(vocab_size, h, tp, vocab_meta)
             if cfg.position_embedding == "learned":
-                self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
-                self.position_embedding.init_std = cfg.init_std
+                self.position_embedding = new_parameter((cfg.seq_length, h), ParamMeta(init_std=cfg.init_std))
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective")
              for i in range(spec.first_layer, spec.last_layer)}
         )
-        if spec.post_process:
+        if spec.has_head:
             self.final_norm = Norm(cfg, tp)
-            if not cfg.tie_embeddings:
-                self.output = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
-                self.output.init_std = cfg.init_std
-            elif not spec.pre_process:
-                tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
-                tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
-                setattr(self, TIED_OUTPUT_NAME, tied)
+            self.head = ParallelLMHead(tp, borrows_weight=tied and spec.has_embedding)
+            rows = vocab_size // tp.size
+            if not tied:
+                self.output = new_parameter((rows, h), ParamMeta(tp_shard_dim=0, init_std=cfg.init_std))
+            elif not spec.has_embedding:
+                meta = vocab_meta.replace(tp_shard_dim=0, grad_summed_over_embedding_group=True,
+                                          counted_in_grad_norm=False)
+                setattr(self, TIED_OUTPUT_NAME, new_parameter((rows, h), meta))
         if cfg.position_embedding == "rope":
             cos, sin = rotary_tables(cfg.seq_length, h // cfg.num_attention_heads, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -104,10 +113,10 @@ class GPTChunk(nn.Module):
         """The output layer's weight [V/t, h] (the embedding's own when tied on one stage)."""
         if not self.cfg.tie_embeddings:
             return self.output
-        return self.embedding.weight if self.spec.pre_process else getattr(self, TIED_OUTPUT_NAME)
+        return self.embedding.weight if self.spec.has_embedding else getattr(self, TIED_OUTPUT_NAME)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.spec.pre_process:
+        if self.spec.has_embedding:
             x = self.embed(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.position_embedding == "rope" else None
         layers = list(self.layers.values())
@@ -118,22 +127,19 @@ class GPTChunk(nn.Module):
                                context_fn=partial(checkpoint_rng_context, self.rng))
         else:
             x = _run_layers(layers, x, rope)
-        if not self.spec.post_process:
+        if not self.spec.has_head:
             return x
-        x = self.final_norm(x)
-        x = gather_from_sp(x, self.tp) if self.tp.sequence_parallel else copy_to_tp(x, self.tp)
-        logits = F.linear(x, self.output_weight_tensor())  # [b, s, V/t]: never gathered
+        logits = self.head(self.final_norm(x), self.output_weight_tensor())  # [b, s, V/t]: never gathered
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.tp)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token (+ learned position) embeddings: [b, s] ids -> [b, s, h] ([b, s/t, h] under SP)."""
-        x = self.embedding(ids)
+        positions = None
         if self.cfg.position_embedding == "learned":
-            positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
-            x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
-        return dropout(x, self.cfg.dropout, self.generator, self.training)
+            positions = self.position_embedding[: ids.shape[1]]
+        return dropout(self.embedding(ids, positions), self.cfg.dropout, self.generator, self.training)
 
 
 def _run_layers(layers: list[nn.Module], x: torch.Tensor, rope) -> torch.Tensor:
@@ -158,18 +164,19 @@ def init_weights(chunk: GPTChunk, seed: int) -> None:
     """Initialise every parameter from its full tensor (seeded by name) and keep this rank's shard."""
     tp = chunk.tp
     for name, param in chunk.named_parameters():
-        if hasattr(param, "init_value"):
-            param.fill_(param.init_value)
+        meta = param.meta
+        if meta.init_value is not None:
+            param.fill_(meta.init_value)
             continue
         generator = torch.Generator().manual_seed(parameter_seed(seed, canonical_name(name)))
-        full = torch.empty(full_shape(param, tp.size)).normal_(0.0, param.init_std, generator=generator)
-        shard = shard_tensor(full, getattr(param, "tp_dim", None), getattr(param, "tp_stride", 1), tp.rank, tp.size)
-        param.copy_(shard)
+        full = torch.empty(full_shape(param, tp.size)).normal_(0.0, meta.init_std, generator=generator)
+        param.copy_(shard_tensor(full, meta.tp_shard_dim, meta.tp_shard_stride, tp.rank, tp.size))
 
 
 def build_model_chunks(
     cfg: ModelConfig,
     vocab_size: int,
+    *,
     tp: TPGroup = TPGroup(),
     seed: int = 1234,
     pp_rank: int = 0,
@@ -183,7 +190,7 @@ def build_model_chunks(
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute=recompute, recompute_num_layers=recompute_num_layers)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks
@@ -191,4 +198,4 @@ def build_model_chunks(
 
 def build_gpt(cfg: ModelConfig, vocab_size: int, tp: TPGroup = TPGroup(), seed: int = 1234) -> GPTChunk:
     """The whole model as one chunk (no pipeline parallelism)."""
-    return build_model_chunks(cfg, vocab_size, tp, seed)[0]
+    return build_model_chunks(cfg, vocab_size, tp=tp, seed=seed)[0]

@@ -15,29 +15,26 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from ..parallel.collectives import TPGroup
 from torch.utils.checkpoint import checkpoint
 
-from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
+from ..parallel.collectives import TPGroup
+from ..tensor_parallel import ColumnParallelLinear, ModelRNG, ParamMeta, RowParallelLinear, dropout, new_parameter
 from ..tensor_parallel.random import checkpoint_rng_context
-from ..tensor_parallel.sharding import mark_sharded
 
 
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dimension. Replicated over TP; under sequence parallelism
-    each rank normalises its own sequence shard, so the weight gradients are partial
-    (tagged ``sequence_parallel`` for ``allreduce_sequence_parallel_grads``)."""
+    each rank normalises its own sequence shard, so the weight gradients are partial sums
+    (``grad_summed_over_tp``, summed by optim/grads.py:finalize_grads)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.kind, self.eps = cfg.normalization, cfg.norm_epsilon
-        self.weight = mark_sharded(nn.Parameter(torch.ones(cfg.hidden_size)), None)
+        self.weight = new_parameter((cfg.hidden_size,), ParamMeta(init_value=1.0, grad_summed_over_tp=tp.sequence_parallel))
         self.bias = None
         if self.kind == "layernorm":
-            self.bias = mark_sharded(nn.Parameter(torch.zeros(cfg.hidden_size)), None)
-        for p in self.parameters():
-            p.init_value = 1.0 if p is self.weight else 0.0
-            p.sequence_parallel = tp.sequence_parallel
+            meta = ParamMeta(init_value=0.0, grad_summed_over_tp=tp.sequence_parallel)
+            self.bias = new_parameter((cfg.hidden_size,), meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":

@@ -15,9 +15,9 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
     """Whether this rank's copy of ``param`` enters the norm: TP shards always; parameters replicated
     across TP only on TP rank 0; the last stage's tied copy of the embedding never (the first stage
     counts the embedding, whose gradient it equals after the embedding-group sum)."""
-    if getattr(param, "tied_embedding", False):
+    if not param.meta.counted_in_grad_norm:
         return False
-    return getattr(param, "tp_dim", None) is not None or tp_rank == 0
+    return param.meta.tp_shard_dim is not None or tp_rank == 0
 
 
 def global_grad_norm(

@@ -1,22 +1,28 @@
 """Gradient accumulation in fp32 and the reductions that finish a step's gradients.
 
-``GradBuffer`` gives every parameter a ``main_grad``: an fp32 view into one flat buffer per rank.
-A post-accumulate hook adds each microbatch's ``param.grad`` (fp32, bf16 or fp16) into it and frees
-``param.grad``, so gradients accumulate over microbatches in fp32 whatever the model dtype, and the
-data-parallel reduction is a few large bucketed collectives on the flat buffer.
+``GradBuffer`` gives every parameter a ``main_grad``: an fp32 view into one flat buffer per rank
+(tensor_parallel/weight_grad.py:attach_main_grad). The linear and embedding layers write their
+weight gradients into it themselves (gradient-accumulation fusion; weight_grad.py); for the other
+parameters (norms, biases, position embeddings) a post-accumulate hook adds each microbatch's
+``param.grad`` (fp32, bf16 or fp16) into it and frees ``param.grad``. Either way gradients
+accumulate over microbatches in fp32 whatever the model dtype, and the data-parallel reduction is a
+few large bucketed collectives on the flat buffer.
 
 The buffer is cut into buckets (in reverse parameter order, roughly the order in which the backward
 produces gradients), each padded to a multiple of the DP size. The DP reduction is an all-reduce of
 every bucket, or with the distributed optimizer a reduce-scatter after which DP rank r holds the
 reduced r-th slice of each bucket (``shard_ranges``). With ``overlap``, a bucket's reduction starts
-(asynchronously) as soon as the backward of the last microbatch has produced all its gradients.
+(asynchronously) as soon as the backward of the last microbatch has produced all its gradients
+(every write reports through ``main_grad_ready``, also when a split backward runs the weight
+gradients later: weight_grad.py:WeightGradStore).
 
 ``finalize_grads`` runs once per step after the last backward, in this order:
   1. tied embedding: the first stage's embedding and the last stage's output copy summed over the
      embedding group (before DP: their buckets sit at different offsets on the two stages, so they
      must be whole when this runs; those buckets are never reduced early);
   2. data parallelism: every bucket averaged over the DP group (waiting for early ones);
-  3. sequence-parallel grads (norms, row-parallel biases) summed over the TP group.
+  3. sequence-parallel grads (norms, row-parallel biases: ``meta.grad_summed_over_tp``) summed over
+     the TP group.
 All three are sums or means, so their order does not change the result.
 """
 
@@ -30,6 +36,7 @@ from torch import nn
 
 from ..parallel.collectives import all_gather_flat, reduce_scatter_flat
 from ..parallel.state import ParallelState
+from ..tensor_parallel.weight_grad import attach_main_grad
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 (optimizer.grad_bucket_elements)
 
@@ -72,12 +79,12 @@ class GradBuffer:
                 bucket_start = offset
         self.data = torch.zeros(offset, dtype=torch.float32, device=self.params[0].device)
         for p, (start, end) in self.offsets.items():
-            p.main_grad = self.data[start:end].view(p.shape)
+            attach_main_grad(p, self.data[start:end].view(p.shape), self._grad_ready)
             p.register_post_accumulate_grad_hook(self._on_grad)
 
         self._members = [sum(1 for q in self.params if self.bucket_of[q] == b) for b in range(len(self.buckets))]
         # Buckets holding a tied embedding wait for the embedding-group sum (finalize_grads step 1).
-        self.deferred = {self.bucket_of[p] for p in self.params if getattr(p, "shared_embedding", False)}
+        self.deferred = {self.bucket_of[p] for p in self.params if p.meta.grad_summed_over_embedding_group}
         self._expected = 0
         self._fired: dict[nn.Parameter, int] = {}
         self._ready = [0] * len(self.buckets)
@@ -104,8 +111,16 @@ class GradBuffer:
         self.early_launches = 0  # buckets whose reduction started during the backward
 
     def _on_grad(self, param: nn.Parameter) -> None:
+        """Post-accumulate hook: a gradient autograd produced goes into the buffer. (It also runs,
+        with no gradient, for the weights whose layers write main_grad themselves.)"""
+        if param.grad is None:
+            return
         param.main_grad.add_(param.grad)
         param.grad = None
+        self._grad_ready(param)
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        """One microbatch's gradient of ``param`` is in ``main_grad``; start a complete bucket's reduction."""
         if not (self.overlap and self._expected):
             return
         self._fired[param] += 1
@@ -156,13 +171,13 @@ def _sum_over(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         p.main_grad.copy_(reduced.view(p.shape))
 
 
-def finalize_grads(buffer: GradBuffer, state: ParallelState, sequence_parallel: bool) -> None:
+def finalize_grads(buffer: GradBuffer, state: ParallelState) -> None:
     """Steps 1–3 of the module docstring, on ``buffer``'s main_grads."""
     if state.pp_size > 1 and state.in_embedding_group:
-        _sum_over([p for p in buffer.params if getattr(p, "shared_embedding", False)], state.embedding_group)
+        _sum_over([p for p in buffer.params if p.meta.grad_summed_over_embedding_group], state.embedding_group)
     buffer.reduce()
-    if sequence_parallel and state.tp_size > 1:
-        _sum_over([p for p in buffer.params if getattr(p, "sequence_parallel", False)], state.tp_group)
+    if state.tp_size > 1:
+        _sum_over([p for p in buffer.params if p.meta.grad_summed_over_tp], state.tp_group)
 
 
 def gather_params(buffer: GradBuffer, param_data: torch.Tensor, async_op: bool = False) -> dict:

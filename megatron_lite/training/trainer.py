@@ -75,8 +75,8 @@ class Trainer:
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
         self.chunks = build_model_chunks(
-            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers,
+            m, self.vocab_size, tp=self.tp, seed=t.seed, pp_rank=state.pp_rank, pp_size=dims.pp,
+            vpp_size=dims.vpp, device=self.device, recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
@@ -154,7 +154,7 @@ class Trainer:
         chunk = self.chunks[chunk_index]
         if x is None:
             x = batch["tokens"].to(self.device)
-        if not chunk.spec.post_process:
+        if not chunk.spec.has_head:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
         mask = batch["loss_mask"].to(self.device)
@@ -211,7 +211,7 @@ class Trainer:
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
                        self.dims.vpp, self.dims.num_microbatches)
-        finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
+        finalize_grads(self.grads, self.state)
         lr = learning_rate(self.iteration, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         finite = self._grads_are_finite()
