@@ -71,10 +71,11 @@ def main() -> None:
     for tp in (2, 4):
         for sp in (False, True):
             t = measure(tp, args, sp)
-            # Per layer and step: 4 all-reduces of b·s·h (no SP) or 4 all-gathers + 4 reduce-scatters of
-            # b·s·h (SP). A ring sends (t−1)/t of the tensor per rank for an all-gather or a
-            # reduce-scatter and twice that for an all-reduce: 8·(t−1)/t·b·s·h fp32 values either way.
-            per_rank = 4 * 8 * (tp - 1) / tp * bsh
+            # Per layer and step: 4 all-reduces of b·s·h (no SP) or 6 all-gathers (2 of them the
+            # backward's re-gathers of the column-parallel inputs) + 4 reduce-scatters of b·s·h (SP).
+            # A ring sends (t−1)/t of the tensor per rank for an all-gather or a reduce-scatter and
+            # twice that for an all-reduce: 8 (no SP) or 10 (SP) × (t−1)/t·b·s·h fp32 values.
+            per_rank = 4 * (10 if sp else 8) * (tp - 1) / tp * bsh
             rows.append({"tp": tp, "sp": sp, "ms": t * 1e3, "ratio_vs_tp1": t / base, "comm_bytes_per_layer": per_rank})
     print(f"gpt_tiny fwd+bwd, micro batch {args.micro_batch}, seq {cfg.seq_length}, fp32, {os.cpu_count()} cores")
     print(f"{'TP':>3} {'SP':>5} {'ms/step':>9} {'× TP1':>7} {'bytes/rank/layer (ring)':>24}")
