@@ -72,7 +72,9 @@ def train_steps(model, tp: TPGroup, cfg, steps: int, state=None):
         buffer.start_step(1)
         loss = model(tokens, labels).mean()
         loss.backward()
-        if state is not None:
+        if state is None:
+            buffer.finish_accumulation()
+        else:
             finalize_grads(buffer, state)
         for p in params:
             p.grad = p.main_grad

@@ -70,6 +70,7 @@ def _step(model_name: str, tp: TPGroup, state, *, defer: bool, recompute: str = 
             assert len(store) == 0
         else:
             loss.backward()
+    buffer.finish_accumulation()
     accumulated = {n: p.main_grad.clone() for n, p in chunk.named_parameters()}
     if state is not None:
         finalize_grads(buffer, state)
@@ -152,7 +153,27 @@ def test_fused_main_grad_matches_autograd(model_name, dtype, tolerance):
     buffer.start_step(MICROBATCHES)
     for tokens, labels in _batches(cfg):
         (chunk(tokens, labels).mean() / MICROBATCHES).backward()
+    buffer.finish_accumulation()
     for n, p in chunk.named_parameters():
         assert p.grad is None, n  # nothing left in param.grad: every gradient went into main_grad
         err = ((p.main_grad - ref[n]).abs().max() / ref[n].abs().max()).item()
         assert err < tolerance, (n, err)
+
+
+def test_unwritten_main_grad_is_zeroed_at_the_end_of_the_step():
+    """A step's first contribution overwrites main_grad (no zeroing); a parameter that got none is
+    zeroed by finish_accumulation rather than keeping the previous step's gradient."""
+    cfg = load_config(MODELS["gpt"]).model
+    chunk = build_model_chunks(cfg, VOCAB, seed=5)[0]
+    buffer = GradBuffer(chunk.parameters())
+    (tokens, labels), _ = _batches(cfg)
+    for step in range(2):
+        buffer.start_step(1)
+        chunk(tokens, labels).mean().backward()
+        if step == 0:
+            first = {n: p.main_grad.clone() for n, p in chunk.named_parameters()}
+            chunk.position_embedding.requires_grad_(False)  # step 1 leaves it unwritten
+        buffer.finish_accumulation()
+    for n, p in chunk.named_parameters():
+        expected = torch.zeros_like(first[n]) if n == "position_embedding" else first[n]
+        assert torch.equal(p.main_grad, expected), n

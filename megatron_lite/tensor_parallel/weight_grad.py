@@ -3,13 +3,15 @@ later.
 
 Gradient-accumulation fusion (Megatron's ``gradient_accumulation_fusion``). When a ``GradBuffer``
 owns a parameter (``attach_main_grad``: ``param.main_grad``, an fp32 view into the flat buffer, and
-the buffer's ``param.main_grad_ready`` callback), the layer's backward adds the weight gradient into
-``main_grad`` itself and calls the callback (the buffer counts finished gradients to start
-overlapped DP reductions). fp32 models: one GEMM with accumulation, ``main_grad.addmm_(dyᵀ, x)``;
-bf16/fp16: the product in the parameter's dtype (fp32 accumulation inside the GEMM), added once.
-The embedding adds its rows with ``index_add_`` (no dense [V, h] gradient). Autograd never sees
-these gradients: no ``param.grad`` is allocated, zeroed, copied and freed per microbatch. Without a
-buffer the gradient goes back to autograd (``param.grad``) as for any torch layer.
+``param.grad_sink``, the buffer), the layer's backward hands its weight-gradient work to the sink,
+which writes it into ``main_grad`` (the step's first contribution overwrites, later ones
+accumulate, so the buffer needs no zeroing) and counts it (to start overlapped DP reductions).
+fp32 models: one GEMM into the view, ``torch.mm(dyᵀ, x, out=main_grad)`` or
+``main_grad.addmm_(dyᵀ, x)``; bf16/fp16: the product in the parameter's dtype (fp32 accumulation
+inside the GEMM), copied or added once. The embedding adds its rows with ``index_add_`` (no dense
+[V, h] gradient). Autograd never sees these gradients: no ``param.grad`` is allocated, copied and
+freed per microbatch. Without a buffer the gradient goes back to autograd (``param.grad``) as for
+any torch layer.
 
 The split backward (zero-bubble pipeline schedules) defers the same work::
 
@@ -21,8 +23,8 @@ The split backward (zero-bubble pipeline schedules) defers the same work::
 Inside ``defer_weight_grads`` the layers append their (input, output-gradient) work to ``store``
 instead of computing it; norms and biases finish in the backward itself. ``run`` performs each item
 exactly as the immediate path would (the same ops in the same order per parameter: the gradients
-are bit-identical to a normal backward) and calls ``main_grad_ready`` after each, so a bucket's
-overlapped reduction starts when its last weight gradient is done. A store keeps, per item, the
+are bit-identical to a normal backward) and hands each to the grad sink as the backward would have,
+so a bucket's overlapped reduction starts when its last weight gradient is done. A store keeps, per item, the
 layer's full input (under sequence parallelism the re-gathered [b, s, in], not the shard) and its
 output gradient, until ``run``.
 
@@ -33,7 +35,7 @@ tensors in its own device thread.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -42,8 +44,11 @@ from torch import nn
 class WeightGradWork(Protocol):
     """One layer's pending weight gradient for one backward."""
 
+    def write_to(self, main_grad: torch.Tensor) -> None:
+        """Overwrite the fp32 ``main_grad`` (the parameter's shape) with the gradient."""
+
     def add_to(self, main_grad: torch.Tensor) -> None:
-        """Accumulate the gradient into the fp32 ``main_grad`` (the parameter's shape)."""
+        """Accumulate the gradient into the fp32 ``main_grad``."""
 
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
         """The gradient as a new tensor in ``weight``'s dtype (no GradBuffer)."""
@@ -54,6 +59,12 @@ class LinearWeightGrad:
 
     def __init__(self, grad_output: torch.Tensor, inputs: torch.Tensor):
         self.grad_output, self.inputs = grad_output, inputs
+
+    def write_to(self, main_grad: torch.Tensor) -> None:
+        if self.inputs.dtype == main_grad.dtype:
+            torch.mm(self.grad_output.t(), self.inputs, out=main_grad)
+        else:
+            main_grad.copy_(torch.mm(self.grad_output.t(), self.inputs))
 
     def add_to(self, main_grad: torch.Tensor) -> None:
         if self.inputs.dtype == main_grad.dtype:
@@ -72,6 +83,9 @@ class EmbeddingWeightGrad:
     def __init__(self, ids: torch.Tensor, grad_rows: torch.Tensor):
         self.ids, self.grad_rows = ids, grad_rows
 
+    def write_to(self, main_grad: torch.Tensor) -> None:
+        self.add_to(main_grad.zero_())
+
     def add_to(self, main_grad: torch.Tensor) -> None:
         main_grad.index_add_(0, self.ids, self.grad_rows.to(main_grad.dtype))
 
@@ -79,11 +93,18 @@ class EmbeddingWeightGrad:
         return torch.zeros_like(weight).index_add_(0, self.ids, self.grad_rows.to(weight.dtype))
 
 
-def attach_main_grad(param: nn.Parameter, main_grad: torch.Tensor, on_ready: Callable[[nn.Parameter], None]) -> None:
-    """Make ``main_grad`` (fp32, ``param``'s shape) where ``param``'s gradients accumulate, and
-    ``on_ready(param)`` what is called after each contribution (the GradBuffer's side of the contract)."""
+class GradSink(Protocol):
+    """Who owns a parameter's ``main_grad`` (the GradBuffer)."""
+
+    def accumulate(self, param: nn.Parameter, work: WeightGradWork, notify: bool) -> None:
+        """Put one contribution to ``param``'s gradient into its ``main_grad``; ``notify``: count
+        it as this backward's gradient of ``param`` (see ``weight_grad``)."""
+
+
+def attach_main_grad(param: nn.Parameter, main_grad: torch.Tensor, sink: GradSink) -> None:
+    """Make ``main_grad`` (fp32, ``param``'s shape) where ``param``'s gradients go, through ``sink``."""
     param.main_grad = main_grad
-    param.main_grad_ready = on_ready
+    param.grad_sink = sink
 
 
 class WeightGradStore:
@@ -103,8 +124,8 @@ class WeightGradStore:
         pending, self.pending = self.pending, []
         with torch.no_grad():
             for weight, work, notify in pending:
-                if hasattr(weight, "main_grad"):
-                    _accumulate(weight, work, notify)
+                if hasattr(weight, "grad_sink"):
+                    weight.grad_sink.accumulate(weight, work, notify)
                 else:
                     grad = work.compute(weight)
                     weight.grad = grad if weight.grad is None else weight.grad.add_(grad)
@@ -126,21 +147,15 @@ def defer_weight_grads(store: WeightGradStore) -> Iterator[WeightGradStore]:
         _active_store = None
 
 
-def _accumulate(weight: nn.Parameter, work: WeightGradWork, notify: bool) -> None:
-    work.add_to(weight.main_grad)
-    if notify:
-        weight.main_grad_ready(weight)
-
-
 def weight_grad(weight: nn.Parameter, work: WeightGradWork, notify: bool = True) -> Optional[torch.Tensor]:
     """Called by a layer's backward for its weight: queue ``work`` (inside ``defer_weight_grads``),
-    or add it into ``weight.main_grad``, and return None; without a GradBuffer return the gradient
+    or hand it to the weight's grad sink, and return None; without a GradBuffer return the gradient
     for autograd. ``notify``: False for a borrowed weight (a tied output layer on the embedding's
-    stage), whose owner's write, later in the same backward, reports the parameter ready."""
+    stage), whose owner's contribution, later in the same backward, reports the parameter ready."""
     if _active_store is not None:
         _active_store.post(weight, work, notify)
         return None
-    if hasattr(weight, "main_grad"):
-        _accumulate(weight, work, notify)
+    if hasattr(weight, "grad_sink"):
+        weight.grad_sink.accumulate(weight, work, notify)
         return None
     return work.compute(weight)
