@@ -12,10 +12,12 @@ sent, the full (gathered) tensor of an all-gather, the full input of a reduce-sc
 The analytic count, per rank (b micro batch, s sequence, h hidden, t TP, m microbatches, L_r layers
 on the rank, V padded vocabulary, 4-byte fp32):
   TP     per layer and microbatch 2 all-reduces of b·s·h forward (attention and MLP outputs) and 2
-         backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h; the
-         embedding's sum (with SP a reduce-scatter forward and an all-gather of the gradient
-         backward, plus the position embedding's gradient gather, s·h), the output
-         layer's input (1 collective each way), 3 all-reduces of b·s in the vocab-parallel
+         backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h plus 2
+         all-gathers backward (the column-parallel layers keep their input's shard and gather it
+         again); the embedding's sum (with SP a reduce-scatter forward and an all-gather of the
+         gradient backward, plus the position embedding's gradient gather, s·h), the output
+         layer's input (1 collective each way, with SP and the backward's re-gather 2 all-gathers
+         and a reduce-scatter), 3 all-reduces of b·s in the vocab-parallel
          cross-entropy; with SP once per step the sum of the norm and row-bias gradients (6h per
          layer, 2h for the final norm)
   PP     b·s·h (b·s/t·h with SP) per microbatch and chunk boundary: activations forward, gradients
@@ -126,11 +128,12 @@ def analytic(trainer) -> Counter:
     first, last = any(x.has_embedding for x in specs), any(x.has_head for x in specs)
     if t > 1:
         if dims.sequence_parallel:
-            # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP
-            # outputs reduce-scattered (backward: gathered).
-            # The embedding's reduce-scatter gathers its gradient backward; the position embedding
-            # [1, s, h] is split forward (no communication) and its gradient gathered backward.
-            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
+            # per layer: qkv and fc1 inputs gathered (backward: gathered again, and their gradients
+            # reduce-scattered), attention and MLP outputs reduce-scattered (backward: gathered).
+            # The output layer's input likewise. The embedding's reduce-scatter gathers its gradient
+            # backward; the position embedding [1, s, h] is split forward (no communication) and
+            # its gradient gathered backward.
+            gathers = 6 * layers * bsh + (2 * bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
             out[("all_gather", "TP")] += m * gathers
             out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
             norms = 6 * h * layers + (2 * h if last else 0)

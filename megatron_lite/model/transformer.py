@@ -79,8 +79,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [b, s, groups·(q_per_group + 2)·d], sequence gathered under SP
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(b, s, self.heads, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, groups, d]
+        q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)  # one split: its backward is one concat
+        q = q.reshape(b, s, self.heads, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)  # [b, s, groups, d]
         if rope is not None:
             cos, sin = rope
             q, k = ops.rotary(q, cos[:s], sin[:s]), ops.rotary(k, cos[:s], sin[:s])

@@ -20,13 +20,14 @@ The split backward (zero-bubble pipeline schedules) defers the same work::
         torch.autograd.backward(outputs, grads)   # input gradients; weight-gradient work queued
     store.run()                                   # every queued weight gradient, in posting order
 
-Inside ``defer_weight_grads`` the layers append their (input, output-gradient) work to ``store``
-instead of computing it; norms and biases finish in the backward itself. ``run`` performs each item
-exactly as the immediate path would (the same ops in the same order per parameter: the gradients
-are bit-identical to a normal backward) and hands each to the grad sink as the backward would have,
-so a bucket's overlapped reduction starts when its last weight gradient is done. A store keeps, per item, the
-layer's full input (under sequence parallelism the re-gathered [b, s, in], not the shard) and its
-output gradient, until ``run``.
+Inside ``defer_weight_grads`` the linear layers append their (input, output-gradient) work to
+``store`` instead of computing it, and so does the embedding (its rows: a tied output layer's and
+the embedding's contributions stay in order); norms and biases finish in the backward itself.
+``run`` performs each item exactly as the immediate path would (the same ops in the same order per
+parameter: the gradients are bit-identical to a normal backward) and hands each to the grad sink as
+the backward would have, so a bucket's overlapped reduction starts when its last weight gradient is
+done. A store keeps, per linear item, the layer's full input (under sequence parallelism the
+re-gathered [b, s, in], not the shard) and its output gradient, until ``run``.
 
 The active store is module state, not thread-local: on a GPU autograd runs the backward of CUDA
 tensors in its own device thread.
