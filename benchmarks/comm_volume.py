@@ -13,12 +13,14 @@ The analytic count, per rank (b micro batch, s sequence, h hidden, t TP, c CP, m
 layers on the rank, V padded vocabulary, 4-byte fp32; under context parallelism every b·s below is
 this rank's b·s/c):
   TP     per layer and microbatch 2 all-reduces of b·s·h forward (attention and MLP outputs) and 2
-         backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h; the
-         embedding's sum (with SP a reduce-scatter forward and an all-gather of the gradient
-         backward, plus a learned position embedding's gradient gather, s·h), the output
-         layer's input (1 collective each way), 3 all-reduces of b·s in the vocab-parallel
-         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (per
-         layer 2 norms of 2h (LayerNorm) or h (RMSNorm) and 2h of biases if any; the final norm)
+         backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h plus 2
+         all-gathers backward (the column-parallel layers keep their input's shard and gather it
+         again); the embedding's sum (with SP a reduce-scatter forward and an all-gather of the
+         gradient backward, plus a learned position embedding's gradient gather, s·h), the output
+         layer's input (1 collective each way, with SP and the backward's re-gather 2 all-gathers
+         and a reduce-scatter), 3 all-reduces of b·s in the vocab-parallel cross-entropy; with SP
+         once per step the sum of the norm and row-bias gradients (per layer 2 norms of 2h
+         (LayerNorm) or h (RMSNorm) and 2h of biases if any; the final norm)
   PP     b·s·h (b·s/t·h with SP) per microbatch and chunk boundary: activations forward, gradients
          backward
   CP     ring attention, per layer and microbatch: 2·(c−1) K/V blocks of b·(s/c)·(g/t)·d sent forward
@@ -130,15 +132,16 @@ def analytic(trainer) -> Counter:
     out = Counter()
     specs = [chunk.spec for chunk in trainer.chunks]
     layers = sum(spec.last_layer - spec.first_layer for spec in specs)
-    first, last = any(x.pre_process for x in specs), any(x.post_process for x in specs)
+    first, last = any(x.has_embedding for x in specs), any(x.has_head for x in specs)
     if t > 1:
         if dims.sequence_parallel:
-            # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP
-            # outputs reduce-scattered (backward: gathered).
-            # The embedding's reduce-scatter gathers its gradient backward; a learned position
-            # embedding [1, s, h] is split forward (no communication) and its gradient gathered backward.
+            # per layer: qkv and fc1 inputs gathered (backward: gathered again, and their gradients
+            # reduce-scattered), attention and MLP outputs reduce-scattered (backward: gathered).
+            # The output layer's input likewise. The embedding's reduce-scatter gathers its gradient
+            # backward; a learned position embedding [1, s, h] is split forward (no communication)
+            # and its gradient gathered backward.
             positions = s * h * FP32 if m_cfg.position_embedding == "learned" else 0
-            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + positions if first else 0)
+            gathers = 6 * layers * bsh + (2 * bsh if last else 0) + (bsh + positions if first else 0)
             out[("all_gather", "TP")] += m * gathers
             out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
             norm = 2 * h if m_cfg.normalization == "layernorm" else h  # weight (and bias)

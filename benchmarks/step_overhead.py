@@ -132,6 +132,7 @@ def build(name: str):
         grads.start_step(1)
         loss = ours(tokens, labels).mean()
         loss.backward()
+        grads.finish_accumulation()
         middle = time.perf_counter()
         optimizer.step(cfg.optimizer.lr)
         return loss.item(), middle - start, time.perf_counter() - middle

@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 
 from megatron_lite.config import load_config
 from megatron_lite.model import build_gpt
+from megatron_lite.optim import GradBuffer, finalize_grads
 from megatron_lite.parallel.collectives import TPGroup
 from megatron_lite.parallel.state import ParallelState, free_port
-from megatron_lite.tensor_parallel import allreduce_sequence_parallel_grads
 
 VOCAB = 4096
 
@@ -36,13 +36,15 @@ def _rank(rank: int, world: int, port: int, args, sp: bool, out) -> None:
     tp = TPGroup.from_state(state, sequence_parallel=sp)
     cfg = load_config(["model=gpt_tiny"]).model
     model = build_gpt(cfg, VOCAB, tp)
+    grads = GradBuffer(model.parameters())
     ids = torch.randint(0, VOCAB, (args.micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
     times = []
     for step in range(args.steps + 2):
         dist.barrier()
         start = time.perf_counter()
+        grads.start_step(1)
         model(ids, ids).mean().backward()
-        allreduce_sequence_parallel_grads(model, tp)
+        finalize_grads(grads, state)
         times.append(time.perf_counter() - start)
     if rank == 0:
         out.put(statistics.median(times[2:]))
@@ -69,10 +71,11 @@ def main() -> None:
     for tp in (2, 4):
         for sp in (False, True):
             t = measure(tp, args, sp)
-            # Per layer and step: 4 all-reduces of b·s·h (no SP) or 4 all-gathers + 4 reduce-scatters of
-            # b·s·h (SP). A ring sends (t−1)/t of the tensor per rank for an all-gather or a
-            # reduce-scatter and twice that for an all-reduce: 8·(t−1)/t·b·s·h fp32 values either way.
-            per_rank = 4 * 8 * (tp - 1) / tp * bsh
+            # Per layer and step: 4 all-reduces of b·s·h (no SP) or 6 all-gathers (2 of them the
+            # backward's re-gathers of the column-parallel inputs) + 4 reduce-scatters of b·s·h (SP).
+            # A ring sends (t−1)/t of the tensor per rank for an all-gather or a reduce-scatter and
+            # twice that for an all-reduce: 8 (no SP) or 10 (SP) × (t−1)/t·b·s·h fp32 values.
+            per_rank = 4 * (10 if sp else 8) * (tp - 1) / tp * bsh
             rows.append({"tp": tp, "sp": sp, "ms": t * 1e3, "ratio_vs_tp1": t / base, "comm_bytes_per_layer": per_rank})
     print(f"gpt_tiny fwd+bwd, micro batch {args.micro_batch}, seq {cfg.seq_length}, fp32, {os.cpu_count()} cores")
     print(f"{'TP':>3} {'SP':>5} {'ms/step':>9} {'× TP1':>7} {'bytes/rank/layer (ring)':>24}")

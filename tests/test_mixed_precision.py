@@ -46,7 +46,7 @@ def _overflow_at(iteration: int, poisoned_rank: int, overrides: list[str]) -> li
 
     def poisoned(chunk_index, x, batch):
         out = forward(chunk_index, x, batch)
-        if trainer.iteration == iteration and state.rank == poisoned_rank and trainer.chunks[chunk_index].spec.post_process:
+        if trainer.iteration == iteration and state.rank == poisoned_rank and trainer.chunks[chunk_index].spec.has_head:
             out = out * math.inf
         return out
 

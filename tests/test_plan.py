@@ -154,7 +154,7 @@ def _measure_memory(overrides: list[str]) -> dict:
     batch = trainer._microbatches(trainer.train_data, 0)[0]
     with SavedBytes(trainer.params) as saved:
         for index, chunk in enumerate(trainer.chunks):
-            x = None if chunk.spec.pre_process else torch.randn(trainer.activation_shape, requires_grad=True)
+            x = None if chunk.spec.has_embedding else torch.randn(trainer.activation_shape, requires_grad=True)
             trainer._forward_step(index, x, batch)
     result = {
         "pp_rank": state.pp_rank, "cp_rank": state.cp_rank, "parameters": _storage_bytes(trainer.params),

@@ -6,9 +6,9 @@ import torch
 
 from megatron_lite.config import load_config
 from megatron_lite.model import build_model_chunks
+from megatron_lite.optim import GradBuffer, finalize_grads
 from megatron_lite.parallel.collectives import TPGroup
 from megatron_lite.parallel.state import ParallelState
-from megatron_lite.tensor_parallel import allreduce_sequence_parallel_grads
 from test_training import BASE, _train, read_metrics, rel
 
 MODES = [("none", 1), ("selective", 1), ("full", 1), ("full", 2)]
@@ -23,12 +23,14 @@ def _grads_per_mode() -> dict:
     ids = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
     out = {}
     for mode, k in MODES:
-        chunk = build_model_chunks(cfg, 512, tp, seed=3, recompute=mode, recompute_num_layers=k)[0]
+        chunk = build_model_chunks(cfg, 512, tp=tp, seed=3, recompute=mode, recompute_num_layers=k)[0]
+        buffer = GradBuffer(chunk.parameters())
+        buffer.start_step(1)
         losses = [chunk(ids[:, :-1], ids[:, 1:]).mean() for _ in range(2)]  # two steps of dropout masks
         sum(losses).backward()
-        allreduce_sequence_parallel_grads(chunk, tp)
+        finalize_grads(buffer, state)
         out[(mode, k)] = {"loss": torch.stack(losses).detach(),
-                          "grads": {n: p.grad.clone() for n, p in chunk.named_parameters()}}
+                          "grads": {n: p.main_grad.clone() for n, p in chunk.named_parameters()}}
     state.destroy()
     return out
 

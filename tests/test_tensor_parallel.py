@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from megatron_lite.config import load_config
 from megatron_lite.model import build_gpt
+from megatron_lite.optim import GradBuffer, finalize_grads
 from megatron_lite.parallel.collectives import TPGroup
 from megatron_lite.parallel.state import ParallelState
 from megatron_lite.tensor_parallel import (
     ModelRNG,
-    allreduce_sequence_parallel_grads,
     dropout,
     gather_full,
     shard_tensor,
@@ -47,27 +47,37 @@ def batch(seed: int, cfg, b: int = 2):
 def full_grads_and_params(model, tp: TPGroup) -> tuple[dict, dict]:
     grads, params = {}, {}
     for name, p in model.named_parameters():
-        dim, stride = getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)
+        dim, stride = p.meta.tp_shard_dim, p.meta.tp_shard_stride
         params[name] = gather_full(p.detach(), dim, stride, tp)
         grads[name] = gather_full(p.grad, dim, stride, tp)
     return grads, params
 
 
-def train_steps(model, tp: TPGroup, cfg, steps: int):
+def train_steps(model, tp: TPGroup, cfg, steps: int, state=None):
     """Losses of ``steps`` SGD iterations, plus full grads of the first and full params after the last.
 
+    Gradients go through the trainer's path: the fp32 ``GradBuffer`` (weight gradients written by
+    the layers) and ``finalize_grads`` (the sequence-parallel sums over TP; ``state``: the
+    ``ParallelState``, None for the single-rank reference).
     SGD with momentum, not Adam: Adam's first update is lr·sign(g) per element, so fp32 rounding of a
     gradient element near zero (1e-7 relative to the tensor) could flip a whole lr-sized step, which
     would test Adam's conditioning rather than the parallel code.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    params = list(model.parameters())
+    buffer = GradBuffer(params)
+    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
     losses, first_grads = [], None
     for step in range(steps):
         tokens, labels = batch(step, cfg)
+        buffer.start_step(1)
         loss = model(tokens, labels).mean()
-        optimizer.zero_grad()
         loss.backward()
-        allreduce_sequence_parallel_grads(model, tp)
+        if state is None:
+            buffer.finish_accumulation()
+        else:
+            finalize_grads(buffer, state)
+        for p in params:
+            p.grad = p.main_grad
         if first_grads is None:
             first_grads, _ = full_grads_and_params(model, tp)
         optimizer.step()
@@ -84,7 +94,7 @@ def _tp_equivalence(cases: list[tuple[str, int, bool]], steps: int = 3) -> dict:
         ref_losses, ref_grads, ref_params = train_steps(build_gpt(cfg, VOCAB, TPGroup(), seed=7), TPGroup(), cfg, steps)
         state = ParallelState(tp=tp_size)
         tp = TPGroup.from_state(state, sequence_parallel=sp)
-        losses, grads, params = train_steps(build_gpt(cfg, VOCAB, tp, seed=7), tp, cfg, steps)
+        losses, grads, params = train_steps(build_gpt(cfg, VOCAB, tp, seed=7), tp, cfg, steps, state)
         assert grads.keys() == ref_grads.keys()
         errors[(model_name, tp_size, sp)] = {
             "loss": rel_err(losses, ref_losses),
@@ -165,7 +175,7 @@ def test_init_is_independent_of_tp():
     for rank in range(4):
         tp = TPGroup(group=None, size=4, rank=rank)
         for name, p in build_gpt(cfg, VOCAB, tp, seed=5).named_parameters():
-            expected = shard_tensor(full[name].detach(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1), rank, 4)
+            expected = shard_tensor(full[name].detach(), p.meta.tp_shard_dim, p.meta.tp_shard_stride, rank, 4)
             assert torch.equal(p.detach(), expected), name
 
 
@@ -184,25 +194,29 @@ def _count_layer_communication(sp: bool) -> dict:
     x = torch.randn(b, s // tp.size if sp else s, h, requires_grad=True)
 
     counts: dict = {}
-    originals = {name: getattr(C, name) for name in ("_all_reduce", "_all_gather", "_reduce_scatter")}
+    # Bytes on the wire are counted by the full (unsharded) tensor: the output of an all-gather,
+    # the input of a reduce-scatter, the tensor of an all-reduce.
+    wrapped = {(C, "all_gather_flat"): lambda out, inp, *a, **k: out,
+               (C, "reduce_scatter_flat"): lambda out, inp, *a, **k: inp,
+               (dist, "all_reduce"): lambda t, *a, **k: t}
+    originals = {key: getattr(*key) for key in wrapped}
 
-    def counting(name, fn):
-        def wrapped(t, *args):
-            out = fn(t, *args)
-            # Bytes on the wire are counted by the full (unsharded) tensor: out for all-gather, in otherwise.
-            full = out if name == "_all_gather" else t
-            counts[name] = counts.get(name, 0) + full.numel()
+    def counting(key, fn):
+        name = {"all_gather_flat": "all_gather", "reduce_scatter_flat": "reduce_scatter"}.get(key[1], key[1])
+
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + wrapped[key](*args, **kwargs).numel()
             counts[name + "_calls"] = counts.get(name + "_calls", 0) + 1
-            return out
-        return wrapped
+            return fn(*args, **kwargs)
+        return call
 
-    for name, fn in originals.items():
-        setattr(C, name, counting(name, fn))
+    for key, fn in originals.items():
+        setattr(*key, counting(key, fn))
     try:
         block(x).sum().backward()
     finally:
-        for name, fn in originals.items():
-            setattr(C, name, fn)
+        for key, fn in originals.items():
+            setattr(*key, fn)
     state.destroy()
     return {"counts": counts, "bsh": b * s * h}
 
@@ -210,12 +224,13 @@ def _count_layer_communication(sp: bool) -> dict:
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp_communication_matches_megatron_count(ranks, sp):
     """Megatron: per layer and step 4 all-reduces of b·s·h without SP; with SP the same volume as
-    all-gathers + reduce-scatters (2 of each forward, 2 of each backward)."""
+    all-gathers + reduce-scatters (2 of each forward, 2 of each backward), plus Megatron's two
+    backward all-gathers of the column-parallel layers' inputs, which keep only their shard."""
     report = ranks(4).run(_count_layer_communication, sp)[0]
     counts, bsh = report["counts"], report["bsh"]
     print(f"sp={sp}: {counts} (b·s·h = {bsh})")
     if sp:
-        assert counts == {"_all_gather": 4 * bsh, "_all_gather_calls": 4, "_reduce_scatter": 4 * bsh,
-                          "_reduce_scatter_calls": 4}
+        assert counts == {"all_gather": 6 * bsh, "all_gather_calls": 6, "reduce_scatter": 4 * bsh,
+                          "reduce_scatter_calls": 4}
     else:
-        assert counts == {"_all_reduce": 4 * bsh, "_all_reduce_calls": 4}
+        assert counts == {"all_reduce": 4 * bsh, "all_reduce_calls": 4}

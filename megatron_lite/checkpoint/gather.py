@@ -26,7 +26,7 @@ def gather_full_state_dict(chunks: list[GPTChunk], state: ParallelState) -> dict
         for name, p in chunk.named_parameters():
             if name == TIED_OUTPUT_NAME:
                 continue
-            full = gather_full(p, getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1), chunk.tp)
+            full = gather_full(p, p.meta.tp_shard_dim, p.meta.tp_shard_stride, chunk.tp)
             local[name] = full.float().cpu()
     if state.pp_size == 1:
         return local

@@ -7,7 +7,7 @@ Keys:
 
 Each tensor is saved at its full (unsharded) shape as the ``Chunks`` this rank holds (storage.py).
 A tensor-parallel parameter's local shard is one box at its TP offset; a parameter whose full tensor
-stacks ``tp_stride`` sub-matrices along ``tp_dim`` (SwiGLU's fc1 = [gate; up], each split over TP) is
+stacks ``meta.tp_shard_stride`` sub-matrices along ``meta.tp_shard_dim`` (SwiGLU's fc1 = [gate; up], each split over TP) is
 stored as its [stride, n/stride, ...] view: there, every rank's shard is one block along the next
 dimension, whatever the TP size. Optimizer state covers a flat range of the local parameter (all of
 it, or with the distributed optimizer the piece in this DP rank's slice): ``flat_boxes`` cuts the
@@ -78,7 +78,7 @@ class ShardedState:
         """The stored view of ``name``'s local shard: its shape, the full tensor's shape, and the
         shard's offsets in it."""
         p = self.params[name]
-        dim, stride = getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)
+        dim, stride = p.meta.tp_shard_dim, p.meta.tp_shard_stride
         local = list(p.shape)
         if dim is not None and stride > 1:
             local[dim : dim + 1] = [stride, local[dim] // stride]

@@ -17,16 +17,23 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, head_dim
-from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
+from ..parallel.collectives import TPGroup
 from ..parallel.context import CPGroup, local_positions
-from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
+from ..tensor_parallel import (
+    ModelRNG,
+    ParallelLMHead,
+    ParamMeta,
+    VocabParallelEmbedding,
+    dropout,
+    new_parameter,
+    vocab_parallel_cross_entropy,
+)
 from ..tensor_parallel.random import checkpoint_rng_context
-from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
+from ..tensor_parallel.sharding import full_shape, shard_tensor
 from .rotary import rotary_tables
 from .transformer import KVCache, Norm, TransformerBlock
 
@@ -42,8 +49,8 @@ class ChunkSpec:
     index: int  # global chunk index in [0, p·v)
     first_layer: int
     last_layer: int
-    pre_process: bool  # holds the embedding
-    post_process: bool  # holds the final norm, output layer and loss
+    has_embedding: bool  # the token (and learned position) embedding
+    has_head: bool  # the final norm, output layer and loss
 
 
 def chunk_specs(num_layers: int, pp_size: int, vpp_size: int, pp_rank: int) -> list[ChunkSpec]:
@@ -84,28 +91,29 @@ class GPTChunk(nn.Module):
         self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
-        if spec.pre_process:
-            self.embedding = VocabParallelEmbedding(vocab_size, h, tp, init_std=cfg.init_std)
-            self.embedding.weight.shared_embedding = cfg.tie_embeddings
+        tied = cfg.tie_embeddings
+        # A tied embedding whose output copy sits on another chunk: the two gradients are summed.
+        vocab_meta = ParamMeta(init_std=cfg.init_std, grad_summed_over_embedding_group=tied and not spec.has_head)
+        if spec.has_embedding:
+            self.embedding = VocabParallelEmbedding(vocab_size, h, tp, vocab_meta)
             if cfg.position_embedding == "learned":
-                self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
-                self.position_embedding.init_std = cfg.init_std
+                self.position_embedding = new_parameter((cfg.seq_length, h), ParamMeta(init_std=cfg.init_std))
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective", cp)
              for i in range(spec.first_layer, spec.last_layer)}
         )
-        if spec.post_process:
+        if spec.has_head:
             self.final_norm = Norm(cfg, tp)
-            local = vocab_size // tp.size
-            padding = torch.arange(tp.rank * local, (tp.rank + 1) * local) >= (unpadded_vocab_size or vocab_size)
+            self.head = ParallelLMHead(tp, borrows_weight=tied and spec.has_embedding)
+            rows = vocab_size // tp.size
+            padding = torch.arange(tp.rank * rows, (tp.rank + 1) * rows) >= (unpadded_vocab_size or vocab_size)
             self.register_buffer("vocab_padding", padding if padding.any() else None, persistent=False)
-            if not cfg.tie_embeddings:
-                self.output = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
-                self.output.init_std = cfg.init_std
-            elif not spec.pre_process:
-                tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
-                tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
-                setattr(self, TIED_OUTPUT_NAME, tied)
+            if not tied:
+                self.output = new_parameter((rows, h), ParamMeta(tp_shard_dim=0, init_std=cfg.init_std))
+            elif not spec.has_embedding:
+                meta = vocab_meta.replace(tp_shard_dim=0, grad_summed_over_embedding_group=True,
+                                          counted_in_grad_norm=False)
+                setattr(self, TIED_OUTPUT_NAME, new_parameter((rows, h), meta))
         # Global positions of this CP rank's tokens (all of 0..s-1 without context parallelism).
         self.register_buffer("positions", local_positions(cfg.seq_length, cp.size, cp.rank), persistent=False)
         if cfg.position_embedding == "rope":
@@ -127,7 +135,7 @@ class GPTChunk(nn.Module):
         """The output layer's weight [V/t, h] (the embedding's own when tied on one stage)."""
         if not self.cfg.tie_embeddings:
             return self.output
-        return self.embedding.weight if self.spec.pre_process else getattr(self, TIED_OUTPUT_NAME)
+        return self.embedding.weight if self.spec.has_embedding else getattr(self, TIED_OUTPUT_NAME)
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
@@ -135,7 +143,7 @@ class GPTChunk(nn.Module):
         """``kv_caches`` (inference): one per layer of this chunk, holding the earlier tokens; x then
         continues the sequence from position ``kv_caches[0].length``."""
         first = kv_caches[0].length if kv_caches else 0  # x's first position
-        if self.spec.pre_process:
+        if self.spec.has_embedding:
             x = self.embed(x, first)
         rope = (self.rope_cos[first:], self.rope_sin[first:]) if self.cfg.position_embedding == "rope" else None
         layers = list(self.layers.values())
@@ -149,11 +157,9 @@ class GPTChunk(nn.Module):
                                context_fn=partial(checkpoint_rng_context, self.rng))
         else:
             x = _run_layers(layers, x, rope)
-        if not self.spec.post_process:
+        if not self.spec.has_head:
             return x
-        x = self.final_norm(x)
-        x = gather_from_sp(x, self.tp) if self.tp.sequence_parallel else copy_to_tp(x, self.tp)
-        logits = F.linear(x, self.output_weight_tensor())  # [b, s, V/t]: never gathered
+        logits = self.head(self.final_norm(x), self.output_weight_tensor())  # [b, s, V/t]: never gathered
         if self.vocab_padding is not None:
             logits = logits.masked_fill(self.vocab_padding, float("-inf"))
         if labels is None:
@@ -163,14 +169,13 @@ class GPTChunk(nn.Module):
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token (+ learned position) embeddings of ids [b, s] at positions start, start + 1, ...:
         [b, s, h] ([b, s/t, h] under SP)."""
-        x = self.embedding(ids)
+        positions = None
         if self.cfg.position_embedding == "learned":
             if self.cp.size == 1:
-                positions = self.position_embedding[start : start + ids.shape[1]].unsqueeze(0)
+                positions = self.position_embedding[start : start + ids.shape[1]]
             else:
-                positions = self.position_embedding[self.positions].unsqueeze(0)
-            x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
-        return dropout(x, self.cfg.dropout, self.generator, self.training)
+                positions = self.position_embedding[self.positions]
+        return dropout(self.embedding(ids, positions), self.cfg.dropout, self.generator, self.training)
 
 
 def _run_layers(layers: list[nn.Module], x: torch.Tensor, rope) -> torch.Tensor:
@@ -195,18 +200,19 @@ def init_weights(chunk: GPTChunk, seed: int) -> None:
     """Initialise every parameter from its full tensor (seeded by name) and keep this rank's shard."""
     tp = chunk.tp
     for name, param in chunk.named_parameters():
-        if hasattr(param, "init_value"):
-            param.fill_(param.init_value)
+        meta = param.meta
+        if meta.init_value is not None:
+            param.fill_(meta.init_value)
             continue
         generator = torch.Generator().manual_seed(parameter_seed(seed, canonical_name(name)))
-        full = torch.empty(full_shape(param, tp.size)).normal_(0.0, param.init_std, generator=generator)
-        shard = shard_tensor(full, getattr(param, "tp_dim", None), getattr(param, "tp_stride", 1), tp.rank, tp.size)
-        param.copy_(shard)
+        full = torch.empty(full_shape(param, tp.size)).normal_(0.0, meta.init_std, generator=generator)
+        param.copy_(shard_tensor(full, meta.tp_shard_dim, meta.tp_shard_stride, tp.rank, tp.size))
 
 
 def build_model_chunks(
     cfg: ModelConfig,
     vocab_size: int,
+    *,
     tp: TPGroup = TPGroup(),
     seed: int = 1234,
     pp_rank: int = 0,
@@ -223,7 +229,8 @@ def build_model_chunks(
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, cp, unpadded_vocab_size)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute=recompute, recompute_num_layers=recompute_num_layers,
+                         cp=cp, unpadded_vocab_size=unpadded_vocab_size)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks
@@ -233,4 +240,4 @@ def build_gpt(
     cfg: ModelConfig, vocab_size: int, tp: TPGroup = TPGroup(), seed: int = 1234, unpadded_vocab_size: int | None = None
 ) -> GPTChunk:
     """The whole model as one chunk (no pipeline parallelism)."""
-    return build_model_chunks(cfg, vocab_size, tp, seed, unpadded_vocab_size=unpadded_vocab_size)[0]
+    return build_model_chunks(cfg, vocab_size, tp=tp, seed=seed, unpadded_vocab_size=unpadded_vocab_size)[0]

@@ -15,33 +15,29 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import ModelConfig, head_dim
 from ..parallel.collectives import TPGroup
 from ..parallel.context import CPGroup, ring_attention
-from torch.utils.checkpoint import checkpoint
-
-from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
+from ..tensor_parallel import ColumnParallelLinear, ModelRNG, ParamMeta, RowParallelLinear, dropout, new_parameter
 from ..tensor_parallel.random import as_default_generator, checkpoint_rng_context
-from ..tensor_parallel.sharding import mark_sharded
 
 
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dimension. Replicated over TP; under sequence parallelism
-    each rank normalises its own sequence shard, so the weight gradients are partial
-    (tagged ``sequence_parallel`` for ``allreduce_sequence_parallel_grads``)."""
+    each rank normalises its own sequence shard, so the weight gradients are partial sums
+    (``grad_summed_over_tp``, summed by optim/grads.py:finalize_grads)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.kind, self.eps = cfg.normalization, cfg.norm_epsilon
-        self.weight = mark_sharded(nn.Parameter(torch.ones(cfg.hidden_size)), None)
+        self.weight = new_parameter((cfg.hidden_size,), ParamMeta(init_value=1.0, grad_summed_over_tp=tp.sequence_parallel))
         self.bias = None
         if self.kind == "layernorm":
-            self.bias = mark_sharded(nn.Parameter(torch.zeros(cfg.hidden_size)), None)
-        for p in self.parameters():
-            p.init_value = 1.0 if p is self.weight else 0.0
-            p.sequence_parallel = tp.sequence_parallel
+            meta = ParamMeta(init_value=0.0, grad_summed_over_tp=tp.sequence_parallel)
+            self.bias = new_parameter((cfg.hidden_size,), meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -103,8 +99,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [b, s, groups·(q_per_group + 2)·d], sequence gathered under SP
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(b, s, self.heads, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, groups, d]
+        q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)  # one split: its backward is one concat
+        q = q.reshape(b, s, self.heads, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)  # [b, s, groups, d]
         if rope is not None:
             cos, sin = rope
             q, k = ops.rotary(q, cos[:s], sin[:s]), ops.rotary(k, cos[:s], sin[:s])

@@ -1,22 +1,31 @@
 """Gradient accumulation in fp32 and the reductions that finish a step's gradients.
 
-``GradBuffer`` gives every parameter a ``main_grad``: an fp32 view into one flat buffer per rank.
-A post-accumulate hook adds each microbatch's ``param.grad`` (fp32, bf16 or fp16) into it and frees
-``param.grad``, so gradients accumulate over microbatches in fp32 whatever the model dtype, and the
-data-parallel reduction is a few large bucketed collectives on the flat buffer.
+``GradBuffer`` gives every parameter a ``main_grad``: an fp32 view into one flat buffer per rank
+(tensor_parallel/weight_grad.py:attach_main_grad). The linear and embedding layers hand their
+weight-gradient work to the buffer (``accumulate``: gradient-accumulation fusion, weight_grad.py);
+for the other parameters (norms, biases, position embeddings) a post-accumulate hook takes each
+microbatch's ``param.grad`` (fp32, bf16 or fp16) and frees it. Either way gradients accumulate over
+microbatches in fp32 whatever the model dtype, and the data-parallel reduction is a few large
+bucketed collectives on the flat buffer. A step's first contribution to a parameter overwrites its
+``main_grad`` and later ones add to it, so the buffer is never zeroed as a whole: what no backward
+wrote is zeroed by ``finish_accumulation`` (finalize_grads' first step).
 
 The buffer is cut into buckets (in reverse parameter order, roughly the order in which the backward
 produces gradients), each padded to a multiple of the DP size. The DP reduction is an all-reduce of
 every bucket, or with the distributed optimizer a reduce-scatter after which DP rank r holds the
 reduced r-th slice of each bucket (``shard_ranges``). With ``overlap``, a bucket's reduction starts
-(asynchronously) as soon as the backward of the last microbatch has produced all its gradients.
+(asynchronously) as soon as the backward of the last microbatch has produced all its gradients
+(every contribution is counted, also when a split backward runs the weight gradients later:
+weight_grad.py:WeightGradStore).
 
-``finalize_grads`` runs once per step after the last backward, in this order:
+``finalize_grads`` runs once per step after the last backward, in this order (after zeroing the
+main_grads no backward wrote):
   1. tied embedding: the first stage's embedding and the last stage's output copy summed over the
      embedding group (before DP: their buckets sit at different offsets on the two stages, so they
      must be whole when this runs; those buckets are never reduced early);
   2. data parallelism: every bucket averaged over the DP group (waiting for early ones);
-  3. sequence-parallel grads (norms, row-parallel biases) summed over the TP group.
+  3. sequence-parallel grads (norms, row-parallel biases: ``meta.grad_summed_over_tp``) summed over
+     the TP group.
 All three are sums or means, so their order does not change the result.
 """
 
@@ -30,6 +39,7 @@ from torch import nn
 
 from ..parallel.collectives import all_gather_flat, reduce_scatter_flat
 from ..parallel.state import ParallelState
+from ..tensor_parallel.weight_grad import attach_main_grad
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 (optimizer.grad_bucket_elements)
 
@@ -72,13 +82,14 @@ class GradBuffer:
                 bucket_start = offset
         self.data = torch.zeros(offset, dtype=torch.float32, device=self.params[0].device)
         for p, (start, end) in self.offsets.items():
-            p.main_grad = self.data[start:end].view(p.shape)
+            attach_main_grad(p, self.data[start:end].view(p.shape), self)
             p.register_post_accumulate_grad_hook(self._on_grad)
 
         self._members = [sum(1 for q in self.params if self.bucket_of[q] == b) for b in range(len(self.buckets))]
         # Buckets holding a tied embedding wait for the embedding-group sum (finalize_grads step 1).
-        self.deferred = {self.bucket_of[p] for p in self.params if getattr(p, "shared_embedding", False)}
+        self.deferred = {self.bucket_of[p] for p in self.params if p.meta.grad_summed_over_embedding_group}
         self._expected = 0
+        self._written: set[nn.Parameter] = set()  # parameters with a contribution since start_step
         self._fired: dict[nn.Parameter, int] = {}
         self._ready = [0] * len(self.buckets)
         self._pending: dict[int, tuple] = {}
@@ -95,17 +106,49 @@ class GradBuffer:
 
     # A step ------------------------------------------------------------------------------------
     def start_step(self, num_microbatches: int) -> None:
-        """Zero the gradients; with overlap, a parameter is complete after this many backwards."""
-        self.data.zero_()
+        """Begin a step's accumulation (each parameter's first contribution will overwrite its
+        main_grad); with overlap, a parameter is complete after ``num_microbatches`` backwards."""
+        self._written = set()
         self._expected = num_microbatches
         self._fired = {p: 0 for p in self.params}
         self._ready = [0] * len(self.buckets)
         self._pending.clear()
         self.early_launches = 0  # buckets whose reduction started during the backward
 
+    def accumulate(self, param: nn.Parameter, work, notify: bool = True) -> None:
+        """A layer's weight-gradient work (weight_grad.py:WeightGradWork) into ``param.main_grad``;
+        ``notify``: it completes this microbatch's gradient of ``param``."""
+        if param in self._written:
+            work.add_to(param.main_grad)
+        else:
+            work.write_to(param.main_grad)
+            self._written.add(param)
+        if notify:
+            self._grad_ready(param)
+
     def _on_grad(self, param: nn.Parameter) -> None:
-        param.main_grad.add_(param.grad)
+        """Post-accumulate hook: a gradient autograd produced goes into the buffer. (It also runs,
+        with no gradient, for the weights whose layers hand their work to ``accumulate``.)"""
+        if param.grad is None:
+            return
+        if param in self._written:
+            param.main_grad.add_(param.grad)
+        else:
+            param.main_grad.copy_(param.grad)
+            self._written.add(param)
         param.grad = None
+        self._grad_ready(param)
+
+    def finish_accumulation(self) -> None:
+        """Zero the main_grads of parameters no backward wrote since ``start_step`` (they still hold
+        an earlier step's values); after this every main_grad is this step's gradient."""
+        for p in self.params:
+            if p not in self._written:
+                p.main_grad.zero_()
+        self._written.update(self.params)
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        """One microbatch's gradient of ``param`` is in ``main_grad``; start a complete bucket's reduction."""
         if not (self.overlap and self._expected):
             return
         self._fired[param] += 1
@@ -156,13 +199,14 @@ def _sum_over(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         p.main_grad.copy_(reduced.view(p.shape))
 
 
-def finalize_grads(buffer: GradBuffer, state: ParallelState, sequence_parallel: bool) -> None:
+def finalize_grads(buffer: GradBuffer, state: ParallelState) -> None:
     """Steps 1–3 of the module docstring, on ``buffer``'s main_grads."""
+    buffer.finish_accumulation()
     if state.pp_size > 1 and state.in_embedding_group:
-        _sum_over([p for p in buffer.params if getattr(p, "shared_embedding", False)], state.embedding_group)
+        _sum_over([p for p in buffer.params if p.meta.grad_summed_over_embedding_group], state.embedding_group)
     buffer.reduce()
-    if sequence_parallel and state.tp_size > 1:
-        _sum_over([p for p in buffer.params if getattr(p, "sequence_parallel", False)], state.tp_group)
+    if state.tp_size > 1:
+        _sum_over([p for p in buffer.params if p.meta.grad_summed_over_tp], state.tp_group)
 
 
 def gather_params(buffer: GradBuffer, param_data: torch.Tensor, async_op: bool = False) -> dict:

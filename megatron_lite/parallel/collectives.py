@@ -1,14 +1,16 @@
-"""Tensor-parallel communication as autograd functions (Shoeybi et al. 2019; Korthikanti et al. 2022).
+"""Tensor-parallel communication (Shoeybi et al. 2019; Korthikanti et al. 2022).
 
-Megatron's two operators f and g, and the sequence-parallel pair that replaces them:
+Three collectives over the TP group, each synchronous or asynchronous (``async_op=True`` returns the
+work to wait on, so a caller can overlap it with a GEMM), and Megatron's region operators built on
+them as autograd functions:
 
-    copy_to_tp        f: identity forward,           all-reduce backward
-    reduce_from_tp    g: all-reduce forward,         identity backward
-    scatter_to_tp        split last dim forward,      all-gather backward
-    gather_from_tp       all-gather last dim forward, split backward
-    gather_from_sp       all-gather sequence forward, reduce-scatter backward
-    reduce_scatter_to_sp reduce-scatter sequence forward, all-gather backward
-    scatter_to_sp        split sequence forward,      all-gather backward
+    reduce_from_tp       g: all-reduce forward,            identity backward
+    reduce_scatter_to_sp    reduce-scatter sequence forward, all-gather backward
+    scatter_to_sp           split sequence forward,          all-gather backward
+
+Megatron's f (identity forward, all-reduce backward) and the sequence-parallel all-gather before a
+column-parallel GEMM live inside the linear layer's own autograd function (tensor_parallel/layers.py),
+which overlaps them with its GEMMs.
 
 Every function takes a ``TPGroup``; with size 1 each is the identity and touches no process group,
 so a single-process model needs no torch.distributed at all. Activations are [batch, seq, hidden];
@@ -46,40 +48,48 @@ class TPGroup:
         return cls(state.tp_group, state.tp_size, state.tp_rank, sequence_parallel and state.tp_size > 1)
 
 
-def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+Work = Optional[dist.Work]
+
+
+def all_reduce(x: torch.Tensor, tp: TPGroup, op=dist.ReduceOp.SUM, async_op: bool = False) -> tuple[torch.Tensor, Work]:
+    """Reduce ``x`` over the TP group (in place when contiguous); returns (x, work or None)."""
     if tp.size == 1:
-        return x
+        return x, None
     x = x.contiguous()
-    dist.all_reduce(x, group=tp.group)
-    return x
+    return x, dist.all_reduce(x, op=op, group=tp.group, async_op=async_op)
+
+
+def all_gather(x: torch.Tensor, dim: int, tp: TPGroup, async_op: bool = False) -> tuple[torch.Tensor, Work]:
+    """Concatenate every rank's ``x`` along ``dim``; returns (gathered, work or None)."""
+    if tp.size == 1:
+        return x, None
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((tp.size * front.shape[0], *front.shape[1:]))
+    work = all_gather_flat(out, front, group=tp.group, async_op=async_op)
+    return out.movedim(0, dim), work
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, tp: TPGroup, async_op: bool = False) -> tuple[torch.Tensor, Work]:
+    """Sum ``x`` over the TP group and keep this rank's slice along ``dim``; (slice, work or None)."""
+    if tp.size == 1:
+        return x, None
+    _check_divisible(x, dim, tp)
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.shape[0] // tp.size, *front.shape[1:]))
+    work = reduce_scatter_flat(out, front, group=tp.group, async_op=async_op)
+    return out.movedim(0, dim), work
+
+
+def _check_divisible(x: torch.Tensor, dim: int, tp: TPGroup) -> None:
+    if x.shape[dim] % tp.size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {tp.size} TP ranks")
 
 
 def _split(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
     if tp.size == 1:
         return x
-    if x.shape[dim] % tp.size:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {tp.size} TP ranks")
+    _check_divisible(x, dim, tp)
     return x.chunk(tp.size, dim=dim)[tp.rank].contiguous()
-
-
-def _all_gather(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
-    if tp.size == 1:
-        return x
-    front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((tp.size * front.shape[0], *front.shape[1:]))
-    all_gather_flat(out, front, group=tp.group)
-    return out.movedim(0, dim)
-
-
-def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
-    if tp.size == 1:
-        return x
-    if x.shape[dim] % tp.size:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {tp.size} TP ranks")
-    front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((front.shape[0] // tp.size, *front.shape[1:]))
-    reduce_scatter_flat(out, front, group=tp.group)
-    return out.movedim(0, dim)
 
 
 def _autograd_pair(name: str, forward, backward) -> type[torch.autograd.Function]:
@@ -96,44 +106,18 @@ def _autograd_pair(name: str, forward, backward) -> type[torch.autograd.Function
 
 
 # (forward, backward) of each operator; the lambdas look the collectives up at call time.
-_CopyToTP = _autograd_pair("CopyToTP", lambda x, tp: x, lambda g, tp: _all_reduce(g, tp))
-_ReduceFromTP = _autograd_pair("ReduceFromTP", lambda x, tp: _all_reduce(x, tp), lambda g, tp: g)
-_ScatterToTP = _autograd_pair("ScatterToTP", lambda x, tp: _split(x, -1, tp), lambda g, tp: _all_gather(g, -1, tp))
-_GatherFromTP = _autograd_pair("GatherFromTP", lambda x, tp: _all_gather(x, -1, tp), lambda g, tp: _split(g, -1, tp))
-_GatherFromSP = _autograd_pair(
-    "GatherFromSP", lambda x, tp: _all_gather(x, SEQ_DIM, tp), lambda g, tp: _reduce_scatter(g, SEQ_DIM, tp)
-)
+_ReduceFromTP = _autograd_pair("ReduceFromTP", lambda x, tp: all_reduce(x, tp)[0], lambda g, tp: g)
 _ReduceScatterToSP = _autograd_pair(
-    "ReduceScatterToSP", lambda x, tp: _reduce_scatter(x, SEQ_DIM, tp), lambda g, tp: _all_gather(g, SEQ_DIM, tp)
+    "ReduceScatterToSP", lambda x, tp: reduce_scatter(x, SEQ_DIM, tp)[0], lambda g, tp: all_gather(g, SEQ_DIM, tp)[0]
 )
 _ScatterToSP = _autograd_pair(
-    "ScatterToSP", lambda x, tp: _split(x, SEQ_DIM, tp), lambda g, tp: _all_gather(g, SEQ_DIM, tp)
+    "ScatterToSP", lambda x, tp: _split(x, SEQ_DIM, tp), lambda g, tp: all_gather(g, SEQ_DIM, tp)[0]
 )
-
-
-def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Enter a TP region with a replicated input: identity forward, gradient all-reduced backward."""
-    return x if tp.size == 1 else _CopyToTP.apply(x, tp)
 
 
 def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """Leave a TP region by summing the partial results of all TP ranks (all-reduce forward)."""
     return x if tp.size == 1 else _ReduceFromTP.apply(x, tp)
-
-
-def scatter_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Keep this rank's slice of the last dimension; backward all-gathers it."""
-    return x if tp.size == 1 else _ScatterToTP.apply(x, tp)
-
-
-def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Concatenate every rank's slice along the last dimension; backward keeps this rank's slice."""
-    return x if tp.size == 1 else _GatherFromTP.apply(x, tp)
-
-
-def gather_from_sp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """[b, s/t, h] -> [b, s, h] by all-gather along the sequence; backward reduce-scatters."""
-    return x if tp.size == 1 else _GatherFromSP.apply(x, tp)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:

@@ -4,15 +4,15 @@ state and activations, before anything is launched.
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models", §4): a layer stores, per token, its inputs to every operator whose backward needs them. The
 paper's count for Megatron (16-bit activations, 1-byte dropout masks, explicit softmax attention) is
-34·s·b·h + 5·a·s²·b bytes per layer, divided by t under tensor + sequence parallelism.
+34·s·b·h + 5·a·s²·b bytes per layer, divided by t under tensor + sequence parallelism (the
+column-parallel layers keep their input's sequence shard and all-gather it again in the backward, as
+megatron_lite's do: tensor_parallel/layers.py).
 ``layer_activation_bytes`` sums the same terms one by one with the implementation's choices as
 parameters (``Impl``), so that ``MEGATRON`` reproduces the paper's formula exactly and
 ``megatron_lite_impl`` what this code base saves (measured with saved-tensor hooks in
 tests/test_plan.py). Where megatron_lite differs from the paper's Megatron:
 
 - torch's SDPA (the default without dropout) keeps its output and log-sum-exp, never the s×s scores;
-- under sequence parallelism the column-parallel layers keep their all-gathered input (Megatron keeps
-  the shard and gathers it again in the backward): 2·h per token per layer not divided by t;
 - dropout masks are stored in the activation dtype, not as bytes;
 - norms keep fp32 statistics, and the unfused (torch backend) RMSNorm fp32 copies of its input and
   normalised output; the explicit attention's softmax keeps its fp32 output.
@@ -46,14 +46,13 @@ class Impl:
     act_bytes: int  # bytes per activation element
     mask_bytes: int  # bytes per dropout-mask element
     flash_attention: bool  # attention keeps output + log-sum-exp, not the s×s probabilities
-    sp_keeps_gathered_input: bool  # column-parallel layers keep the all-gathered input under SP
     q_copy: bool = False  # the query heads are copied out of the fused QKV output
     rmsnorm_keeps_output: bool = False  # an unfused RMSNorm also keeps x/rms for the weight's grad
     softmax_bytes: int = 0  # bytes per attention-probability element; 0: the activation dtype's
 
 
 # Megatron-LM as Korthikanti et al. count it (bf16/fp16).
-MEGATRON = Impl(act_bytes=2, mask_bytes=1, flash_attention=False, sp_keeps_gathered_input=False)
+MEGATRON = Impl(act_bytes=2, mask_bytes=1, flash_attention=False)
 
 
 def megatron_lite_impl(model: ModelConfig, precision: str) -> Impl:
@@ -61,7 +60,7 @@ def megatron_lite_impl(model: ModelConfig, precision: str) -> Impl:
     e = BYTES[precision]
     sdpa = model.attention_backend == "sdpa" or (model.attention_backend == "auto" and model.dropout == 0.0)
     grouped = (model.num_query_groups or model.num_attention_heads) != model.num_attention_heads
-    return Impl(act_bytes=e, mask_bytes=e, flash_attention=sdpa, sp_keeps_gathered_input=True, q_copy=grouped,
+    return Impl(act_bytes=e, mask_bytes=e, flash_attention=sdpa, q_copy=grouped,
                 rmsnorm_keeps_output=ops.backend() == "torch", softmax_bytes=FP32)
 
 
@@ -90,15 +89,16 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
     d, f = head_dim(m), m.ffn_hidden_size or 4 * h
     e, mask = impl.act_bytes, impl.mask_bytes
     dropout = m.dropout > 0 if dropout is None else dropout
-    sp = t if shard.sequence_parallel else 1  # the residual stream is split by sequence under SP
-    gathered = 1 if (impl.sp_keeps_gathered_input or sp == 1) else t  # column-parallel inputs
+    # Under SP the residual stream is split by sequence, and the column-parallel layers keep their
+    # input's shard (gathered again in the backward).
+    sp = t if shard.sequence_parallel else 1
     tokens = shard.tokens(m)
     if recompute == "full":
         return tokens * h * e / sp  # the layer's input; the rest is recomputed
     per_token = 0.0
     per_token += 2 * norm_bytes(m, impl) / sp
     # Attention: QKV input, Q K V, the core, the output projection's input, the dropout mask.
-    per_token += h * e / gathered
+    per_token += h * e / sp
     per_token += (n + 2 * g) * d * e / t
     if impl.q_copy or (m.position_embedding == "rope" and impl is not MEGATRON):
         per_token += n * d * e / t  # rotated (or copied) queries
@@ -113,7 +113,7 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
     per_token += h * e / t  # output projection input
     per_token += h * mask / sp if dropout else 0
     # MLP: input, activation input(s), output projection input, dropout mask.
-    per_token += h * e / gathered
+    per_token += h * e / sp
     if m.activation == "swiglu":
         per_token += 3 * f * e / t  # [gate | up] and silu(gate)
     else:
@@ -139,7 +139,7 @@ def head_activation_bytes(m: ModelConfig, vocab_size: int, shard: Shard, impl: I
     """Final norm, output layer and vocab-parallel cross-entropy (fp32 softmax) of one microbatch."""
     h, t = m.hidden_size, shard.tp
     sp = t if shard.sequence_parallel else 1
-    per_token = norm_bytes(m, impl) / sp + h * impl.act_bytes + vocab_size / t * FP32
+    per_token = (norm_bytes(m, impl) + h * impl.act_bytes) / sp + vocab_size / t * FP32  # norm, head input
     per_token += INDEX_BYTES + 2 + 2 * FP32  # target index, owned/ignored masks, max and Σexp
     return shard.tokens(m) * per_token
 

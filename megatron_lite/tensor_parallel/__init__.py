@@ -2,12 +2,14 @@
 
 from ..parallel.collectives import TPGroup
 from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from .param_meta import ParamMeta, new_parameter
 from .random import ModelRNG, dropout
-from .sharding import allreduce_sequence_parallel_grads, full_shape, gather_full, shard_tensor
+from .sharding import full_shape, gather_full, shard_tensor
+from .weight_grad import WeightGradStore, defer_weight_grads
 
 __all__ = [
-    "TPGroup", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy", "ModelRNG", "dropout", "full_shape", "gather_full",
-    "shard_tensor", "allreduce_sequence_parallel_grads",
+    "TPGroup", "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy", "ModelRNG", "dropout", "full_shape", "gather_full", "shard_tensor",
+    "ParamMeta", "new_parameter", "WeightGradStore", "defer_weight_grads",
 ]

@@ -12,13 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..parallel.collectives import TPGroup
-
-
-def _all_reduce(x: torch.Tensor, tp: TPGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if tp.size > 1:
-        dist.all_reduce(x, op=op, group=tp.group)
-    return x
+from ..parallel.collectives import TPGroup, all_reduce
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -30,7 +24,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         vocab_total = vocab_local * tp.size
         start = tp.rank * vocab_local
 
-        logits_max = _all_reduce(logits.amax(dim=-1), tp, dist.ReduceOp.MAX)
+        logits_max = all_reduce(logits.amax(dim=-1), tp, dist.ReduceOp.MAX)[0]
         shifted = logits - logits_max.unsqueeze(-1)
 
         ignored = labels == ignore_index
@@ -38,15 +32,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         owned = (local_labels >= 0) & (local_labels < vocab_local) & ~ignored
         index = local_labels.masked_fill(~owned, 0).unsqueeze(-1)
         target_logit = shifted.gather(-1, index).squeeze(-1).masked_fill(~owned, 0.0)
-        target_logit = _all_reduce(target_logit, tp)
+        target_logit = all_reduce(target_logit, tp)[0]
 
         exp = shifted.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), tp)
+        sum_exp = all_reduce(exp.sum(dim=-1), tp)[0]
         log_sum_exp = sum_exp.log()
         loss = log_sum_exp - target_logit
         if label_smoothing > 0.0:
             # −mean over the vocabulary of log p_j = log Σexp − mean_j(shifted_j).
-            mean_logit = _all_reduce(shifted.sum(dim=-1), tp) / vocab_total
+            mean_logit = all_reduce(shifted.sum(dim=-1), tp)[0] / vocab_total
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_sum_exp - mean_logit)
         loss = loss.masked_fill(ignored, 0.0)
 

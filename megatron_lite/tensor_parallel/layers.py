@@ -1,4 +1,5 @@
-"""Column- and row-parallel linear layers and the vocab-parallel embedding (Shoeybi et al. 2019).
+"""Column- and row-parallel linear layers, the output layer and the vocab-parallel embedding
+(Shoeybi et al. 2019).
 
 A column-parallel linear splits the output features over TP ranks (weight [out/t, in]); a row-parallel
 linear splits the input features (weight [out, in/t]) and sums the partial products. An MLP or an
@@ -7,8 +8,22 @@ sequence parallelism the activations between blocks are split along the sequence
 replicated: the column layer all-gathers its input along the sequence and the row layer
 reduce-scatters its output (Korthikanti et al. 2022).
 
-Parameters are created empty and tagged with ``init_std`` (normal init) or ``init_value`` (a
-constant); the model initialises every full tensor from a seed and keeps this rank's shard.
+Both linears run one autograd function, ``linear``, whose backward writes the weight gradient
+itself (into the fp32 ``main_grad``, or deferred: weight_grad.py) and, for a column-parallel layer,
+does the input's TP communication overlapped with its GEMMs:
+
+- under SP the forward all-gathers the [b, s/t, in] shard, uses the gathered input and keeps only the
+  shard for the backward (Megatron's choice: (t − 1)/t of the input's memory saved per layer); the
+  backward starts the all-gather again, computes the input gradient meanwhile, waits, then starts the
+  reduce-scatter of the input gradient and computes the weight gradient meanwhile;
+- without SP the input gradient's all-reduce (Megatron's f) runs during the weight-gradient GEMM.
+
+Overlap is what the backend gives asynchronous collectives: on NCCL they run on their own stream
+while the GEMM runs on the compute stream (Megatron sets CUDA_DEVICE_MAX_CONNECTIONS=1 so that the
+collective is scheduled first); on gloo they run on gloo's background thread.
+
+Parameters are created empty with their ``ParamMeta`` (param_meta.py); the model initialises every
+full tensor from a seed and keeps this rank's shard.
 """
 
 from __future__ import annotations
@@ -20,22 +35,67 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel.collectives import (
+    SEQ_DIM,
     TPGroup,
-    copy_to_tp,
-    gather_from_sp,
-    gather_from_tp,
+    all_gather,
+    all_reduce,
     reduce_from_tp,
+    reduce_scatter,
     reduce_scatter_to_sp,
+    scatter_to_sp,
 )
-from .sharding import mark_sharded
+from .param_meta import ParamMeta, new_parameter
+from .weight_grad import EmbeddingWeightGrad, LinearWeightGrad, weight_grad
+
+# What a linear layer does with its input's TP communication (``linear``'s ``input_comm``).
+LOCAL_INPUT = "local"  # none: a row-parallel layer's input is already split
+REPLICATED_INPUT = "replicated"  # replicated over TP: the input gradient is all-reduced
+SEQUENCE_SHARDED_INPUT = "sequence_sharded"  # [b, s/t, in]: all-gathered, input gradient reduce-scattered
 
 
-def _param(shape: tuple[int, ...], dim: Optional[int], stride: int = 1, **init) -> nn.Parameter:
-    """An uninitialised parameter with its sharding (see sharding.py) and init tags."""
-    param = mark_sharded(nn.Parameter(torch.empty(shape)), dim, stride)
-    for key, value in init.items():
-        setattr(param, key, value)
-    return param
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tp, input_comm, notify):
+        ctx.weight, ctx.tp, ctx.input_comm, ctx.notify = weight, tp, input_comm, notify
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)  # under SP the shard, gathered again in the backward
+        full = all_gather(x, SEQ_DIM, tp)[0] if input_comm == SEQUENCE_SHARDED_INPUT else x
+        return F.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        weight, tp, comm = ctx.weight, ctx.tp, ctx.input_comm
+        gathering = None
+        if comm == SEQUENCE_SHARDED_INPUT:
+            x, gathering = all_gather(x, SEQ_DIM, tp, async_op=True)
+        grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
+        if gathering is not None:
+            gathering.wait()
+        reducing = None
+        if grad_x is not None and comm == SEQUENCE_SHARDED_INPUT:
+            grad_x, reducing = reduce_scatter(grad_x, SEQ_DIM, tp, async_op=True)
+        elif grad_x is not None and comm == REPLICATED_INPUT:
+            grad_x, reducing = all_reduce(grad_x, tp, async_op=True)
+        grad_w = grad_b = None
+        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(weight, LinearWeightGrad(grad_2d, x.reshape(-1, x.shape[-1])), ctx.notify)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        if reducing is not None:
+            reducing.wait()
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor], tp: TPGroup,
+           input_comm: str = LOCAL_INPUT, notify: bool = True) -> torch.Tensor:
+    """y = x Wᵀ (+ b) with the weight gradient written by weight_grad.py (``notify``: see
+    ``weight_grad``) and the input's TP communication ``input_comm`` (module docstring). x: [b, s, in]
+    ([b, s/t, in] when sequence-sharded); y: [b, s, out_local]."""
+    if tp.size == 1:
+        input_comm = LOCAL_INPUT
+    return _Linear.apply(x, weight, bias, tp, input_comm, notify)
 
 
 def _divide(n: int, tp: TPGroup, what: str) -> int:
@@ -44,11 +104,15 @@ def _divide(n: int, tp: TPGroup, what: str) -> int:
     return n // tp.size
 
 
+def _column_input(tp: TPGroup) -> str:
+    return SEQUENCE_SHARDED_INPUT if tp.sequence_parallel else REPLICATED_INPUT
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x Aᵀ + b with A split by rows (output features) over the TP group.
 
     Input: [b, s, in], replicated over TP (or [b, s/t, in] with sequence parallelism, gathered here).
-    Output: [b, s, out/t] on each TP rank, or [b, s, out] with ``gather_output``.
+    Output: [b, s, out/t] on each TP rank.
     ``stride`` > 1 declares the full weight as that many stacked blocks, each split separately.
     ``skip_bias_add`` returns the bias instead of adding it, for a fused bias + activation.
     """
@@ -59,24 +123,40 @@ class ColumnParallelLinear(nn.Module):
         out_features: int,
         tp: TPGroup,
         bias: bool = True,
-        gather_output: bool = False,
         stride: int = 1,
         init_std: float = 0.02,
         skip_bias_add: bool = False,
     ):
         super().__init__()
-        self.tp, self.gather_output, self.skip_bias_add = tp, gather_output, skip_bias_add
+        self.tp, self.skip_bias_add = tp, skip_bias_add
         out_local = _divide(out_features, tp, "output features")
-        self.weight = _param((out_local, in_features), dim=0, stride=stride, init_std=init_std)
-        self.bias = _param((out_local,), dim=0, stride=stride, init_value=0.0) if bias else None
+        self.weight = new_parameter((out_local, in_features), ParamMeta(tp_shard_dim=0, tp_shard_stride=stride, init_std=init_std))
+        self.bias = None
+        if bias:
+            self.bias = new_parameter((out_local,), ParamMeta(tp_shard_dim=0, tp_shard_stride=stride, init_value=0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = gather_from_sp(x, self.tp) if self.tp.sequence_parallel else copy_to_tp(x, self.tp)
         bias = None if self.skip_bias_add else self.bias
-        y = F.linear(x, self.weight, bias)
-        if self.gather_output:
-            y = gather_from_tp(y, self.tp)
+        y = linear(x, self.weight, bias, self.tp, _column_input(self.tp))
         return (y, self.bias) if self.skip_bias_add else y
+
+
+class ParallelLMHead(nn.Module):
+    """The output layer: a column-parallel linear over the vocabulary, without bias.
+
+    forward(x, weight): x [b, s, h] ([b, s/t, h] under SP) -> this rank's logits [b, s, V/t], never
+    gathered (the vocab-parallel cross-entropy reads them as they are). ``weight`` [V/t, h] is passed
+    in because the chunk holds it under its checkpoint name: its own ``output``, the embedding's
+    (``borrows_weight``: tied on the same stage; the embedding's own backward, which comes later,
+    reports the gradient ready) or the tied copy ``output_weight`` of a later stage.
+    """
+
+    def __init__(self, tp: TPGroup, borrows_weight: bool = False):
+        super().__init__()
+        self.tp, self.borrows_weight = tp, borrows_weight
+
+    def forward(self, x: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
+        return linear(x, weight, None, self.tp, _column_input(self.tp), notify=not self.borrows_weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -85,47 +165,67 @@ class RowParallelLinear(nn.Module):
     Input: [b, s, in/t], already split (the output of a column-parallel layer).
     Output: [b, s, out] summed over TP (all-reduce), or [b, s/t, out] with sequence parallelism
     (reduce-scatter). The bias is replicated and added after the reduction; under sequence
-    parallelism its gradient is partial on each TP rank (``sequence_parallel`` tag) and is summed by
-    ``allreduce_sequence_parallel_grads``.
+    parallelism its gradient is partial on each TP rank (``grad_summed_over_tp``; optim/grads.py
+    sums it).
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = True, init_std: float = 0.02):
         super().__init__()
         self.tp = tp
         in_local = _divide(in_features, tp, "input features")
-        self.weight = _param((out_features, in_local), dim=1, init_std=init_std)
+        self.weight = new_parameter((out_features, in_local), ParamMeta(tp_shard_dim=1, init_std=init_std))
         self.bias = None
         if bias:
-            self.bias = _param((out_features,), dim=None, init_value=0.0)
-            self.bias.sequence_parallel = tp.sequence_parallel
+            meta = ParamMeta(init_value=0.0, grad_summed_over_tp=tp.sequence_parallel)
+            self.bias = new_parameter((out_features,), meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.tp)
         y = reduce_scatter_to_sp(y, self.tp) if self.tp.sequence_parallel else reduce_from_tp(y, self.tp)
         return y if self.bias is None else y + self.bias
+
+
+class _EmbeddingLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.weight = weight
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        work = EmbeddingWeightGrad(ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        return None, weight_grad(ctx.weight, work)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with the vocabulary split over TP: rank r holds rows [r·V/t, (r+1)·V/t).
 
-    Input: token ids [b, s] (the same on every TP rank). Each rank looks up the ids it owns, zeroes
-    the others, and the partial embeddings are summed over TP: all-reduce → [b, s, h], or with
-    sequence parallelism reduce-scatter → [b, s/t, h].
+    forward(ids [b, s], positions=None): each rank looks up the ids it owns, zeroes the others, and
+    the partial embeddings are summed over TP: all-reduce → [b, s, h], or with sequence parallelism
+    reduce-scatter → [b, s/t, h]. ``positions`` [s, h] (learned position embeddings, replicated) are
+    added after the sum, split by sequence under SP. The weight gradient goes to weight_grad.py
+    (rows added with ``index_add_``, never a dense [V/t, h] gradient per microbatch).
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, init_std: float = 0.02):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, meta: ParamMeta):
         super().__init__()
         self.tp = tp
         rows = _divide(vocab_size, tp, "padded vocabulary size")
         self.vocab_start, self.vocab_end = tp.rank * rows, (tp.rank + 1) * rows
-        self.weight = _param((rows, hidden_size), dim=0, init_std=init_std)
+        self.weight = new_parameter((rows, hidden_size), meta.replace(tp_shard_dim=0))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            x = _EmbeddingLookup.apply(ids, self.weight)
+        else:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+            partial = _EmbeddingLookup.apply(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            x = reduce_scatter_to_sp(partial, self.tp) if self.tp.sequence_parallel else reduce_from_tp(partial, self.tp)
+        if positions is None:
+            return x
         if self.tp.sequence_parallel:
-            return reduce_scatter_to_sp(partial, self.tp)
-        return reduce_from_tp(partial, self.tp)
+            positions = scatter_to_sp(positions.unsqueeze(0), self.tp)
+        return x + positions

@@ -1,9 +1,9 @@
 """How a tensor-parallel parameter relates to its full (unsharded) tensor.
 
-Each parameter created by a TP layer carries ``tp_dim`` (the dimension split over TP ranks, None when
-replicated) and ``tp_stride`` (how many stacked sub-matrices the full tensor holds along that
-dimension, each split separately: 2 for SwiGLU's fused [gate; up] weight). The full tensor is the
-same whatever the TP size, so initialisation and checkpoints are layout-independent.
+A parameter's ``meta.tp_shard_dim`` is the dimension split over TP ranks (None when replicated) and
+``meta.tp_shard_stride`` how many stacked sub-matrices the full tensor holds along that dimension,
+each split separately (2 for SwiGLU's fused [gate; up] weight). The full tensor is the same whatever
+the TP size, so initialisation and checkpoints are layout-independent.
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ import torch.distributed as dist
 from ..parallel.collectives import TPGroup
 
 
-def mark_sharded(param: torch.nn.Parameter, dim: Optional[int], stride: int = 1) -> torch.nn.Parameter:
-    param.tp_dim = dim
-    param.tp_stride = stride
-    return param
-
-
 def shard_tensor(full: torch.Tensor, dim: Optional[int], stride: int, rank: int, size: int) -> torch.Tensor:
     """This rank's shard of ``full``: along ``dim``, each of the ``stride`` stacked blocks is cut into
     ``size`` pieces and piece ``rank`` of every block is kept, in block order."""
@@ -31,8 +25,9 @@ def shard_tensor(full: torch.Tensor, dim: Optional[int], stride: int, rank: int,
     return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim).contiguous()
 
 
-def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
-    dim = getattr(param, "tp_dim", None)
+def full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
+    """The shape of ``param``'s full tensor (its ``meta`` says which dimension is split)."""
+    dim = param.meta.tp_shard_dim
     shape = list(param.shape)
     if dim is not None:
         shape[dim] *= tp_size
@@ -48,18 +43,3 @@ def gather_full(shard: torch.Tensor, dim: Optional[int], stride: int, tp: TPGrou
     per_rank_blocks = [p.chunk(stride, dim=dim) for p in pieces]
     blocks = [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(stride)]
     return torch.cat(blocks, dim=dim)
-
-
-def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp: TPGroup) -> None:
-    """Sum over TP the gradients of replicated parameters that see only a sequence shard under
-    sequence parallelism (norm weights and biases, row-parallel biases; tagged ``sequence_parallel``).
-    Call once per step after the backward of the last microbatch."""
-    if not tp.sequence_parallel:
-        return
-    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp.group)
-    for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(reduced.view_as(g))

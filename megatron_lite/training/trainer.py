@@ -91,8 +91,9 @@ class Trainer:
         # The token positions this CP rank reads from every sample (None: all of them).
         self.positions = local_positions(m.seq_length, dims.cp, state.cp_rank) if dims.cp > 1 else None
         self.chunks = build_model_chunks(
-            m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers, self.cp, self.unpadded_vocab_size,
+            m, self.vocab_size, tp=self.tp, seed=t.seed, pp_rank=state.pp_rank, pp_size=dims.pp,
+            vpp_size=dims.vpp, device=self.device, recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
+            cp=self.cp, unpadded_vocab_size=self.unpadded_vocab_size,
         )
         for chunk in self.chunks:
             chunk.to(self.dtype)
@@ -186,7 +187,7 @@ class Trainer:
         chunk = self.chunks[chunk_index]
         if x is None:
             x = batch["tokens"].to(self.device)
-        if not chunk.spec.post_process:
+        if not chunk.spec.has_head:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
         loss = masked_mean_over_cp(losses, batch["loss_mask"].to(self.device), self.cp)
@@ -241,7 +242,7 @@ class Trainer:
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
                        self.dims.vpp, self.dims.num_microbatches)
-        finalize_grads(self.grads, self.state, self.tp.sequence_parallel)
+        finalize_grads(self.grads, self.state)
         applied_steps = self.iteration - self.skipped_iterations
         lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
