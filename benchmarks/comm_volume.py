@@ -162,7 +162,7 @@ def _measure(overrides: list[str]) -> dict:
 
     cfg = load_config(overrides)
     dims = validate(cfg, dist.get_world_size())
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
     with CommCounter(state) as counter:
         trainer.train_step()

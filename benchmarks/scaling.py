@@ -51,7 +51,7 @@ def _time_steps(overrides: list[str], iters: int, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     cfg = load_config(overrides + [f"training.train_iters={iters}"])
     dims = validate(cfg, dist.get_world_size())
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
     times, cpu = [], []
     for _ in range(iters):

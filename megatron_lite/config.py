@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+from .pipeline import schedules
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -29,95 +31,112 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+# Each field's allowed values sit next to it, as dataclass metadata that ``_check_fields`` reads.
+def choice(default: str, *others: str) -> Any:
+    """A string field whose value must be ``default`` or one of ``others``."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def positive(default: Any) -> Any:
+    """A number that must be > 0 when set (None passes: it means "derive it")."""
+    return field(default=default, metadata={"bound": "positive"})
+
+
+def non_negative(default: Any) -> Any:
+    """A number that must be >= 0 when set."""
+    return field(default=default, metadata={"bound": "non_negative"})
+
+
 @dataclass
 class ModelConfig:
     """Shape and math of the GPT. Sizes are of the full (unsharded) model."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # None: one KV head per query head (MHA); 1: MQA
-    ffn_hidden_size: Optional[int] = None  # None: 4 × hidden_size
-    seq_length: int = 128
-    vocab_size: Optional[int] = None  # None: the tokenizer's size; padded to 128 × TP either way
-    make_vocab_size_divisible_by: int = 128
-    normalization: str = "layernorm"  # layernorm | rmsnorm
-    norm_epsilon: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
-    position_embedding: str = "learned"  # learned | rope
+    num_layers: int = positive(4)
+    hidden_size: int = positive(128)
+    num_attention_heads: int = positive(4)
+    num_query_groups: Optional[int] = positive(None)  # None: one KV head per query head (MHA); 1: MQA
+    ffn_hidden_size: Optional[int] = positive(None)  # None: 4 × hidden_size
+    seq_length: int = positive(128)
+    vocab_size: Optional[int] = positive(None)  # None: the tokenizer's size; padded to 128 × TP either way
+    make_vocab_size_divisible_by: int = positive(128)
+    normalization: str = choice("layernorm", "rmsnorm")
+    norm_epsilon: float = non_negative(1e-5)
+    activation: str = choice("gelu", "swiglu")
+    position_embedding: str = choice("learned", "rope")
     rope_theta: float = 10000.0
     add_bias_linear: bool = True  # GPT-2 has biases in every linear layer, LLaMA none
     tie_embeddings: bool = True
     dropout: float = 0.0
-    init_std: float = 0.02
-    kernel_backend: str = "auto"  # auto | torch | csrc | te | apex
+    init_std: float = non_negative(0.02)
+    kernel_backend: str = choice("auto", "torch", "csrc", "te", "apex")
     # sdpa: torch's scaled_dot_product_attention; explicit: QKᵀ, fused causal softmax, dropout, ·V.
     # auto: sdpa without dropout, explicit with it (its dropout masks follow the TP-aware RNG).
-    attention_backend: str = "auto"
+    attention_backend: str = choice("auto", "sdpa", "explicit")
 
 
 @dataclass
 class ParallelConfig:
     """Parallel degrees. The data-parallel size is derived: world_size / (TP × PP)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None  # None: no interleaving
-    pipeline_schedule: str = "auto"  # auto | gpipe | 1f1b | interleaved
+    tensor_model_parallel_size: int = positive(1)
+    pipeline_model_parallel_size: int = positive(1)
+    virtual_pipeline_model_parallel_size: Optional[int] = positive(None)  # None: no interleaving
+    # auto: interleaved when virtual stages are set, else 1f1b
+    pipeline_schedule: str = choice("auto", "gpipe", "1f1b", "interleaved")
     sequence_parallel: bool = False
     pipeline_trace: Optional[str] = None  # path: write the executed pipeline timeline as JSON there
-    distributed_timeout_minutes: Optional[float] = None  # None: 10 on GPU, 2 on CPU
+    distributed_timeout_minutes: Optional[float] = positive(None)  # None: 10 on GPU, 2 on CPU
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 2
-    global_batch_size: int = 16
-    train_iters: int = 100
+    micro_batch_size: int = positive(2)
+    global_batch_size: int = positive(16)
+    train_iters: int = positive(100)
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    eval_interval: int = 50
-    eval_iters: int = 5
+    precision: str = choice("fp32", "bf16", "fp16")
+    eval_interval: int = positive(50)
+    eval_iters: int = non_negative(5)
     exit_duration_mins: Optional[float] = None
     # Activation recomputation (Korthikanti et al. 2022): selective recomputes the attention core
     # (QKᵀ, softmax, dropout, ·V); full recomputes whole layers, in groups of recompute_num_layers
     # (only each group's input is kept).
-    recompute: str = "none"  # none | selective | full
-    recompute_num_layers: int = 1
+    recompute: str = choice("none", "selective", "full")
+    recompute_num_layers: int = positive(1)
     # fp16 loss scaling: a constant scale when loss_scale is set, else dynamic (Megatron's defaults).
-    loss_scale: Optional[float] = None
-    initial_loss_scale: float = 2.0**32
-    min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
+    loss_scale: Optional[float] = positive(None)
+    initial_loss_scale: float = positive(2.0**32)
+    min_loss_scale: float = positive(1.0)
+    loss_scale_window: int = positive(1000)
+    hysteresis: int = positive(2)
     # A step whose gradients hold inf/NaN on any rank is skipped everywhere; this many in a row stop
     # the run (exit code 3) rather than train on.
-    max_skipped_steps: int = 10
+    max_skipped_steps: int = positive(10)
     # Hang watchdog: a step running longer than this many seconds ends the rank (exit code 4) with a
     # line naming the schedule action and the collective it waits in. None: max(10 × the median of
     # the first 3 steps, 60 s), and parallel.distributed_timeout_minutes until those are timed.
-    step_timeout: Optional[float] = None
+    step_timeout: Optional[float] = positive(None)
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
+    lr: float = non_negative(1e-3)
+    min_lr: float = non_negative(1e-4)
+    weight_decay: float = non_negative(0.1)
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None  # None: training.train_iters
-    lr_decay_style: str = "cosine"  # constant | linear | cosine | wsd
+    eps: float = non_negative(1e-8)
+    clip_grad: float = non_negative(1.0)  # 0 disables clipping
+    lr_warmup_iters: int = non_negative(0)
+    lr_decay_iters: Optional[int] = positive(None)  # None: training.train_iters
+    lr_decay_style: str = choice("cosine", "constant", "linear", "wsd")
     # wsd (warmup-stable-decay): the LR stays at optimizer.lr until this many iterations before
     # lr_decay_iters, then falls linearly to min_lr. None: the last 10 % of the decay iterations.
-    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = positive(None)
     use_distributed_optimizer: bool = False  # ZeRO-1: Adam states and fp32 master weights sharded over DP
     # Start each gradient bucket's DP reduction during the backward of the last microbatch.
     overlap_grad_reduce: bool = False
-    grad_bucket_elements: int = 40_000_000  # gradient elements per DP-reduction bucket
+    grad_bucket_elements: int = positive(40_000_000)  # gradient elements per DP-reduction bucket
     # Distributed optimizer: all-gather the updated parameters in the background, each bucket waited
     # for by the first forward that uses it.
     overlap_param_gather: bool = False
@@ -125,7 +144,7 @@ class OptimizerConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = "sentencepiece"  # sentencepiece | huggingface
+    type: str = choice("sentencepiece", "huggingface")
     model: Optional[str] = None  # None: the tokenizer shipped with the bundled corpus
 
 
@@ -136,7 +155,7 @@ class DataConfig:
     paths: Optional[list[Any]] = None
     split: str = "969,30,1"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    num_workers: int = 0
+    num_workers: int = non_negative(0)
     cache_dir: Optional[str] = None  # None: ~/.cache/megatron_lite
 
 
@@ -144,24 +163,24 @@ class DataConfig:
 class CheckpointConfig:
     save: Optional[str] = None  # directory: iter_NNNNNNN/ checkpoints + latest_checkpointed_iteration.txt
     load: Optional[str] = None  # directory to resume from (no tracker there: start from scratch)
-    load_iteration: Optional[int] = None  # None: the tracker's (latest complete) iteration
-    save_interval: Optional[int] = None  # None: save only at the end and when stopping early
+    load_iteration: Optional[int] = non_negative(None)  # None: the tracker's (latest complete) iteration
+    save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
-    keep_last: Optional[int] = None  # None: keep every checkpoint
+    keep_last: Optional[int] = positive(None)  # None: keep every checkpoint
 
 
 @dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "megatron_lite"
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = choice("offline", "online", "disabled")
     name: Optional[str] = None
 
 
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    log_interval: int = 10
+    log_interval: int = positive(10)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
 
@@ -254,48 +273,6 @@ class ParallelDims:
     pipeline_schedule: str  # gpipe | 1f1b | interleaved (``auto`` resolved)
 
 
-CHOICES = {
-    "model.normalization": ("layernorm", "rmsnorm"),
-    "model.activation": ("gelu", "swiglu"),
-    "model.position_embedding": ("learned", "rope"),
-    "model.kernel_backend": ("auto", "torch", "csrc", "te", "apex"),
-    "model.attention_backend": ("auto", "sdpa", "explicit"),
-    "parallel.pipeline_schedule": ("auto", "gpipe", "1f1b", "interleaved"),
-    "training.precision": ("fp32", "bf16", "fp16"),
-    "training.recompute": ("none", "selective", "full"),
-    "optimizer.lr_decay_style": ("constant", "linear", "cosine", "wsd"),
-    "data.tokenizer.type": ("sentencepiece", "huggingface"),
-    "logging.wandb.mode": ("offline", "online", "disabled"),
-}
-
-POSITIVE = (
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
-    "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
-    "model.make_vocab_size_divisible_by", "parallel.tensor_model_parallel_size",
-    "parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size",
-    "parallel.distributed_timeout_minutes", "training.micro_batch_size",
-    "training.global_batch_size", "training.train_iters", "training.eval_interval",
-    "training.recompute_num_layers", "training.loss_scale", "training.initial_loss_scale",
-    "training.min_loss_scale", "training.loss_scale_window", "training.hysteresis", "training.max_skipped_steps",
-    "training.step_timeout",
-    "logging.log_interval", "checkpoint.save_interval", "checkpoint.keep_last",
-    "optimizer.lr_decay_iters", "optimizer.lr_wsd_decay_iters", "optimizer.grad_bucket_elements",
-)
-NON_NEGATIVE = (
-    "training.eval_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
-    "optimizer.clip_grad", "optimizer.lr_warmup_iters", "optimizer.eps", "data.num_workers",
-    "checkpoint.load_iteration",
-    "model.init_std", "model.norm_epsilon",
-)
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -307,34 +284,58 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     and the fix. ``sequence_parallel`` with TP = 1 only warns and is ignored.
     """
     cfg = to_config(cfg)
-    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
-
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(key, f"must be positive, got {value}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) is not None and _get(cfg, key) < 0:
-            raise ConfigError(key, f"must not be negative, got {_get(cfg, key)}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if o.min_lr > o.lr:
-        raise ConfigError("optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr={o.lr}; lower it")
+    _check_fields(cfg)
     if world_size <= 0:
         raise ConfigError("world_size", f"must be positive, got {world_size}")
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    dp = _check_world(world_size, tp, pp)
+    _check_model_shape(cfg.model, tp)
+    microbatches = _check_batch(cfg.training, dp)
+    vpp, schedule = _check_pipeline(cfg, pp, dp, microbatches)
+    sequence_parallel = _check_sequence_parallel(cfg, tp)
+    _check_flags(cfg)
+    return ParallelDims(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        vpp=vpp,
+        cp=1,
+        num_microbatches=microbatches,
+        sequence_parallel=sequence_parallel,
+        pipeline_schedule=schedule,
+    )
 
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+
+def _check_fields(node: Any, prefix: str = "") -> None:
+    """Every field's own rule (``choice`` / ``positive`` / ``non_negative`` metadata), in schema order."""
+    for f in fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if is_dataclass(value):
+            _check_fields(value, key + ".")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(f.metadata['choices'])}")
+        elif value is not None and f.metadata.get("bound") == "positive" and value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+        elif value is not None and f.metadata.get("bound") == "non_negative" and value < 0:
+            raise ConfigError(key, f"must not be negative, got {value}")
+
+
+def _check_world(world_size: int, tp: int, pp: int) -> int:
+    """The data-parallel size the world leaves after TP × PP."""
     if world_size % (tp * pp):
         raise ConfigError(
             "parallel.tensor_model_parallel_size",
             f"world size {world_size} is not divisible by TP×PP = {tp}×{pp} = {tp * pp}; "
             f"launch a multiple of {tp * pp} ranks or change the TP/PP sizes",
         )
-    dp = world_size // (tp * pp)
+    return world_size // (tp * pp)
 
+
+def _check_model_shape(m: ModelConfig, tp: int) -> None:
+    """Heads, query groups and FFN width split over TP; RoPE needs an even head dimension."""
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
     heads = m.num_attention_heads
     groups = m.num_query_groups or heads
     if m.hidden_size % heads:
@@ -372,21 +373,38 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             "model.ffn_hidden_size", f"{ffn} is not divisible by TP={tp}; use a multiple of {tp}"
         )
 
-    vpp_set = p.virtual_pipeline_model_parallel_size
+
+def _check_batch(t: TrainingConfig, dp: int) -> int:
+    """The number of microbatches per DP replica and iteration."""
+    mbs, gbs = t.micro_batch_size, t.global_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{gbs} is not divisible by micro_batch_size × data-parallel size = {mbs}×{dp} = "
+            f"{mbs * dp}; use a multiple of {mbs * dp}",
+        )
+    return gbs // (mbs * dp)
+
+
+def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[int, str]:
+    """Virtual stages per rank and the schedule (``auto`` resolved); the schedule's own size rules
+    come from ``pipeline/schedules.py:check_sizes``, here given the config key and the fix."""
+    vpp_set = cfg.parallel.virtual_pipeline_model_parallel_size
     if vpp_set is not None and pp == 1:
         raise ConfigError(
             "parallel.virtual_pipeline_model_parallel_size",
             "is set but pipeline_model_parallel_size=1; set it to null or use PP > 1",
         )
     vpp = vpp_set or 1
-    if m.num_layers % (pp * vpp):
+    layers = cfg.model.num_layers
+    if layers % (pp * vpp):
         raise ConfigError(
             "model.num_layers",
-            f"{m.num_layers} layers do not split into PP×VPP = {pp}×{vpp} = {pp * vpp} equal "
+            f"{layers} layers do not split into PP×VPP = {pp}×{vpp} = {pp * vpp} equal "
             f"chunks; use a multiple of {pp * vpp} layers or change the pipeline sizes",
         )
-
-    schedule = p.pipeline_schedule
+    # A null virtual size means "no interleaving", also for auto; a set one (even 1) means interleaving.
+    schedule = cfg.parallel.pipeline_schedule
     if schedule == "auto":
         schedule = "interleaved" if vpp_set is not None else "1f1b"
     if schedule == "interleaved" and vpp_set is None:
@@ -400,53 +418,50 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
             f"{schedule} cannot run virtual stages; use interleaved (or auto) or set "
             "virtual_pipeline_model_parallel_size to null",
         )
-
-    mbs, gbs = t.micro_batch_size, t.global_batch_size
-    if gbs % (mbs * dp):
+    try:
+        schedules.check_sizes(schedule, pp, vpp, microbatches)
+    except schedules.ScheduleSizeError as err:
+        if err.size != "m":
+            raise ConfigError("parallel.pipeline_schedule", str(err)) from None
+        mbs, gbs = cfg.training.micro_batch_size, cfg.training.global_batch_size
         raise ConfigError(
             "training.global_batch_size",
-            f"{gbs} is not divisible by micro_batch_size × data-parallel size = {mbs}×{dp} = "
-            f"{mbs * dp}; use a multiple of {mbs * dp}",
-        )
-    microbatches = gbs // (mbs * dp)
-    if schedule == "interleaved" and (microbatches < pp or microbatches % pp):
-        raise ConfigError(
-            "training.global_batch_size",
-            f"the interleaved schedule needs a number of microbatches that is a multiple of "
-            f"PP={pp}, got {microbatches} (= {gbs} / ({mbs}×{dp})); use a global batch size "
-            f"that is a multiple of {mbs * dp * pp}",
-        )
+            f"{err.requirement}, got {microbatches} (= {gbs} / ({mbs}×{dp})); use a global batch "
+            f"size that is a multiple of "
+            f"{mbs * dp * err.multiple}",
+        ) from None
+    return vpp, schedule
 
-    sequence_parallel = p.sequence_parallel
-    if sequence_parallel and tp == 1:
+
+def _check_sequence_parallel(cfg: Config, tp: int) -> bool:
+    """Whether sequence parallelism takes effect (it needs TP > 1 and a sequence split over TP)."""
+    if not cfg.parallel.sequence_parallel:
+        return False
+    if tp == 1:
         warnings.warn(
-            "parallel.sequence_parallel is ignored with tensor_model_parallel_size=1", stacklevel=2
+            "parallel.sequence_parallel is ignored with tensor_model_parallel_size=1", stacklevel=3
         )
-        sequence_parallel = False
-    if sequence_parallel and m.seq_length % tp:
+        return False
+    if cfg.model.seq_length % tp:
         raise ConfigError(
             "model.seq_length",
-            f"{m.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
+            f"{cfg.model.seq_length} is not divisible by TP={tp}, which sequence parallelism needs; "
             f"use a multiple of {tp}",
         )
+    return True
+
+
+def _check_flags(cfg: Config) -> None:
+    """Options that need another option."""
+    o = cfg.optimizer
+    if o.min_lr > o.lr:
+        raise ConfigError("optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr={o.lr}; lower it")
     if o.overlap_param_gather and not o.use_distributed_optimizer:
         raise ConfigError(
             "optimizer.overlap_param_gather", "needs optimizer.use_distributed_optimizer=true"
         )
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")
-
-    return ParallelDims(
-        world_size=world_size,
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        vpp=vpp,
-        cp=1,
-        num_microbatches=microbatches,
-        sequence_parallel=sequence_parallel,
-        pipeline_schedule=schedule,
-    )
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
+from .messages import first_line
+
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 _loaded: dict[str, Optional[ModuleType]] = {}
 
@@ -63,9 +65,8 @@ def load_extension(
             verbose=os.environ.get("MEGATRON_LITE_BUILD_VERBOSE") == "1",
         )
     except Exception as err:  # noqa: BLE001 - any build failure falls back to PyTorch
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(
-            f"could not build the C++ extension {name!r} ({first_line}); using the PyTorch "
+            f"could not build the C++ extension {name!r} ({first_line(err)}); using the PyTorch "
             "fallback. Set MEGATRON_LITE_BUILD_VERBOSE=1 to see the compiler output.",
             stacklevel=2,
         )

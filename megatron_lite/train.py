@@ -30,7 +30,7 @@ def run(cfg: Config | DictConfig) -> Trainer:
     configure_nccl(config.logging.dir)
     info = init_distributed(timeout)
     start = time.perf_counter()
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp, timeout=timeout)
+    state = ParallelState.from_dims(dims, timeout)
     groups_s = time.perf_counter() - start
     trainer = Trainer(config, dims, state)
     if info.rank == 0:

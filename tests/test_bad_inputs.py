@@ -3,7 +3,7 @@
 Every case must exit non-zero with exactly one line on stderr that names the offending key or file,
 no Python traceback, and leave every input file as it was (contents, mtime, no file removed). The
 cases run as subprocesses, a few at a time, once per module; each test checks one case.
-Set BAD_INPUTS_TABLE=path.md to write the table of messages (the README's "Failure handling").
+Set BAD_INPUTS_TABLE=path.md to write the table of messages (docs/failures.md, "Bad input").
 """
 
 import gzip

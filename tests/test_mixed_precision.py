@@ -40,7 +40,7 @@ def _overflow_at(iteration: int, poisoned_rank: int, overrides: list[str]) -> li
 
     cfg = load_config(overrides)
     dims = validate(cfg, dist.get_world_size())
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
     forward = trainer._forward_step
 

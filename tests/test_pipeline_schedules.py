@@ -64,7 +64,7 @@ def test_schedule_shapes():
 
 
 @pytest.mark.parametrize("name, p, v, m, message", [
-    ("interleaved", 4, 2, 6, "multiple of p=4"),
+    ("interleaved", 4, 2, 6, "multiple of PP=4"),
     ("1f1b", 4, 2, 8, "use interleaved"),
     ("gpipe", 1, 2, 4, "use interleaved"),
     ("interleaved", 1, 2, 4, "more than one pipeline rank"),
@@ -130,4 +130,4 @@ def test_cli_json_and_plot(tmp_path):
         [sys.executable, "-m", "megatron_lite.pipeline.simulate", "--pp", "4", "--vpp", "2",
          "--microbatches", "6"], capture_output=True, text=True,
     )
-    assert bad.returncode == 2 and "multiple of p=4" in bad.stderr
+    assert bad.returncode == 2 and "multiple of PP=4" in bad.stderr

@@ -146,7 +146,7 @@ def _measure_memory(overrides: list[str]) -> dict:
 
     cfg = load_config(overrides)
     dims = validate(cfg, dist.get_world_size())
-    state = ParallelState(tp=dims.tp, pp=dims.pp, vpp=dims.vpp)
+    state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
     trainer.train_step()
     state_tensors = [t for s in trainer.optimizer.inner.state.values() for t in s.values() if torch.is_tensor(t)]

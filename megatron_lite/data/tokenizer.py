@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from megatron_lite.data.errors import DataError
+from megatron_lite.messages import first_line
 
 # The sentencepiece BPE model (4096 pieces) trained on the bundled corpus; see corpus/README.md.
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "corpus" / "kjv_bpe4096.model"
@@ -43,7 +44,7 @@ class SentencePieceTokenizer:
             self._sp.Load(str(self.path))
         except (OSError, RuntimeError) as err:
             raise TokenizerError(
-                f"{self.path}: not a sentencepiece model ({_first_line(err)}); "
+                f"{self.path}: not a sentencepiece model ({first_line(err)}); "
                 "check data.tokenizer.model and data.tokenizer.type"
             ) from None
         self.vocab_size: int = self._sp.GetPieceSize()
@@ -82,7 +83,7 @@ class HuggingFaceTokenizer:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - the library raises its own exception type
             raise TokenizerError(
-                f"{self.path}: not a HuggingFace tokenizer.json ({_first_line(err)})"
+                f"{self.path}: not a HuggingFace tokenizer.json ({first_line(err)})"
             ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eod = _first_known_id(self._tok, _HF_EOD_NAMES)
@@ -118,9 +119,6 @@ def _first_known_id(tok, names: tuple[str, ...]) -> Optional[int]:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_tokenizer(

@@ -11,12 +11,15 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
 from .layout import RankCoord, RankGrid
+
+if TYPE_CHECKING:
+    from ..config import ParallelDims
 
 CPU_TIMEOUT_MINUTES = 2.0
 GPU_TIMEOUT_MINUTES = 10.0
@@ -95,19 +98,12 @@ class ParallelState:
     pipeline stage of this rank's pipeline (None on the stages in between).
     """
 
-    def __init__(
-        self,
-        tp: int = 1,
-        pp: int = 1,
-        vpp: int = 1,
-        timeout: Optional[timedelta] = None,
-    ):
+    def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None):
         if not dist.is_initialized():
             raise RuntimeError("call init_distributed() before creating a ParallelState")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.grid = RankGrid(self.world_size, tp=tp, pp=pp)
-        self.vpp_size = vpp
+        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp)
         self.coord: RankCoord = self.grid.coord_of(self.rank)
         self.backend = dist.get_backend()
         self.device = (
@@ -137,6 +133,16 @@ class ParallelState:
         self.dp_ranks = self.group_ranks["data"]
         self.pp_ranks = self.group_ranks["pipeline"]
         self.embedding_ranks = self.group_ranks.get("embedding", [])
+
+    @classmethod
+    def from_dims(cls, dims: ParallelDims, timeout: Optional[timedelta] = None) -> ParallelState:
+        """The groups of a validated layout (``config.validate``'s result) on the running world."""
+        if dims.world_size != dist.get_world_size():
+            raise RuntimeError(
+                f"the layout was validated for {dims.world_size} ranks but the world has "
+                f"{dist.get_world_size()}"
+            )
+        return cls(tp=dims.tp, pp=dims.pp, cp=dims.cp, timeout=timeout)
 
     # Sizes and coordinates -------------------------------------------------------------------
     @property

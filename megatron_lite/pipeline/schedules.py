@@ -457,26 +457,39 @@ def resolve(name: str, v: int) -> str:
     return name
 
 
-def check_sizes(name: str, p: int, v: int, m: int, rank: int) -> None:
-    """Raise ValueError (one line, naming the fix) for sizes schedule ``name`` cannot run."""
+class ScheduleSizeError(ValueError):
+    """Sizes a schedule cannot run: ``requirement`` says what it needs, ``size`` names the size to
+    change (``"v"`` virtual stages or ``"m"`` microbatches); for ``"m"``, ``multiple`` is what the
+    count must be a multiple of. ``str()`` is the requirement and the value given."""
+
+    def __init__(self, size: str, requirement: str, given: str, multiple: int = 1):
+        super().__init__(f"{requirement}, got {given}")
+        self.size, self.requirement, self.multiple = size, requirement, multiple
+
+
+def check_sizes(name: str, p: int, v: int, m: int) -> None:
+    """The schedule's rules on its sizes (the one copy: ``config.validate`` calls it too).
+
+    Raises ScheduleSizeError (one line, naming the fix) for sizes schedule ``name`` cannot run.
+    """
     if p < 1 or v < 1 or m < 1:
         raise ValueError(f"pipeline sizes must be positive, got p={p}, v={v}, m={m}")
-    if not 0 <= rank < p:
-        raise ValueError(f"pipeline rank {rank} is outside 0..{p - 1}")
     if name == "zbv":
         if v != 2:
-            raise ValueError(f"zbv runs exactly 2 virtual stages per rank (the V placement), got v={v}")
+            raise ScheduleSizeError("v", "zbv runs exactly 2 virtual stages per rank (the V placement)",
+                                    f"v={v}")
         if p < 2:
-            raise ValueError("zbv needs more than one pipeline rank")
+            raise ScheduleSizeError("v", "zbv needs more than one pipeline rank", f"p={p}")
         return
     if v > 1 and name != "interleaved":
-        raise ValueError(f"{name} cannot run {v} virtual stages per rank; use interleaved or zbv (v=2)")
+        raise ScheduleSizeError("v", f"{name} cannot run virtual stages; use interleaved or zbv (v=2)",
+                                f"v={v}")
     if v > 1 and p == 1:
-        raise ValueError("virtual stages need more than one pipeline rank; set v=1")
+        raise ScheduleSizeError("v", "virtual stages need more than one pipeline rank", f"p={p}")
     if name == "interleaved" and m % p:
-        raise ValueError(
-            f"the interleaved schedule needs a number of microbatches that is a multiple of p={p}, "
-            f"got m={m}"
+        raise ScheduleSizeError(
+            "m", f"the interleaved schedule needs a number of microbatches that is a multiple of PP={p}",
+            f"m={m}", multiple=p,
         )
 
 
@@ -498,7 +511,9 @@ def schedule(
     gradient message.
     """
     name = resolve(name, v)
-    check_sizes(name, p, v, m, rank)
+    check_sizes(name, p, v, m)
+    if not 0 <= rank < p:
+        raise ValueError(f"pipeline rank {rank} is outside 0..{p - 1}")
     return list(_all_lists(name, p, v, m, forward_only)[rank])
 
 

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..messages import first_line
+
 if TYPE_CHECKING:
     from ..parallel.state import ParallelState
 
@@ -114,7 +116,7 @@ class Watchdog:
         except RuntimeError as err:
             if not is_communication_error(err):
                 raise
-            self._exit(f"{what} failed: {_first_line(err)}; "
+            self._exit(f"{what} failed: {first_line(err)}; "
                        f"{describe_wait(_traceback_frames(err.__traceback__), self.state)}; "
                        "a peer rank has probably died (the launcher names it)")
         finally:
@@ -231,8 +233,3 @@ def _traceback_frames(tb: Optional[TracebackType]) -> list[FrameType]:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     return frames[::-1]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
