@@ -1,9 +1,11 @@
 """The GPT model, built as the pipeline chunks one rank owns.
 
 A model of L layers cut into p·v chunks (p pipeline stages, v virtual stages per stage) has chunks of
-L/(p·v) consecutive layers; rank r holds chunks r, r+p, r+2p, … (Megatron's interleaved assignment).
-The first chunk owns the embedding, the last the final norm, the output layer and the loss. Without
-pipelining the model is one chunk that owns everything.
+consecutive layers, L/(p·v) each or as an uneven layout says (``pipeline/stages.py``); rank r holds
+chunks r, r+p, r+2p, … (Megatron's interleaved assignment) or, in ZB-V's V placement, chunks r and
+2p−1−r (``pipeline/schedules.py:global_chunk``). The first chunk owns the embedding, the last the
+final norm, the output layer and the loss. Without pipelining the model is one chunk that owns
+everything.
 
 Parameter names use global layer indices (``layers.9.mlp.fc1.weight``), and every parameter is
 initialised from a seed derived from that name on its full (unsharded) tensor, of which each rank
@@ -22,6 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..pipeline.schedules import LOOPED, global_chunk
+from ..pipeline.stages import chunk_layers, layer_ranges
 from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
 from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
 from ..tensor_parallel.random import checkpoint_rng_context
@@ -44,14 +48,22 @@ class ChunkSpec:
     post_process: bool  # holds the final norm, output layer and loss
 
 
-def chunk_specs(num_layers: int, pp_size: int, vpp_size: int, pp_rank: int) -> list[ChunkSpec]:
-    """This pipeline rank's chunks, in execution order (virtual stage 0 first)."""
+def chunk_specs(
+    num_layers: int, pp_size: int, vpp_size: int, pp_rank: int,
+    layer_counts: tuple[int, ...] | None = None, placement: str = LOOPED,
+) -> list[ChunkSpec]:
+    """This pipeline rank's chunks, in execution order (local chunk 0 first).
+
+    ``layer_counts``: the layers of every global chunk in model order (``stages.chunk_layers``;
+    None: equal chunks). ``placement``: which global chunks this rank holds (``schedules``).
+    """
     total = pp_size * vpp_size
-    per_chunk = num_layers // total
+    ranges = layer_ranges(layer_counts or chunk_layers(num_layers, pp_size, vpp_size))
     specs = []
-    for virtual in range(vpp_size):
-        index = pp_rank + virtual * pp_size
-        specs.append(ChunkSpec(index, index * per_chunk, (index + 1) * per_chunk, index == 0, index == total - 1))
+    for local in range(vpp_size):
+        index = global_chunk(pp_size, pp_rank, local, placement)
+        first, last = ranges[index]
+        specs.append(ChunkSpec(index, first, last, index == 0, index == total - 1))
     return specs
 
 
@@ -65,11 +77,14 @@ class GPTChunk(nn.Module):
 
     ``recompute``: none | selective (attention core) | full (groups of ``recompute_num_layers``
     layers keep only their input; the rest is recomputed in the backward).
+    ``embedding_chunk``: for a tied head, the chunk of this rank that holds the embedding (the V
+    placement puts both ends on rank 0): the head then uses its weight, with no copy to keep equal.
     """
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
         recompute: str = "none", recompute_num_layers: int = 1,
+        embedding_chunk: GPTChunk | None = None,
     ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
@@ -90,6 +105,8 @@ class GPTChunk(nn.Module):
             if not cfg.tie_embeddings:
                 self.output = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
                 self.output.init_std = cfg.init_std
+            elif embedding_chunk is not None:
+                self._embedding_chunk = (embedding_chunk,)  # a tuple: not registered as a submodule
             elif not spec.pre_process:
                 tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
                 tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
@@ -104,7 +121,11 @@ class GPTChunk(nn.Module):
         """The output layer's weight [V/t, h] (the embedding's own when tied on one stage)."""
         if not self.cfg.tie_embeddings:
             return self.output
-        return self.embedding.weight if self.spec.pre_process else getattr(self, TIED_OUTPUT_NAME)
+        if self.spec.pre_process:
+            return self.embedding.weight
+        if hasattr(self, "_embedding_chunk"):
+            return self._embedding_chunk[0].embedding.weight
+        return getattr(self, TIED_OUTPUT_NAME)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.spec.pre_process:
@@ -178,12 +199,16 @@ def build_model_chunks(
     device: torch.device | str = "cpu",
     recompute: str = "none",
     recompute_num_layers: int = 1,
+    layer_counts: tuple[int, ...] | None = None,
+    placement: str = LOOPED,
 ) -> list[GPTChunk]:
-    """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded."""
+    """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded;
+    ``layer_counts`` and ``placement`` as for ``chunk_specs``."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
-    chunks = []
-    for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers)
+    chunks: list[GPTChunk] = []
+    for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement):
+        embedding_chunk = next((c for c in chunks if c.spec.pre_process), None) if spec.post_process else None
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, embedding_chunk)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

@@ -110,6 +110,9 @@ COMPUTE = (Forward, Backward, BackwardInput, BackwardWeight)
 INPUT_GRAD = (Backward, BackwardInput)  # the computations that produce a chunk's input gradient
 WEIGHT_GRAD = (Backward, BackwardWeight)  # the computations after which a chunk's activations are gone
 SENDS = (SendActivation, SendGrad)
+# How traces and timelines name each computation (``timeline.py``).
+EVENT_KIND = {Forward: "forward", Backward: "backward", BackwardInput: "backward_input",
+              BackwardWeight: "backward_weight"}
 
 
 # Chunk geometry -----------------------------------------------------------------------------------

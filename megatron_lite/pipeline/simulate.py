@@ -48,12 +48,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from . import schedules as S
-from .schedules import Action, BackwardInput, BackwardWeight, Forward, Message
+from .schedules import Action, BackwardWeight, Forward, Message
 from .timeline import plot_timeline, rank_bubble, trace_bubble
 
 Step = Union[S.Compute, tuple[Message, ...]]
-EVENT_KIND = {S.Forward: "forward", S.Backward: "backward", S.BackwardInput: "backward_input",
-              S.BackwardWeight: "backward_weight"}
 
 
 class ScheduleError(ValueError):
@@ -213,7 +211,7 @@ def simulate(
                 take(rk, op, ("grad", op.microbatch, g + 1))
         rk.done.update((phase, op.microbatch, op.chunk) for phase in phases)
         duration = cost[type(op)]
-        events.append(dict(rank=rk.rank, kind=EVENT_KIND[type(op)], microbatch=op.microbatch,
+        events.append(dict(rank=rk.rank, kind=S.EVENT_KIND[type(op)], microbatch=op.microbatch,
                            chunk=op.chunk, start=rk.clock, end=rk.clock + duration))
         if rk.first_start is None:
             rk.first_start = rk.clock

@@ -74,10 +74,14 @@ class Trainer:
         self.unpadded_vocab_size = m.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
+        self.placement = schedules.placement_of(dims.pipeline_schedule)
         self.chunks = build_model_chunks(
             m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers,
+            t.recompute, t.recompute_num_layers, dims.chunk_layers, self.placement,
         )
+        # Which ends of the model this rank holds (the V placement puts both on the first stage).
+        self.has_embedding = any(chunk.spec.pre_process for chunk in self.chunks)
+        self.has_head = any(chunk.spec.post_process for chunk in self.chunks)
         for chunk in self.chunks:
             chunk.to(self.dtype)
         self.named_params = _unique_named_params(self.chunks)
@@ -105,7 +109,7 @@ class Trainer:
             (t.train_iters * gbs, evaluations * t.eval_iters * gbs, t.eval_iters * gbs),
         )
         self.train_data, self.valid_data = splits[0], splits[1]
-        self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
+        self.fields = stage_fields(self.has_embedding, self.has_head)
         self.iteration = 0
         self.consumed_samples = 0
         self._train_batches = None  # this rank's microbatches per iteration, from consumed_samples on
@@ -126,8 +130,8 @@ class Trainer:
         )
         self.flops_per_iteration = model_flops_per_iteration(m, self.vocab_size, gbs)
         self.peak_flops = device_peak_flops(self.device)
-        # The logging rank holds the loss: last pipeline stage, first TP rank, first DP replica.
-        self.is_logging_rank = state.is_last_stage and state.tp_rank == 0 and state.dp_rank == 0
+        # The logging rank holds the loss: the stage with the head, first TP rank, first DP replica.
+        self.is_logging_rank = self.has_head and state.tp_rank == 0 and state.dp_rank == 0
         self.logger: Optional[MetricsLogger] = None
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
         self.checkpointer = Checkpointer(self)
@@ -171,8 +175,8 @@ class Trainer:
         return [collate(dataset, indices, self.fields) for indices in next(iter(sampler))]
 
     def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
-        """The last stage's mean loss averaged over DP (NaN on other stages, which have none)."""
-        if not self.state.is_last_stage:
+        """The head stage's mean loss averaged over DP (NaN on other stages, which have none)."""
+        if not self.has_head:
             return math.nan
         loss = loss.detach().float().reshape(1).clone()
         if self.state.dp_size > 1:
@@ -207,6 +211,7 @@ class Trainer:
         loss = run_schedule(
             self.actions, self.chunks, self.state, batches, self._forward_step,
             self.activation_shape, self.dtype, trace=trace, on_action=self.watchdog.on_action,
+            placement=self.placement,
         )
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
@@ -252,6 +257,7 @@ class Trainer:
             loss = run_schedule(
                 self.eval_actions, self.chunks, self.state, batches, self._forward_step,
                 self.activation_shape, self.dtype, forward_only=True, on_action=self.watchdog.on_action,
+                placement=self.placement,
             )
             total += self._global_mean(loss)
         return total / max(1, t.eval_iters)
