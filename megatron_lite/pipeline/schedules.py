@@ -39,8 +39,10 @@ receive activation] on the next. The simulator checks every list (``simulate.py`
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from typing import Callable, Optional, Union
 
@@ -372,48 +374,59 @@ def _outputs(p: int, v: int, rank: int, op: Compute, placement: str) -> list[Mes
     return []
 
 
-def _duration(op: Compute) -> int:
-    """Steps a computation takes when the schedule is laid out: the simulator's default costs
-    (forward = input gradient = weight gradient), a whole backward being both halves."""
-    return 2 if isinstance(op, Backward) else 1
+Costs = tuple[Fraction, Fraction, Fraction]  # forward, input-gradient and weight-gradient time
+UNIT_COSTS: Costs = (Fraction(1), Fraction(1), Fraction(1))
 
 
-def _messages_by_time(p: int, v: int, orders: list[list[Compute]], placement: str) -> list[list[Action]]:
+def _duration(op: Compute, costs: Costs) -> Fraction:
+    """How long a computation takes when the schedule is laid out; a whole backward is both halves."""
+    forward, backward_input, backward_weight = costs
+    if isinstance(op, Forward):
+        return forward
+    if isinstance(op, Backward):
+        return backward_input + backward_weight
+    return backward_input if isinstance(op, BackwardInput) else backward_weight
+
+
+def _messages_by_time(p: int, v: int, orders: list[list[Compute]], placement: str,
+                      costs: Costs = UNIT_COSTS) -> list[list[Action]]:
     """Every rank's actions, each message in the batches its two ends post at one moment.
 
-    The orders are laid out step by step at ``_duration`` costs. At every step, first each message
-    produced and not yet exchanged whose two ranks are both between computations (a rank that waits
-    is between computations) is exchanged, stamped with that step; then every rank between
-    computations starts its next one if its input is there. Each rank posts its messages with one
-    stamp as one batch between its computations before and after that step. The two ends of every
-    message thus sit in batches with the same stamp and every rank meets its batches in stamp order,
-    so the lists cannot deadlock whatever the real costs are; at the layout's costs no rank ever
-    waits for a batch, and none waits for an input longer than NCCL's matching makes it.
+    The orders are played at ``costs`` (exact fractions), each rank starting its next computation as
+    soon as it is free and the input is there. At every moment a computation ends, first each
+    message produced and not yet exchanged whose two ranks are both between computations (a rank
+    that waits is between computations) is exchanged, stamped with that moment; then the free ranks
+    start what they can. Each rank posts its messages with one stamp as one batch between its
+    computations before and after that moment. The two ends of every message thus sit in batches
+    with the same stamp and every rank meets its batches in stamp order, so the lists cannot
+    deadlock whatever the real costs are; at the layout's costs no rank waits for a batch.
     """
-    position, busy_until = [0] * p, [0] * p
+    position, busy_until = [0] * p, [Fraction(0)] * p
     have: set[tuple[str, int, int]] = set()  # (phase, microbatch, global chunk) usable where it lives
     pending: list[tuple[int, int, Message, Message]] = []  # (sender, receiver, send, recv) in order
     lists: list[list[Action]] = [[] for _ in range(p)]
     batch: list[list[Message]] = [[] for _ in range(p)]
-    done_at: list[tuple[int, tuple[str, int, int], list]] = []  # computations finishing later
-    remaining, step = sum(len(o) for o in orders), 0
-    while remaining or pending or done_at:
-        for end, key, messages in [d for d in done_at if d[0] == step]:
+    finishing: dict[Fraction, list[tuple[tuple[str, int, int], list]]] = defaultdict(list)
+    moments, remaining = [Fraction(0)], sum(len(o) for o in orders)
+    while moments:
+        now = heapq.heappop(moments)
+        while moments and moments[0] == now:
+            heapq.heappop(moments)
+        for key, messages in finishing.pop(now, []):
             have.add(key)
             pending.extend(messages)
-        done_at = [d for d in done_at if d[0] != step]
-        free = [busy_until[r] <= step for r in range(p)]
-        still = []
+        free = [busy_until[r] <= now for r in range(p)]
+        waiting = []
         for sender, receiver, send, recv in pending:
-            blocked = any(s == sender and q == receiver for s, q, _, _ in still)
-            if free[sender] and free[receiver] and not blocked:
+            behind = any(s == sender and q == receiver for s, q, _, _ in waiting)  # channel order
+            if free[sender] and free[receiver] and not behind:
                 batch[sender].append(send)
                 batch[receiver].append(recv)
                 have.add(("A" if isinstance(send, SendActivation) else "G", send.microbatch,
                           global_chunk(p, receiver, recv.chunk, placement)))
             else:
-                still.append((sender, receiver, send, recv))
-        pending = still
+                waiting.append((sender, receiver, send, recv))
+        pending = waiting
         for r in range(p):
             if not free[r] or position[r] == len(orders[r]):
                 continue
@@ -434,17 +447,17 @@ def _messages_by_time(p: int, v: int, orders: list[list[Compute]], placement: st
             lists[r].append(op)
             position[r] += 1
             remaining -= 1
-            busy_until[r] = step + _duration(op)
+            busy_until[r] = now + _duration(op, costs)
+            heapq.heappush(moments, busy_until[r])
             phase = "F" if isinstance(op, Forward) else "B" if isinstance(op, INPUT_GRAD) else "W"
             messages = []
             for msg in _outputs(p, v, r, op, placement):
                 receiver, chunk = locate(p, g + (1 if isinstance(msg, SendActivation) else -1), placement)
                 recv = RecvActivation if isinstance(msg, SendActivation) else RecvGrad
                 messages.append((r, receiver, msg, recv(op.microbatch, chunk, r)))
-            done_at.append((busy_until[r], (phase, op.microbatch, g), messages))
-        step += 1
-        if step > 100 * (sum(len(o) for o in orders) + 1):
-            raise RuntimeError("computation orders wait on each other: not a schedule")
+            finishing[busy_until[r]].append(((phase, op.microbatch, g), messages))
+    if remaining:
+        raise RuntimeError("computation orders wait on each other: not a schedule")
     for r in range(p):
         lists[r] += batch[r]
     return lists
@@ -497,27 +510,34 @@ def check_sizes(name: str, p: int, v: int, m: int) -> None:
 
 
 @lru_cache(maxsize=256)
-def _all_lists(name: str, p: int, v: int, m: int, forward_only: bool) -> tuple[tuple[Action, ...], ...]:
+def _all_lists(name: str, p: int, v: int, m: int, forward_only: bool,
+               costs: Costs) -> tuple[tuple[Action, ...], ...]:
     placement = placement_of(name)
     orders = [_ORDERS[name](p, v, m, r) for r in range(p)]
     if forward_only:
         orders = [[op for op in order if isinstance(op, Forward)] for order in orders]
-    return tuple(tuple(actions) for actions in _messages_by_time(p, v, orders, placement))
+    return tuple(tuple(actions) for actions in _messages_by_time(p, v, orders, placement, costs))
 
 
 def schedule(
-    name: str, p: int, v: int, m: int, rank: int, forward_only: bool = False
+    name: str, p: int, v: int, m: int, rank: int, forward_only: bool = False,
+    costs: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> list[Action]:
     """The ordered actions of pipeline rank ``rank`` for schedule ``name`` (or ``auto``).
 
     ``forward_only`` (evaluation) keeps the schedule's forward order and drops every backward and
-    gradient message.
+    gradient message. ``costs``: the relative forward, input-gradient and weight-gradient times the
+    messages are laid out for (the computation order does not depend on them; any costs run, these
+    run without waiting for a batch).
     """
     name = resolve(name, v)
     check_sizes(name, p, v, m)
     if not 0 <= rank < p:
         raise ValueError(f"pipeline rank {rank} is outside 0..{p - 1}")
-    return list(_all_lists(name, p, v, m, forward_only)[rank])
+    exact = tuple(Fraction(c).limit_denominator(1000) for c in costs)
+    if min(exact) < 0 or exact[0] == 0:
+        raise ValueError(f"costs must be non-negative with a positive forward time, got {costs}")
+    return list(_all_lists(name, p, v, m, forward_only, exact)[rank])
 
 
 def gpipe(p: int, v: int, m: int, rank: int) -> list[Action]:
@@ -535,9 +555,10 @@ def interleaved(p: int, v: int, m: int, rank: int) -> list[Action]:
     return schedule("interleaved", p, v, m, rank)
 
 
-def all_ranks(name: str, p: int, v: int, m: int, forward_only: bool = False) -> list[list[Action]]:
+def all_ranks(name: str, p: int, v: int, m: int, forward_only: bool = False,
+              costs: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[list[Action]]:
     """The action lists of every pipeline rank, indexed by rank."""
-    return [schedule(name, p, v, m, r, forward_only) for r in range(p)]
+    return [schedule(name, p, v, m, r, forward_only, costs) for r in range(p)]
 
 
 def describe(action: Action) -> str:

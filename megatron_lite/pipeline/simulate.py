@@ -286,12 +286,18 @@ def _check_complete(ranks: list[_Rank], v: int, m: int, forward_only: bool) -> N
 
 
 def simulate_schedule(
-    name: str, p: int, v: int, m: int, forward_only: bool = False, **costs: float
+    name: str, p: int, v: int, m: int, forward_only: bool = False, t_f: float = 1.0,
+    t_bi: float = 1.0, t_bw: float = 1.0, t_comm: float = 0.0, layout_costs: Optional[tuple] = None,
 ) -> SimResult:
-    """Build schedule ``name`` (or ``auto``) for every rank and simulate it."""
+    """Build schedule ``name`` (or ``auto``) for every rank and simulate it at the given costs.
+
+    The messages are laid out for ``layout_costs`` (default: the simulated costs, as a run whose
+    costs were measured would be); pass ``(1, 1, 1)`` to see the default lists at other costs.
+    """
     name = S.resolve(name, v)
-    return simulate(S.all_ranks(name, p, v, m, forward_only), p, v, m, forward_only=forward_only,
-                    placement=S.placement_of(name), **costs)
+    lists = S.all_ranks(name, p, v, m, forward_only, layout_costs or (t_f, t_bi, t_bw))
+    return simulate(lists, p, v, m, t_f=t_f, t_bi=t_bi, t_bw=t_bw, t_comm=t_comm,
+                    forward_only=forward_only, placement=S.placement_of(name))
 
 
 def _read_trace(path: str) -> dict[str, Any]:
