@@ -4,7 +4,7 @@ Interface (what the trainer and a model's pipeline wrapper rely on)::
 
     loss = run_schedule(actions, chunks, state, microbatches, forward_step, tensor_shape, dtype,
                         forward_only=False, trace=None, broadcast_loss=False, stats=None,
-                        on_action=None, placement="looped")
+                        on_action=None, placement="looped", deallocate_outputs=True)
 
 - ``actions``: this rank's list from ``schedules.schedule(name, p, v, m, state.pp_rank)``, and
   ``placement`` the schedule's chunk placement (``schedules.placement_of(name)``: ``v`` for zbv).
@@ -24,9 +24,10 @@ The executor divides each microbatch's loss by ``m`` so that the gradients it ac
 of the mean loss over the global batch (it does not zero them first; data-parallel reduction is the
 caller's job). Memory, as Megatron-LM keeps it:
 
-- a chunk's output is sent and then its data freed (``deallocate_output_tensor``): the backward needs
-  only the autograd graph behind it, and the gradient that arrives for it; the storage goes, an
-  expanded one-element tensor of the same shape stays for ``torch.autograd.backward``'s shape check;
+- a chunk's output is sent and then its data freed (Megatron's ``deallocate_output_tensor``,
+  ``deallocate_outputs=False`` keeps it): the backward needs only the autograd graph behind it and
+  the gradient that arrives for it; the storage goes, an expanded one-element tensor of the same
+  shape stays for ``torch.autograd.backward``'s shape check;
 - the input and the graph go when the microbatch's backward on the chunk is done; with the split
   backward (``BackwardInput``, then ``BackwardWeight``) the input half runs the autograd backward
   with the linear layers' weight gradients deferred into a ``WeightGradStore``
@@ -77,9 +78,11 @@ class ScheduleStats:
 class _Run:
     """The state of one schedule run on this rank: tensors waiting for a computation or a send."""
 
-    def __init__(self, state: ParallelState, v: int, m: int, forward_only: bool, placement: str):
+    def __init__(self, state: ParallelState, v: int, m: int, forward_only: bool, placement: str,
+                 deallocate_outputs: bool):
         self.p, self.rank, self.v, self.m = state.pp_size, state.pp_rank, v, m
         self.forward_only, self.placement = forward_only, placement
+        self.deallocate_outputs = deallocate_outputs
         self.received: dict[tuple, torch.Tensor] = {}  # (kind, microbatch, consuming chunk) -> tensor
         self.to_send: dict[tuple, torch.Tensor] = {}  # (kind, microbatch, producing chunk) -> tensor
         self.stored: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
@@ -183,7 +186,7 @@ def _exchange(run: _Run, link: PipelineLink, batch: Sequence[S.Message],
             run.received[key] = buffer
             recvs.append((buffer, msg.peer))
     link.exchange(sends, recvs)  # returns once every send is done too
-    for msg in batch:
+    for msg in batch if run.deallocate_outputs else ():
         if isinstance(msg, S.SendActivation) and (msg.microbatch, msg.chunk) in run.stored:
             _free_data(run.stored[(msg.microbatch, msg.chunk)][1])
 
@@ -207,6 +210,7 @@ def run_schedule(
     stats: Optional[ScheduleStats] = None,
     on_action: Optional[Callable[[str], None]] = None,
     placement: str = S.LOOPED,
+    deallocate_outputs: bool = True,
 ) -> Optional[torch.Tensor]:
     """Run ``actions`` on this pipeline rank (see the module docstring for every argument).
 
@@ -215,7 +219,7 @@ def run_schedule(
     ``broadcast_loss``), else None.
     """
     tensor_shape = tuple(tensor_shape)
-    run = _Run(state, len(chunks), len(microbatches), forward_only, placement)
+    run = _Run(state, len(chunks), len(microbatches), forward_only, placement, deallocate_outputs)
     link = PipelineLink(state.pp_group, state.pp_ranks)
     _check_actions(actions, run)
     i = 0

@@ -18,7 +18,10 @@ it before any process exists.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
+
+from . import schedules as S
 
 
 class LayoutError(ValueError):
@@ -88,3 +91,21 @@ def layer_ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
         ranges.append((start, start + n))
         start += n
     return ranges
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """What one pipeline rank holds of the model, over all its chunks."""
+
+    layers: int  # transformer layers
+    has_embedding: bool  # global chunk 0
+    has_head: bool  # the last global chunk (final norm, output layer, loss)
+    sends_activations: bool  # some chunk's output goes to another rank
+
+
+def stage_shape(counts: Sequence[int], pp: int, vpp: int, rank: int, placement: str = S.LOOPED) -> StageShape:
+    """The part of the model pipeline rank ``rank`` holds, for chunk layer ``counts`` (model order)."""
+    chunks = [S.global_chunk(pp, rank, c, placement) for c in range(vpp)]
+    last = pp * vpp - 1
+    sends = any(g < last and S.locate(pp, g + 1, placement)[0] != rank for g in chunks)
+    return StageShape(sum(counts[g] for g in chunks), 0 in chunks, last in chunks, sends)
