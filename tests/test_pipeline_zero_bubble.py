@@ -123,3 +123,49 @@ def test_matches_single_rank(ranks, reference, tmp_path, layout):
         assert recomputed == (m * r["with_layers"] if RECOMPUTE in LAYOUTS[layout] else 0), (layout, r)
     if RECOMPUTE in LAYOUTS[layout]:
         assert all(r["with_layers"] == v for r in results)  # so recomputed == m·v on every rank
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_split_backward_in_16_bits(ranks, tmp_path, precision):
+    """bf16 / fp16 (fp32 main gradients; fp16 with a constant loss scale, whose gradients stay
+    scaled here): zbv and zb1p give 1F1B's loss and gradients on the same layout, up to the order in
+    which microbatches accumulate in fp32."""
+    runs = {}
+    for name in ("1f1b", "zb1p", "zbv"):
+        overrides = BASE + [PP2, f"parallel.pipeline_schedule={name}", f"training.precision={precision}",
+                            "training.loss_scale=1024", f"logging.dir={tmp_path / name}"]
+        runs[name] = ranks(4).run(_one_iteration, overrides)[0]
+    for name in ("zb1p", "zbv"):
+        assert abs(runs[name]["loss"] - runs["1f1b"]["loss"]) <= 1e-3 * abs(runs["1f1b"]["loss"])
+        errors = {k: _rel(runs[name]["grads"][k], g) for k, g in runs["1f1b"]["grads"].items()}
+        worst = max(errors, key=errors.get)
+        print(f"{precision} {name}: worst gradient {worst} {errors[worst]:.1e}")
+        assert errors[worst] < 1e-4, (name, worst, errors[worst])
+
+
+def _train(overrides: list[str]) -> None:
+    from megatron_lite.train import run
+
+    run(load_config(overrides)).state.destroy()
+
+
+def test_checkpoint_from_1f1b_resumes_under_zbv(ranks, tmp_path):
+    """A checkpoint saved by PP 2 under 1F1B resumes in the V placement (rank 0 then holds the first
+    and the last layer and the tied head borrows its embedding): the next loss is the uninterrupted
+    run's, and saving under zbv and resuming under 1F1B comes back to it too."""
+    from test_training import read_metrics
+
+    def read_losses(run_dir):
+        return {r["iteration"]: r["loss"] for r in read_metrics(run_dir)[0]}
+
+    common = BASE + [PP2, "training.train_iters=3", "checkpoint.save_interval=1", "optimizer.eps=1e-4"]
+    ranks(4).run(_train, common + [f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'ckpt'}"])
+    ranks(4).run(_train, common + [ZBV, f"logging.dir={tmp_path / 'b'}", f"checkpoint.load={tmp_path / 'ckpt'}",
+                                   "checkpoint.load_iteration=1", f"checkpoint.save={tmp_path / 'ckpt_v'}"])
+    ranks(4).run(_train, common + [f"logging.dir={tmp_path / 'c'}", f"checkpoint.load={tmp_path / 'ckpt_v'}",
+                                   "checkpoint.load_iteration=2"])
+    a, b, c = (read_losses(tmp_path / x) for x in "abc")
+    assert sorted(b) == [2, 3] and sorted(c) == [3], (b, c)
+    for i in b:
+        assert abs(b[i] - a[i]) <= 1e-5 * abs(a[i]), (i, a, b)
+    assert abs(c[3] - a[3]) <= 1e-5 * abs(a[3]), (a, c)
