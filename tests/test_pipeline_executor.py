@@ -190,3 +190,36 @@ def test_interleaved_matches_torch_pipelining(ranks, tmp_path, capsys):
     assert simulate_main(["--trace", str(trace_path), "--json", "--plot", str(png)]) == 0
     assert json.loads(capsys.readouterr().out)["bubble_fraction"] >= 0
     assert png.stat().st_size > 10_000
+
+
+def _exchange_patterns(timeout_s: float) -> dict:
+    """Two ranks swap one tensor each way, as two 1F1B neighbours do in the steady state: in one
+    group, and as a send group followed by a receive group."""
+    from datetime import timedelta
+
+    from megatron_lite.pipeline.p2p import PipelineLink
+
+    state = ParallelState(pp=2, timeout=timedelta(seconds=timeout_s))
+    link = PipelineLink(state.pp_group, state.pp_ranks)
+    peer = 1 - state.pp_rank
+    mine, theirs = torch.full((1024,), float(state.pp_rank)), torch.empty(1024)
+    link.exchange([(mine, peer)], [(theirs, peer)])
+    result = {"paired": theirs[0].item() == peer}
+    try:
+        link.exchange([(mine, peer)], [])  # both ranks wait in their send for a receive never posted
+        link.exchange([], [(theirs, peer)])
+        result["split"] = "completed"
+    except RuntimeError as err:
+        result["split"] = str(err).splitlines()[0]
+    state.destroy()
+    return result
+
+
+def test_gloo_batches_keep_nccl_semantics(ranks):
+    """What makes every gloo run an NCCL-semantics run: a batch is waited for whole, so a send
+    completes only once the peer posts the receive. Sends and receives in one group pair up; a send
+    group before a receive group on both sides (what this executor once did) is NCCL's deadlock,
+    and here it times out instead of passing."""
+    for r in ranks(2).run(_exchange_patterns, 3.0):
+        assert r["paired"], r
+        assert "for send operation to complete" in r["split"], r  # gloo's timeout, as in the issue
