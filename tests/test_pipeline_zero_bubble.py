@@ -38,6 +38,7 @@ LAYOUTS = {  # 4 ranks each
     "zbv_pp4_recompute": [PP4, ZBV, RECOMPUTE],
     "zbv_pp2_tp2_sp": [PP2, ZBV, *TP2_SP],
     "zbv_pp2_dp2_distopt": [PP2, ZBV, DISTOPT],
+    "zbv_pp2_dp2_overlap": [PP2, ZBV, "optimizer.overlap_grad_reduce=true", "optimizer.grad_bucket_elements=20000"],
     # Uneven stages: embedding-only and head-only stages, and uneven chunks under each placement.
     "zb1p_pp4_first0_last0": [PP4, ZB1P, "parallel.decoder_first_pipeline_num_layers=0",
                               "parallel.decoder_last_pipeline_num_layers=0"],
@@ -90,6 +91,7 @@ def _one_iteration(overrides: list[str]) -> dict:
         p.data = data
     result = dict(loss=loss.item(), grads=grads if state.rank == 0 else None, pp_rank=state.pp_rank,
                   forwards=forwards[0], with_layers=len(hooks), peak=stats.peak_live_activations,
+                  early_reductions=trainer.grads.early_launches,
                   schedule=dims.pipeline_schedule, pp=dims.pp, vpp=dims.vpp, m=dims.num_microbatches)
     state.destroy()
     return result
@@ -123,6 +125,8 @@ def test_matches_single_rank(ranks, reference, tmp_path, layout):
         assert recomputed == (m * r["with_layers"] if RECOMPUTE in LAYOUTS[layout] else 0), (layout, r)
     if RECOMPUTE in LAYOUTS[layout]:
         assert all(r["with_layers"] == v for r in results)  # so recomputed == m·v on every rank
+    if "optimizer.overlap_grad_reduce=true" in LAYOUTS[layout]:  # buckets reduced during the backward
+        assert all(r["early_reductions"] > 0 for r in results), results
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
