@@ -342,7 +342,7 @@ class _VLayout:
 
 @lru_cache(maxsize=64)
 def _zbv_orders(p: int, m: int) -> tuple[tuple[Compute, ...], ...]:
-    """ZB-V (Qi et al. 2024), every rank's order: see ``_VLayout``. At unit costs no rank idles
+    """ZB-V (Qi et al. 2023, §6), every rank's order: see ``_VLayout``. At unit costs no rank idles
     between its first and last computation once m ≥ 2p, and each holds at most 2p chunk activation
     sets (p full-stage microbatches, 1F1B's peak)."""
     return _VLayout(p, m).build()
