@@ -9,21 +9,27 @@ parallel) on 8 gloo ranks. Counted is the logical payload of each call: the tens
 sent, the full (gathered) tensor of an all-gather, the full input of a reduce-scatter. A ring moves
 2·(n−1)/n of that per rank for an all-reduce and (n−1)/n for the other two.
 
-The analytic count, per rank (b micro batch, s sequence, h hidden, t TP, m microbatches, L_r layers
-on the rank, V padded vocabulary, 4-byte fp32):
+The analytic count, per rank (b micro batch, s sequence, h hidden, t TP, c CP, m microbatches, L_r
+layers on the rank, V padded vocabulary, 4-byte fp32; under context parallelism every b·s below is
+this rank's b·s/c):
   TP     per layer and microbatch 2 all-reduces of b·s·h forward (attention and MLP outputs) and 2
          backward (their inputs), or with SP 4 all-gathers + 4 reduce-scatters of b·s·h; the
          embedding's sum (with SP a reduce-scatter forward and an all-gather of the gradient
-         backward, plus the position embedding's gradient gather, s·h), the output
+         backward, plus a learned position embedding's gradient gather, s·h), the output
          layer's input (1 collective each way), 3 all-reduces of b·s in the vocab-parallel
-         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (6h per
-         layer, 2h for the final norm)
+         cross-entropy; with SP once per step the sum of the norm and row-bias gradients (per
+         layer 2 norms of 2h (LayerNorm) or h (RMSNorm) and 2h of biases if any; the final norm)
   PP     b·s·h (b·s/t·h with SP) per microbatch and chunk boundary: activations forward, gradients
          backward
+  CP     ring attention, per layer and microbatch: 2·(c−1) K/V blocks of b·(s/c)·(g/t)·d sent forward
+         (g KV heads, d head dim), 4·(c−1) backward (K/V again and the fp32 dK/dV partial sums), and
+         the forward's again when recomputed; the loss mask's count, 1 value per microbatch, summed
+         over CP on the last stage
   EMB    the tied embedding's gradient, V/t·h, summed between first and last stage
-  DP     the flat fp32 gradient buffer (every local parameter), all-reduced; the loss (1 value) for
-         logging
+  DP     the flat fp32 gradient buffer (every local parameter), all-reduced over DP (DP_CP: DP × CP
+         when c > 1); the loss (1 value) for logging
   MP     the squared gradient norm, one fp64 value
+  WORLD  whether any rank's gradients hold an inf/NaN, one fp32 value
 Any difference is printed; the process exits 1 if one exists.
 """
 
@@ -46,7 +52,7 @@ FP32 = 4
 
 
 def _group_name(group, state) -> str:
-    for name in ("tp", "pp", "dp", "embedding", "mp"):
+    for name in ("tp", "cp", "pp", "dp", "dp_cp", "embedding", "mp"):
         if group is getattr(state, f"{name}_group"):
             return name.upper()
     return "WORLD" if group is None else "other"
@@ -117,7 +123,7 @@ def analytic(trainer) -> Counter:
     """The expected bytes per (collective, group) on this rank for one step (module docstring)."""
     cfg, dims, state = trainer.cfg, trainer.dims, trainer.state
     m_cfg = cfg.model
-    b, s, h, t = cfg.training.micro_batch_size, m_cfg.seq_length, m_cfg.hidden_size, dims.tp
+    b, s, h, t, c = cfg.training.micro_batch_size, m_cfg.seq_length // dims.cp, m_cfg.hidden_size, dims.tp, dims.cp
     m, V = dims.num_microbatches, trainer.vocab_size
     bsh = b * s * h * FP32
     out = Counter()
@@ -128,13 +134,15 @@ def analytic(trainer) -> Counter:
         if dims.sequence_parallel:
             # per layer: qkv and fc1 inputs gathered (backward: reduce-scattered), attention and MLP
             # outputs reduce-scattered (backward: gathered).
-            # The embedding's reduce-scatter gathers its gradient backward; the position embedding
-            # [1, s, h] is split forward (no communication) and its gradient gathered backward.
-            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + s * h * FP32 if first else 0)
+            # The embedding's reduce-scatter gathers its gradient backward; a learned position
+            # embedding [1, s, h] is split forward (no communication) and its gradient gathered backward.
+            positions = s * h * FP32 if m_cfg.position_embedding == "learned" else 0
+            gathers = 4 * layers * bsh + (bsh if last else 0) + (bsh + positions if first else 0)
             out[("all_gather", "TP")] += m * gathers
             out[("reduce_scatter", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
-            norms = 6 * h * layers + (2 * h if last else 0)
-            out[("all_reduce", "TP")] += norms * FP32
+            norm = 2 * h if m_cfg.normalization == "layernorm" else h  # weight (and bias)
+            row_biases = 2 * h if m_cfg.add_bias_linear else 0  # attention output and fc2
+            out[("all_reduce", "TP")] += ((2 * norm + row_biases) * layers + (norm if last else 0)) * FP32
         else:
             out[("all_reduce", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
         if last:
@@ -146,12 +154,21 @@ def analytic(trainer) -> Counter:
         out[("send", "PP")] += m * sends * act
         if first or last:
             out[("all_reduce", "EMBEDDING")] += V // t * h * FP32
-    if dims.dp > 1:
-        out[("all_reduce", "DP")] += sum(p.numel() for p in trainer.params) * FP32
+    if c > 1:
+        n = m_cfg.num_attention_heads
+        block = b * s * (m_cfg.num_query_groups or n) // t * (h // n) * FP32
+        forwards = 1 if cfg.training.recompute == "none" else 2
+        out[("send", "CP")] += m * layers * (c - 1) * (2 * forwards + 4) * block
         if last:
-            out[("all_reduce", "DP")] += FP32
+            out[("all_reduce", "CP")] += m * FP32
+    if dims.dp * c > 1:
+        replicas = "DP" if c == 1 else "DP_CP"
+        out[("all_reduce", replicas)] += sum(p.numel() for p in trainer.params) * FP32
+        if last:
+            out[("all_reduce", replicas)] += FP32
     if dims.tp * dims.pp > 1:
         out[("all_reduce", "MP")] += 8
+    out[("all_reduce", "WORLD")] += FP32
     return out
 
 
@@ -168,12 +185,13 @@ def _measure(overrides: list[str]) -> dict:
         trainer.train_step()
     expected = analytic(trainer)
     result = {
-        "rank": state.rank, "tp_rank": state.tp_rank, "pp_rank": state.pp_rank, "dp_rank": state.dp_rank,
+        "rank": state.rank, "tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "pp_rank": state.pp_rank,
+        "dp_rank": state.dp_rank,
         "measured": {f"{op}/{g}": n for (op, g), n in counter.bytes.items()},
         "calls": {f"{op}/{g}": n for (op, g), n in counter.calls.items()},
         "analytic": {f"{op}/{g}": n for (op, g), n in expected.items()},
-        "dims": {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp, "m": dims.num_microbatches,
-                 "sp": dims.sequence_parallel},
+        "dims": {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp,
+                 "m": dims.num_microbatches, "sp": dims.sequence_parallel},
     }
     state.destroy()
     return result
@@ -191,10 +209,11 @@ def main() -> None:
     finally:
         pool.close()
     d = results[0]["dims"]
-    print(f"one training step, {' '.join(overrides)}, world {args.world_size}: TP{d['tp']} PP{d['pp']} "
+    print(f"one training step, {' '.join(overrides)}, world {args.world_size}: TP{d['tp']} CP{d['cp']} PP{d['pp']} "
           f"VPP{d['vpp']} DP{d['dp']}, {d['m']} microbatches, SP {d['sp']}; bytes per rank (logical payload)")
     mismatches = []
-    shown = {r["pp_rank"]: r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0}  # one rank per stage
+    shown = {r["pp_rank"]: r for r in results  # one rank per stage
+             if r["tp_rank"] == 0 and r["cp_rank"] == 0 and r["dp_rank"] == 0}
     for r in results:
         for key in sorted(set(r["measured"]) | set(r["analytic"])):
             got, want = r["measured"].get(key, 0), r["analytic"].get(key, 0)

@@ -76,9 +76,11 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees. The data-parallel size is derived: world_size / (TP × PP)."""
+    """Parallel degrees. The data-parallel size is derived: world_size / (TP × CP × PP)."""
 
     tensor_model_parallel_size: int = positive(1)
+    # Context parallelism: each sequence split over this many ranks (zigzag chunks, ring attention).
+    context_parallel_size: int = positive(1)
     pipeline_model_parallel_size: int = positive(1)
     virtual_pipeline_model_parallel_size: Optional[int] = positive(None)  # None: no interleaving
     # auto: interleaved when virtual stages are set, else 1f1b. zb1p (ZB-H1) and zbv (ZB-V: two
@@ -268,7 +270,7 @@ def _one_line(err: BaseException) -> str:
 class ParallelDims:
     """Parallel degrees after validation: every size the code needs, derived once.
 
-    world_size = tp × cp × dp × pp (cp = 1 until context parallelism lands).
+    world_size = tp × cp × dp × pp.
     """
 
     world_size: int
@@ -297,12 +299,14 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     _check_fields(cfg)
     if world_size <= 0:
         raise ConfigError("world_size", f"must be positive, got {world_size}")
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    dp = _check_world(world_size, tp, pp)
+    p = cfg.parallel
+    tp, cp, pp = p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size
+    dp = _check_world(world_size, tp, cp, pp)
     _check_model_shape(cfg.model, tp)
     microbatches = _check_batch(cfg.training, dp)
     vpp, schedule, chunk_layers = _check_pipeline(cfg, pp, dp, microbatches)
     sequence_parallel = _check_sequence_parallel(cfg, tp)
+    _check_context_parallel(cfg.model, cp, tp if sequence_parallel else 1)
     _check_flags(cfg)
     return ParallelDims(
         world_size=world_size,
@@ -310,12 +314,13 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
         pp=pp,
         dp=dp,
         vpp=vpp,
-        cp=1,
+        cp=cp,
         num_microbatches=microbatches,
         sequence_parallel=sequence_parallel,
         pipeline_schedule=schedule,
         chunk_layers=chunk_layers,
     )
+
 
 
 def _check_fields(node: Any, prefix: str = "") -> None:
@@ -332,15 +337,16 @@ def _check_fields(node: Any, prefix: str = "") -> None:
             raise ConfigError(key, f"must not be negative, got {value}")
 
 
-def _check_world(world_size: int, tp: int, pp: int) -> int:
-    """The data-parallel size the world leaves after TP × PP."""
-    if world_size % (tp * pp):
+def _check_world(world_size: int, tp: int, cp: int, pp: int) -> int:
+    """The data-parallel size the world leaves after TP × CP × PP."""
+    if world_size % (tp * cp * pp):
+        layout = f"TP×PP = {tp}×{pp}" if cp == 1 else f"TP×CP×PP = {tp}×{cp}×{pp}"
         raise ConfigError(
-            "parallel.tensor_model_parallel_size",
-            f"world size {world_size} is not divisible by TP×PP = {tp}×{pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} ranks or change the TP/PP sizes",
+            "parallel.tensor_model_parallel_size" if cp == 1 else "parallel.context_parallel_size",
+            f"world size {world_size} is not divisible by {layout} = {tp * cp * pp}; "
+            f"launch a multiple of {tp * cp * pp} ranks or change the {'TP/PP' if cp == 1 else 'TP/CP/PP'} sizes",
         )
-    return world_size // (tp * pp)
+    return world_size // (tp * cp * pp)
 
 
 def _check_model_shape(m: ModelConfig, tp: int) -> None:
@@ -480,6 +486,31 @@ def _check_flags(cfg: Config) -> None:
         raise ConfigError("checkpoint.async_save", "needs checkpoint.save (a directory)")
 
 
+def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
+    """CP rank i holds chunks i and 2c−1−i of 2c (and under SP its s/c tokens split over TP)."""
+    if cp == 1:
+        return
+    if m.seq_length % (2 * cp):
+        raise ConfigError(
+            "model.seq_length",
+            f"{m.seq_length} is not divisible by 2 × context_parallel_size = {2 * cp} (each CP rank "
+            f"holds 2 of {2 * cp} chunks); use a multiple of {2 * cp}",
+        )
+    if (m.seq_length // cp) % sp_tp:
+        need = math.lcm(2 * cp, cp * sp_tp)
+        raise ConfigError(
+            "model.seq_length",
+            f"{m.seq_length} / CP={cp} = {m.seq_length // cp} tokens per CP rank do not split over TP={sp_tp} "
+            f"for sequence parallelism; use a multiple of {need}",
+        )
+    if m.dropout > 0:
+        raise ConfigError(
+            "model.dropout",
+            f"{m.dropout} with context_parallel_size={cp}: ring attention has no attention dropout; "
+            "set model.dropout=0 or context_parallel_size=1",
+        )
+
+
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of ``multiple × tp``."""
     step = multiple * tp
@@ -518,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
     print(
-        f"ok: world {dims.world_size} = TP {dims.tp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
+        f"ok: world {dims.world_size} = TP {dims.tp} × CP {dims.cp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
         f"{dims.num_microbatches} microbatches per iteration, schedule {dims.pipeline_schedule}"
     )
     return 0

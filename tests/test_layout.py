@@ -46,6 +46,13 @@ def test_coordinates_follow_megatron_order():
     assert grid.rank_of(RankCoord(tp=0, cp=0, dp=1, pp=3)) == 14
 
 
+def test_context_groups_sit_between_tp_and_dp():
+    groups = RankGrid(8, tp=2, cp=2).all_groups()
+    assert groups["context"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["data"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["data_context"] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # Megatron's data_parallel_group_with_cp
+
+
 def test_invalid_grid_is_rejected():
     with pytest.raises(ValueError, match="not divisible"):
         RankGrid(6, tp=4)

@@ -70,9 +70,10 @@ def test_search_ranks_valid_fitting_layouts():
     layouts = set()
     for p in found:
         d = p.setup.dims
-        layouts.add((d.tp, d.pp, d.vpp, p.setup.micro_batch_size))
-        assert d.tp * d.pp * d.dp == 16 and 12 % (d.pp * d.vpp) == 0
+        layouts.add((d.tp, d.cp, d.pp, d.vpp, p.setup.micro_batch_size))
+        assert d.tp * d.cp * d.pp * d.dp == 16 and 12 % (d.pp * d.vpp) == 0
     assert len(layouts) == len(found)
+    assert {d.cp for d in (p.setup.dims for p in found)} == {1, 2, 4, 8, 16}  # --search covers CP sizes
     too_small = dataclasses.replace(DEVICES["A100-80G"], memory_bytes=1e9)
     assert all(p.memory.total <= 1e9 for p in search(cfg, 16, 50257, too_small))
 
@@ -156,7 +157,7 @@ def _measure_memory(overrides: list[str]) -> dict:
             x = None if chunk.spec.pre_process else torch.randn(trainer.activation_shape, requires_grad=True)
             trainer._forward_step(index, x, batch)
     result = {
-        "pp_rank": state.pp_rank, "parameters": _storage_bytes(trainer.params),
+        "pp_rank": state.pp_rank, "cp_rank": state.cp_rank, "parameters": _storage_bytes(trainer.params),
         "gradients": trainer.grads.data.untyped_storage().nbytes(), "optimizer": _storage_bytes(state_tensors),
         "activations": saved.total, "vocab": trainer.vocab_size,
     }
@@ -184,6 +185,27 @@ def test_memory_prediction_matches_the_trainer(ranks, tmp_path, overrides):
         for key, want in expected.items():
             print(f"stage {r['pp_rank']} {key}: predicted {want:,.0f} measured {r[key]:,}")
             assert r[key] == pytest.approx(want, rel=MEMORY_TOLERANCE), key
+
+
+LONG = ["model=llama_tiny", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
+        "model.seq_length=512", "training.micro_batch_size=1", "training.global_batch_size=4",
+        "training.train_iters=1", "training.eval_iters=0", "model.kernel_backend=torch"]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_memory_prediction_with_context_parallelism(ranks, tmp_path, cp):
+    """A 512-token sequence on 4 ranks as CP1 × DP4, CP2 × DP2, CP4: activations per rank ÷ c, the
+    distributed optimizer's state ÷ (DP × CP); predicted vs measured on every rank within 10 %."""
+    overrides = LONG + [f"parallel.context_parallel_size={cp}", "optimizer.use_distributed_optimizer=true",
+                        f"logging.dir={tmp_path}"]
+    results = ranks(4).run(_measure_memory, overrides)
+    setup = setup_from_config(load_config(overrides), 4, results[0]["vocab"])
+    predicted, optimizer = microbatch_activation_bytes(setup, 0), rank_memory(setup, 0).optimizer
+    for r in results:
+        print(f"CP{cp} rank cp{r['cp_rank']}: activations predicted {predicted:,.0f} measured {r['activations']:,}; "
+              f"optimizer predicted {optimizer:,.0f} measured {r['optimizer']:,}")
+        assert r["activations"] == pytest.approx(predicted, rel=MEMORY_TOLERANCE)
+        assert r["optimizer"] == pytest.approx(optimizer, rel=MEMORY_TOLERANCE)
 
 
 class LiveBytes:

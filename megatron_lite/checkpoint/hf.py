@@ -128,7 +128,7 @@ def import_(hf_dir: str | Path, output: str | Path, overrides: Sequence[str] = (
             p.zero_()[: ours[name].shape[0]].copy_(ours[name])  # extra vocabulary rows: zero padding
     meta = {
         "trainer": {"iteration": 0, "consumed_samples": 0}, "model": model_signature(cfg.model, vocab),
-        "padded_vocab_size": padded, "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1},
+        "padded_vocab_size": padded, "layout": {"tp": 1, "cp": 1, "pp": 1, "vpp": 1, "dp": 1},
     }
     tensors = ShardedState(list(model.named_parameters())).model_tensors()
     return write_checkpoint(tensors, meta, to_yaml(cfg), output, 0)

@@ -98,7 +98,7 @@ class Checkpointer:
         self.trainer, self.cfg = trainer, trainer.cfg.checkpoint
         state, dims = trainer.state, trainer.dims
         self.rank = state.rank
-        self.layout = {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}
+        self.layout = {"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}
         self.signature = model_signature(trainer.cfg.model, trainer.unpadded_vocab_size)
         active = bool(self.cfg.save or self.cfg.load)
         # Every rank creates it (new_group is collective); DCP's planning and barriers run on it.
@@ -178,7 +178,7 @@ class Checkpointer:
         t = self.trainer
         model = self.sharded.model_targets(info)
         optimizer, states = self.sharded.optimizer_targets(info)
-        same_layout = info.meta.get("layout") == self.layout
+        same_layout = {"cp": 1, **info.meta.get("layout", {})} == self.layout  # saved before CP: cp 1
         rng = rng_targets(self.rank, info) if same_layout else {}
         read_tensors({**model, **optimizer, **rng}, info, self.group)
         self.sharded.finish_load()

@@ -4,16 +4,17 @@ Iteration n reads the global batch ``[c, c + global_batch_size)`` of dataset ind
 number of samples consumed before it (the dataset itself is already shuffled). The global batch is
 cut into ``num_microbatches`` consecutive slices of ``micro_batch_size × dp_size`` samples, and DP
 rank r takes its ``micro_batch_size`` samples from each slice: the same layout as Megatron-LM, so
-the global batch's content does not depend on the DP size. TP ranks and pipeline stages of one model
-replica share a DP rank and so see the same indices; only the stages that use a field need to load
-it (``stage_fields``). Resuming with the saved ``consumed_samples`` continues with the very next
-sample.
+the global batch's content does not depend on the DP size. TP ranks, CP ranks and pipeline stages of
+one model replica share a DP rank and so see the same indices; only the stages that use a field need
+to load it (``stage_fields``), and a CP rank keeps only its tokens of each sample (``positions``:
+its two zigzag chunks, parallel/context.py:local_positions). Resuming with the saved
+``consumed_samples`` continues with the very next sample.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -80,37 +81,45 @@ def stage_fields(is_first_stage: bool, is_last_stage: bool) -> tuple[str, ...]:
 
 
 def collate(
-    dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS
+    dataset, indices: Sequence[int], fields: Sequence[str] = FIELDS, positions: Optional[torch.Tensor] = None
 ) -> dict[str, torch.Tensor]:
     """Stack samples ``indices`` of ``dataset`` into ``{field: [len(indices), seq_length]}``.
 
     ``fields`` limits what is returned (see ``stage_fields``); an empty tuple reads nothing.
+    ``positions`` (int64): keep only these token positions of every sample ([len(indices), len(positions)]).
     """
     if not fields:
         return {}
-    samples = [dataset[i] for i in indices]
-    return {field: torch.stack([sample[field] for sample in samples]) for field in fields}
+    return _stack([dataset[i] for i in indices], fields, positions)
+
+
+def _stack(samples: list[dict], fields: Sequence[str], positions: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch = {field: torch.stack([sample[field] for sample in samples]) for field in fields}
+    if positions is not None:
+        batch = {field: t[:, positions] for field, t in batch.items()}
+    return batch
 
 
 def microbatch_loader(
-    dataset, sampler: MicrobatchSampler, fields: Sequence[str] = FIELDS, num_workers: int = 0
+    dataset, sampler: MicrobatchSampler, fields: Sequence[str] = FIELDS, num_workers: int = 0,
+    positions: Optional[torch.Tensor] = None,
 ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Per iteration, this rank's ``num_microbatches`` collated microbatches (see ``collate``).
 
     ``num_workers`` > 0 (``data.num_workers``) loads them in DataLoader worker processes, a few
     microbatches ahead; the sampler's ``consumed_samples`` then runs ahead of training too, so
     checkpoints should record the trainer's own count (iterations × global batch size). A stage
-    that needs no fields gets empty dicts and reads nothing.
+    that needs no fields gets empty dicts and reads nothing. ``positions`` as in ``collate``.
     """
     if not fields or num_workers == 0:
         for microbatches in sampler:
-            yield [collate(dataset, indices, fields) for indices in microbatches]
+            yield [collate(dataset, indices, fields, positions) for indices in microbatches]
         return
     iterations = len(sampler)  # before the workers start to pull from the sampler
     flat = (indices for microbatches in sampler for indices in microbatches)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=flat, num_workers=num_workers,
-        collate_fn=lambda samples: {f: torch.stack([s[f] for s in samples]) for f in fields},
+        collate_fn=lambda samples: _stack(samples, fields, positions),
         multiprocessing_context="fork" if hasattr(os, "fork") else None,
     )
     stream = iter(loader)

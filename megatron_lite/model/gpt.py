@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..pipeline.schedules import LOOPED, global_chunk
 from ..pipeline.stages import chunk_layers, layer_ranges
 from ..parallel.collectives import TPGroup, copy_to_tp, gather_from_sp, scatter_to_sp
+from ..parallel.context import CPGroup, local_positions
 from ..tensor_parallel import ModelRNG, VocabParallelEmbedding, dropout, vocab_parallel_cross_entropy
 from ..tensor_parallel.random import checkpoint_rng_context
 from ..tensor_parallel.sharding import full_shape, mark_sharded, shard_tensor
@@ -72,6 +73,8 @@ class GPTChunk(nn.Module):
 
     forward(x, labels=None):
       x: token ids [b, s] on the first chunk, else hidden states [b, s, h] ([b, s/t, h] under SP).
+      Under context parallelism (``cp``) s is this CP rank's s/c tokens, at the global positions
+      ``local_positions`` gives (the zigzag split): RoPE angles and position embeddings follow them.
       Returns hidden states for the next chunk; on the last chunk per-token losses [b, s] (fp32)
       when ``labels`` [b, s] are given, else this TP rank's logits [b, s, V/t].
 
@@ -83,11 +86,11 @@ class GPTChunk(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
-        recompute: str = "none", recompute_num_layers: int = 1,
+        recompute: str = "none", recompute_num_layers: int = 1, cp: CPGroup = CPGroup(),
         embedding_chunk: GPTChunk | None = None,
     ):
         super().__init__()
-        self.cfg, self.spec, self.tp, self.rng = cfg, spec, tp, rng
+        self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
         if spec.pre_process:
@@ -97,7 +100,7 @@ class GPTChunk(nn.Module):
                 self.position_embedding = mark_sharded(nn.Parameter(torch.empty(cfg.seq_length, h)), None)
                 self.position_embedding.init_std = cfg.init_std
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective")
+            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective", cp)
              for i in range(spec.first_layer, spec.last_layer)}
         )
         if spec.post_process:
@@ -111,10 +114,12 @@ class GPTChunk(nn.Module):
                 tied = mark_sharded(nn.Parameter(torch.empty(vocab_size // tp.size, h)), 0)
                 tied.init_std, tied.tied_embedding, tied.shared_embedding = cfg.init_std, True, True
                 setattr(self, TIED_OUTPUT_NAME, tied)
+        # Global positions of this CP rank's tokens (all of 0..s-1 without context parallelism).
+        self.register_buffer("positions", local_positions(cfg.seq_length, cp.size, cp.rank), persistent=False)
         if cfg.position_embedding == "rope":
             cos, sin = rotary_tables(cfg.seq_length, h // cfg.num_attention_heads, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", cos[self.positions], persistent=False)
+            self.register_buffer("rope_sin", sin[self.positions], persistent=False)
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default
 
     def output_weight_tensor(self) -> torch.Tensor:
@@ -152,7 +157,10 @@ class GPTChunk(nn.Module):
         """Token (+ learned position) embeddings: [b, s] ids -> [b, s, h] ([b, s/t, h] under SP)."""
         x = self.embedding(ids)
         if self.cfg.position_embedding == "learned":
-            positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
+            if self.cp.size == 1:
+                positions = self.position_embedding[: ids.shape[1]].unsqueeze(0)
+            else:
+                positions = self.position_embedding[self.positions].unsqueeze(0)
             x = x + (scatter_to_sp(positions, self.tp) if self.tp.sequence_parallel else positions)
         return dropout(x, self.cfg.dropout, self.generator, self.training)
 
@@ -199,6 +207,7 @@ def build_model_chunks(
     device: torch.device | str = "cpu",
     recompute: str = "none",
     recompute_num_layers: int = 1,
+    cp: CPGroup = CPGroup(),
     layer_counts: tuple[int, ...] | None = None,
     placement: str = LOOPED,
 ) -> list[GPTChunk]:
@@ -208,7 +217,7 @@ def build_model_chunks(
     chunks: list[GPTChunk] = []
     for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement):
         embedding_chunk = next((c for c in chunks if c.spec.pre_process), None) if spec.post_process else None
-        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, embedding_chunk)
+        chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute, recompute_num_layers, cp, embedding_chunk)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

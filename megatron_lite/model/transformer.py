@@ -1,7 +1,9 @@
 """The transformer block: pre-norm, causal self-attention, MLP. Tensor parallelism lives inside the
 layer classes (column-parallel in, row-parallel out); this file reads like a plain GPT.
 
-Activations between blocks: [b, s, h], or [b, s/t, h] with sequence parallelism (t = TP size).
+Activations between blocks: [b, s, h], or [b, s/t, h] with sequence parallelism (t = TP size);
+under context parallelism s is this CP rank's s/c tokens (parallel/context.py), and attention runs
+as ring attention over the CP group.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from ..parallel.collectives import TPGroup
+from ..parallel.context import CPGroup, ring_attention
 from torch.utils.checkpoint import checkpoint
 
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, RowParallelLinear, dropout
@@ -58,12 +61,14 @@ class Attention(nn.Module):
     The fused QKV weight is laid out group by group, [q heads of group 0, k0, v0, q heads of group 1,
     k1, v1, ...], so a TP rank's rows are exactly the query groups it owns (n/t query heads, g/t KV
     heads). MHA is g = n, MQA g = 1 (validate rejects g < t). ``recompute_core``: keep only q, k, v
-    for the backward and recompute the attention core (selective recomputation).
+    for the backward and recompute the attention core (selective recomputation). With a CP group of
+    more than one rank the core is ring attention over it (tokens at their global positions).
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False,
+                 cp: CPGroup = CPGroup()):
         super().__init__()
-        self.recompute_core = recompute_core
+        self.recompute_core, self.cp = recompute_core, cp
         n, g = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // n
         self.heads, self.groups = n // tp.size, g // tp.size  # local to this TP rank
@@ -98,6 +103,8 @@ class Attention(nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [b, heads, s, d], k, v: [b, groups, s, d] -> context [b, heads, s, d]."""
+        if self.cp.size > 1:
+            return ring_attention(q, k, v, self.cp)
         if self.use_sdpa:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1,
@@ -144,10 +151,11 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False,
+                 cp: CPGroup = CPGroup()):
         super().__init__()
         self.attention_norm = Norm(cfg, tp)
-        self.attention = Attention(cfg, tp, rng, recompute_core)
+        self.attention = Attention(cfg, tp, rng, recompute_core, cp)
         self.mlp_norm = Norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
         self.dropout_p = cfg.dropout

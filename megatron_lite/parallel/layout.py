@@ -29,6 +29,9 @@ GROUP_AXES = {
     "data": ("dp",),
     "pipeline": ("pp",),
     "model": ("tp", "pp"),
+    # Megatron's data_parallel_group_with_cp: parameters are replicated over CP as over DP, so
+    # gradients are averaged (and the distributed optimizer shards) over both.
+    "data_context": ("cp", "dp"),
 }
 
 
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = grid.all_groups()
     if grid.cp == 1:
         groups.pop("context")
+        groups.pop("data_context")
     print(json.dumps({"world_size": grid.world_size, **grid.sizes(), **groups}))
     return 0
 

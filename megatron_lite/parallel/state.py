@@ -93,12 +93,13 @@ def init_distributed(timeout: timedelta, backend: Optional[str] = None) -> Launc
 class ParallelState:
     """This rank's place in the TP × CP × DP × PP grid and the process groups it belongs to.
 
-    Attributes per dimension ``x`` in (tp, cp, dp, pp): ``x_group`` (a ProcessGroup), ``x_rank``
-    (this rank's index inside it), ``x_size`` and ``x_ranks`` (its members' global ranks).
-    ``mp_group`` spans TP × PP (one model replica); ``embedding_group`` holds the first and last
-    pipeline stage of this rank's pipeline (None on the stages in between); with
-    ``head_on_first_stage`` (the V placement of ZB-V, whose first stage holds the embedding and the
-    output layer) the first stage alone.
+    Attributes per dimension ``x`` in (tp, cp, dp, pp, dp_cp): ``x_group`` (a ProcessGroup),
+    ``x_rank`` (this rank's index inside it), ``x_size`` and ``x_ranks`` (its members' global ranks).
+    ``dp_cp`` spans DP × CP (Megatron's data_parallel_group_with_cp: what gradients are averaged and
+    the distributed optimizer sharded over; the DP group itself when CP = 1). ``mp_group`` spans
+    TP × PP (one model replica); ``embedding_group`` holds the first and last pipeline stage of this
+    rank's pipeline (None on the stages in between); with ``head_on_first_stage`` (the V placement of
+    ZB-V, whose first stage holds the embedding and the output layer) the first stage alone.
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None,
@@ -122,6 +123,8 @@ class ParallelState:
         mine: dict[str, Optional[dist.ProcessGroup]] = {}
         # Every rank walks every group in the same order: new_group is a world-wide collective.
         for kind, groups in self.grid.all_groups().items():
+            if kind == "data_context" and cp == 1:
+                continue  # the same ranks as the DP group: reuse it
             mine[kind] = None
             for ranks in groups:
                 group = dist.new_group(ranks, timeout=timeout)
@@ -137,6 +140,10 @@ class ParallelState:
         self.dp_ranks = self.group_ranks["data"]
         self.pp_ranks = self.group_ranks["pipeline"]
         self.embedding_ranks = self.group_ranks.get("embedding", [])
+        if cp == 1:
+            self.dp_cp_group, self.dp_cp_ranks = self.dp_group, self.dp_ranks
+        else:
+            self.dp_cp_group, self.dp_cp_ranks = mine["data_context"], self.group_ranks["data_context"]
 
     @classmethod
     def from_dims(cls, dims: ParallelDims, timeout: Optional[timedelta] = None) -> ParallelState:
@@ -165,6 +172,14 @@ class ParallelState:
     @property
     def cp_size(self) -> int:
         return self.grid.cp
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.grid.dp * self.grid.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_cp_ranks.index(self.rank)
 
     @property
     def tp_rank(self) -> int:
@@ -207,7 +222,7 @@ class ParallelState:
     def describe(self) -> str:
         c = self.coord
         return (
-            f"rank {self.rank}/{self.world_size} tp {c.tp}/{self.tp_size} "
+            f"rank {self.rank}/{self.world_size} tp {c.tp}/{self.tp_size} cp {c.cp}/{self.cp_size} "
             f"pp {c.pp}/{self.pp_size} dp {c.dp}/{self.dp_size}"
         )
 

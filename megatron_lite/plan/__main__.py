@@ -39,7 +39,8 @@ def _vocab(cfg) -> int:
 def _layout(p: Prediction) -> str:
     d, s = p.setup.dims, p.setup
     vpp = f" VPP{d.vpp}" if d.vpp > 1 else ""
-    return (f"TP{d.tp} PP{d.pp}{vpp} DP{d.dp} mbs {s.micro_batch_size} ×{d.num_microbatches} "
+    cp = f" CP{d.cp}" if d.cp > 1 else ""
+    return (f"TP{d.tp}{cp} PP{d.pp}{vpp} DP{d.dp} mbs {s.micro_batch_size} ×{d.num_microbatches} "
             f"{d.pipeline_schedule}{' SP' if d.sequence_parallel else ''}")
 
 
@@ -50,14 +51,15 @@ def print_prediction(p: Prediction) -> None:
     print("memory per rank (GiB), fullest pipeline stage; one column per recompute mode:")
     modes = {mode: max((rank_memory(replace(s, recompute=mode), r) for r in range(d.pp)), key=lambda m: m.total)
              for mode in RECOMPUTE}
-    plain = {mode: replace(mem, optimizer=mem.optimizer * (d.dp if s.distributed_optimizer else 1))
+    replicas = d.dp * d.cp  # the distributed optimizer shards over DP × CP
+    plain = {mode: replace(mem, optimizer=mem.optimizer * (replicas if s.distributed_optimizer else 1))
              for mode, mem in modes.items()}
-    sharded = {mode: replace(mem, optimizer=mem.optimizer / d.dp) for mode, mem in plain.items()}
+    sharded = {mode: replace(mem, optimizer=mem.optimizer / replicas) for mode, mem in plain.items()}
     print(f"  {'':<34}" + "".join(f"{mode:>11}" for mode in RECOMPUTE))
     for label, key in (("parameters", "parameters"), ("gradients (fp32)", "gradients"),
                        ("optimizer", "optimizer"), ("activations", "activations")):
         print(f"  {label:<34}" + "".join(f"{getattr(plain[m], key) / GiB:>11.2f}" for m in RECOMPUTE))
-    print(f"  {'optimizer, distributed (÷ DP)':<34}"
+    print(f"  {'optimizer, distributed (÷ DP×CP)':<34}"
           + "".join(f"{sharded[m].optimizer / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total':<34}" + "".join(f"{plain[m].total / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total, distributed optimizer':<34}" + "".join(f"{sharded[m].total / GiB:>11.2f}" for m in RECOMPUTE))
@@ -66,7 +68,7 @@ def print_prediction(p: Prediction) -> None:
     t = p.time
     print(f"model FLOPs per iteration: {p.model_flops:.3e}")
     print(f"step time {t.total * 1e3:.1f} ms = compute {t.compute * 1e3:.1f} (at {p.device.efficiency:.0%} of peak) + "
-          f"TP {t.tp * 1e3:.1f} + PP {t.pp * 1e3:.1f} + bubble {t.bubble * 1e3:.1f} + DP {t.dp * 1e3:.1f} + "
+          f"TP {t.tp * 1e3:.1f} + PP {t.pp * 1e3:.1f} + CP {t.cp * 1e3:.1f} + bubble {t.bubble * 1e3:.1f} + DP {t.dp * 1e3:.1f} + "
           f"optimizer {t.optimizer * 1e3:.1f}")
     print(f"predicted {p.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {p.mfu:.1%}, {p.tokens_per_s:,.0f} tokens/s")
 

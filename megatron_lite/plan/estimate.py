@@ -9,10 +9,15 @@ algorithm's bytes over the link it crosses):
               bytes) of b·s·h activations, 6 with full recompute; 2·(t−1)/t of the bytes over NVLink
               (inter-node when t exceeds a node); not overlapped unless ``overlap``
     PP        one b·s·h/t message per microbatch, chunk and direction, across nodes
+    CP        ring attention's K/V blocks, b·(s/c)·(g/t)·d each: per layer and microbatch 2·(c−1)
+              forward and 4·(c−1) backward (K/V again and the fp32 dK/dV partial sums), plus the
+              forward again under recomputation; the exchange runs beside the attention core, so
+              only what exceeds the core's compute time is exposed
     bubble    (compute + TP + PP) × the bubble fraction that ``pipeline.simulate`` finds for the
               schedule at F = B_input = B_weight (exactly (p−1)/m for 1F1B, (p−1)/(v·m)
               interleaved, (p−1)/(3m) ZB-H1, the start-up (p−1)/(6m) for ZB-V with m ≥ 2p)
-    DP        fp32 gradients all-reduced (2·(d−1)/d of the bytes), or with the distributed optimizer
+    DP        fp32 gradients all-reduced over DP × CP (2·(n−1)/n of the bytes, n = d·c), or with the
+              distributed optimizer
               reduce-scattered plus the parameters all-gathered; with ``overlap`` only what exceeds
               one microbatch's computation (Megatron reduces buckets during the last backward and
               gathers during the first forward) is exposed
@@ -87,7 +92,7 @@ def _stage(setup: Setup, pp_rank: int) -> stages.StageShape:
 def microbatch_activation_bytes(setup: Setup, pp_rank: int) -> float:
     """Activations one microbatch leaves on a rank of stage ``pp_rank`` (all its chunks)."""
     m, d = setup.model, setup.dims
-    shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size)
+    shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size, d.cp)
     impl = M.megatron_lite_impl(m, setup.precision)
     stage = _stage(setup, pp_rank)
     total = stage.layers * M.layer_activation_bytes(m, shard, impl, setup.recompute)
@@ -116,11 +121,11 @@ def rank_memory(setup: Setup, pp_rank: int) -> M.Memory:
     e = M.BYTES[setup.precision]
     optimizer = params * M.optimizer_bytes_per_parameter(setup.precision)
     if setup.distributed_optimizer:
-        optimizer /= d.dp
+        optimizer /= d.dp * d.cp
     in_flight = M.in_flight_microbatches(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches, pp_rank)
     activations = in_flight * microbatch_activation_bytes(setup, pp_rank) + activation_in_transit_bytes(setup, pp_rank)
     if setup.recompute == "full":  # the layer being recomputed holds its full activations
-        shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size)
+        shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size, d.cp)
         activations += M.layer_activation_bytes(m, shard, M.megatron_lite_impl(m, setup.precision), "none")
     return M.Memory(params * e, params * M.FP32, optimizer, activations, in_flight)
 
@@ -137,13 +142,14 @@ class StepTime:
     compute: float
     tp: float
     pp: float
+    cp: float
     bubble: float
     dp: float
     optimizer: float
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.pp + self.bubble + self.dp + self.optimizer
+        return self.compute + self.tp + self.pp + self.cp + self.bubble + self.dp + self.optimizer
 
     def as_dict(self) -> dict[str, float]:
         return {**dataclasses.asdict(self), "total": self.total}
@@ -168,12 +174,24 @@ def _ring(bytes_: float, n: int, bandwidth: float, all_reduce: bool) -> float:
     return (2 if all_reduce else 1) * (n - 1) / n * bytes_ / bandwidth
 
 
+def ring_send_bytes(setup: Setup) -> float:
+    """Bytes one rank sends in ring attention per layer and microbatch (forward and backward)."""
+    m, d = setup.model, setup.dims
+    if d.cp == 1:
+        return 0.0
+    n = m.num_attention_heads
+    g = m.num_query_groups or n
+    block = setup.micro_batch_size * m.seq_length // d.cp * (g // d.tp) * (m.hidden_size // n)
+    forwards = 2 if setup.recompute != "none" else 1  # recomputation runs the forward ring again
+    return (d.cp - 1) * block * (2 * M.BYTES[setup.precision] * (forwards + 1) + 2 * M.FP32)
+
+
 def step_time(setup: Setup, dev: Device) -> StepTime:
     m, d = setup.model, setup.dims
     e = M.BYTES[setup.precision]
     compute = hardware_flops(setup) / d.world_size / (dev.peak_flops * dev.efficiency)
     node = dev.gpus_per_node
-    bsh = setup.micro_batch_size * m.seq_length * m.hidden_size * e
+    bsh = setup.micro_batch_size * m.seq_length // d.cp * m.hidden_size * e
     tp_link = dev.nvlink_bandwidth if d.tp <= node else dev.internode_bandwidth
     per_layer = 6 if setup.recompute == "full" else 4
     tp = d.num_microbatches * (m.num_layers // d.pp) * per_layer * _ring(bsh, d.tp, tp_link, True)
@@ -181,23 +199,29 @@ def step_time(setup: Setup, dev: Device) -> StepTime:
         tp = 0.0
     pp_link = dev.internode_bandwidth if d.tp * d.dp >= node else dev.nvlink_bandwidth
     pp = 0.0 if d.pp == 1 else 2 * d.vpp * d.num_microbatches * (bsh / d.tp) / pp_link
-    bubble = (compute + tp + pp) * bubble_fraction(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches)
+    cp_link = dev.nvlink_bandwidth if d.tp * d.cp <= node else dev.internode_bandwidth
+    layers_micro = d.num_microbatches * (m.num_layers // d.pp)
+    core_flops = 3 * 2 * 2 * m.seq_length * m.hidden_size * 0.5 * m.seq_length * setup.micro_batch_size
+    core = layers_micro * core_flops / d.cp / d.tp / (dev.peak_flops * dev.efficiency)
+    cp = max(0.0, layers_micro * ring_send_bytes(setup) / cp_link - core)
+    bubble = (compute + tp + pp + cp) * bubble_fraction(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches)
 
     placement = schedules.placement_of(d.pipeline_schedule)
     params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r, d.chunk_layers, placement)
                  for r in range(d.pp))
-    dp_link = dev.nvlink_bandwidth if d.tp * d.dp <= node else dev.internode_bandwidth
+    replicas = d.dp * d.cp  # gradients are averaged (and optimizer states sharded) over DP × CP
+    dp_link = dev.nvlink_bandwidth if d.tp * replicas <= node else dev.internode_bandwidth
     if setup.distributed_optimizer:
-        dp = _ring(params * M.FP32, d.dp, dp_link, False) + _ring(params * e, d.dp, dp_link, False)
+        dp = _ring(params * M.FP32, replicas, dp_link, False) + _ring(params * e, replicas, dp_link, False)
     else:
-        dp = _ring(params * M.FP32, d.dp, dp_link, True)
+        dp = _ring(params * M.FP32, replicas, dp_link, True)
     if setup.overlap:
         dp = max(0.0, dp - compute / d.num_microbatches)
     state = params * (M.optimizer_bytes_per_parameter(setup.precision) + M.FP32 + e)
     if setup.distributed_optimizer:
-        state /= d.dp
+        state /= replicas
     optimizer = 2 * state / dev.hbm_bandwidth  # read and write once
-    return StepTime(compute, tp, pp, bubble, dp, optimizer)
+    return StepTime(compute, tp, pp, cp, bubble, dp, optimizer)
 
 
 @dataclass(frozen=True)
@@ -227,7 +251,8 @@ class Prediction:
     def as_dict(self) -> dict:
         d = self.setup.dims
         return {
-            "layout": {"tp": d.tp, "pp": d.pp, "vpp": d.vpp, "dp": d.dp, "micro_batch": self.setup.micro_batch_size,
+            "layout": {"tp": d.tp, "cp": d.cp, "pp": d.pp, "vpp": d.vpp, "dp": d.dp,
+                       "micro_batch": self.setup.micro_batch_size,
                        "microbatches": d.num_microbatches, "schedule": d.pipeline_schedule,
                        "sequence_parallel": d.sequence_parallel},
             "recompute": self.setup.recompute, "distributed_optimizer": self.setup.distributed_optimizer,

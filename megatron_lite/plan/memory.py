@@ -20,6 +20,11 @@ tests/test_plan.py). Where megatron_lite differs from the paper's Megatron:
 Recomputation (Korthikanti §5): ``selective`` recomputes the attention core (drops the s×s terms);
 ``full`` keeps each layer's input only and recomputes the layer in the backward, which needs one
 layer's activations at a time.
+
+Context parallelism (c ranks per sequence) divides every sequence-proportional term by c: a rank
+holds s/c tokens of each sequence. Its ring attention keeps what flash attention keeps (q, k, v, the
+output and the fp32 log-sum-exp, never the s×s probabilities) whatever the attention backend; the
+K/V blocks in flight are freed after each layer's attention and not counted.
 """
 
 from __future__ import annotations
@@ -67,11 +72,16 @@ def megatron_lite_impl(model: ModelConfig, precision: str) -> Impl:
 
 @dataclass(frozen=True)
 class Shard:
-    """How one rank sees the model: TP size, sequence parallelism, micro batch."""
+    """How one rank sees the model: TP size, sequence parallelism, micro batch, CP size."""
 
     tp: int
     sequence_parallel: bool
     micro_batch: int
+    cp: int = 1
+
+    def tokens(self, m: ModelConfig) -> float:
+        """Tokens of one microbatch on this rank: b · s / c."""
+        return m.seq_length * self.micro_batch / self.cp
 
 
 def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: str = "none",
@@ -87,7 +97,7 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
     dropout = m.dropout > 0 if dropout is None else dropout
     sp = t if shard.sequence_parallel else 1  # the residual stream is split by sequence under SP
     gathered = 1 if (impl.sp_keeps_gathered_input or sp == 1) else t  # column-parallel inputs
-    tokens = s * b
+    tokens = shard.tokens(m)
     if recompute == "full":
         return tokens * h * e / sp  # the layer's input; the rest is recomputed
     per_token = 0.0
@@ -99,7 +109,7 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
         per_token += n * d * e / t  # rotated (or copied) queries
     if m.position_embedding == "rope" and impl is not MEGATRON:
         per_token += g * d * e / t  # rotated keys
-    if impl.flash_attention:
+    if impl.flash_attention or shard.cp > 1:
         per_token += n * FP32 / t  # log-sum-exp per head; the output is the projection's input below
     elif recompute != "selective":
         # softmax output, dropout mask, dropout output: a·s values each per token (a/t per rank)
@@ -132,11 +142,11 @@ def norm_bytes(m: ModelConfig, impl: Impl) -> float:
 
 def head_activation_bytes(m: ModelConfig, vocab_size: int, shard: Shard, impl: Impl) -> float:
     """Final norm, output layer and vocab-parallel cross-entropy (fp32 softmax) of one microbatch."""
-    s, b, h, t = m.seq_length, shard.micro_batch, m.hidden_size, shard.tp
+    h, t = m.hidden_size, shard.tp
     sp = t if shard.sequence_parallel else 1
     per_token = norm_bytes(m, impl) / sp + h * impl.act_bytes + vocab_size / t * FP32
     per_token += INDEX_BYTES + 2 + 2 * FP32  # target index, owned/ignored masks, max and Σexp
-    return s * b * per_token
+    return shard.tokens(m) * per_token
 
 
 def embedding_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl) -> float:
@@ -145,7 +155,7 @@ def embedding_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl) -> floa
     if m.dropout > 0:
         sp = shard.tp if shard.sequence_parallel else 1
         per_token += m.hidden_size * impl.mask_bytes / sp
-    return m.seq_length * shard.micro_batch * per_token
+    return shard.tokens(m) * per_token
 
 
 def korthikanti_layer_bytes(m: ModelConfig, shard: Shard, recompute: str = "none") -> float:

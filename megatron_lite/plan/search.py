@@ -19,17 +19,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_configs(cfg: Config, world_size: int) -> list[Config]:
-    """``cfg`` with every TP × PP × VPP × micro-batch combination over ``world_size`` ranks; sequence
-    parallelism on whenever TP > 1. Validity is left to ``config.validate``."""
+    """``cfg`` with every TP × CP × PP × VPP × micro-batch combination over ``world_size`` ranks;
+    sequence parallelism on whenever TP > 1. Validity is left to ``config.validate``."""
     out = []
     for tp in _divisors(world_size):
-        for pp in _divisors(world_size // tp):
-            for vpp in [None] + [v for v in range(2, MAX_VPP + 1) if pp > 1]:
-                for mbs in MICRO_BATCHES:
-                    parallel = replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                       virtual_pipeline_model_parallel_size=vpp, pipeline_schedule="auto",
-                                       sequence_parallel=tp > 1)
-                    out.append(replace(cfg, parallel=parallel, training=replace(cfg.training, micro_batch_size=mbs)))
+        for cp in _divisors(world_size // tp):
+            for pp in _divisors(world_size // (tp * cp)):
+                for vpp in [None] + [v for v in range(2, MAX_VPP + 1) if pp > 1]:
+                    for mbs in MICRO_BATCHES:
+                        parallel = replace(cfg.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                           pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                                           pipeline_schedule="auto", sequence_parallel=tp > 1)
+                        training = replace(cfg.training, micro_batch_size=mbs)
+                        out.append(replace(cfg, parallel=parallel, training=training))
     return out
 
 

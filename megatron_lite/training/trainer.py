@@ -2,11 +2,12 @@
 
 One iteration:
   1. this DP rank's microbatches of the global batch (the sampler; only the fields this pipeline
-     stage reads);
+     stage reads; under context parallelism only this CP rank's two chunks of each sequence);
   2. the pipeline schedule runs every microbatch's forward and backward over the model chunks
      (PP = 1 is the same code with one stage), accumulating fp32 gradients;
   3. gradients finished: sequence-parallel sums over TP, tied-embedding sum over the embedding group,
-     average over DP (optim/grads.py);
+     average over DP × CP (optim/grads.py; each CP rank's loss is its share of the sequence's mean,
+     ``masked_mean_over_cp``);
   4. AdamW step with the scheduled learning rate after clipping by the global norm;
   5. the loss (mean over the global batch) and throughput logged by the logging rank.
 """
@@ -30,6 +31,7 @@ from ..model import build_model_chunks, model_flops_per_iteration
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
 from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
+from ..parallel.context import CPGroup, local_positions, masked_mean_over_cp
 from ..parallel.state import ParallelState, default_timeout
 from ..pipeline import schedules
 from ..pipeline.executor import run_schedule, save_trace
@@ -74,10 +76,13 @@ class Trainer:
         self.unpadded_vocab_size = m.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(self.unpadded_vocab_size, m.make_vocab_size_divisible_by, dims.tp)
         self.tp = TPGroup.from_state(state, dims.sequence_parallel)
+        self.cp = CPGroup.from_state(state)
+        # The token positions this CP rank reads from every sample (None: all of them).
+        self.positions = local_positions(m.seq_length, dims.cp, state.cp_rank) if dims.cp > 1 else None
         self.placement = schedules.placement_of(dims.pipeline_schedule)
         self.chunks = build_model_chunks(
             m, self.vocab_size, self.tp, t.seed, state.pp_rank, dims.pp, dims.vpp, self.device,
-            t.recompute, t.recompute_num_layers, dims.chunk_layers, self.placement,
+            t.recompute, t.recompute_num_layers, self.cp, dims.chunk_layers, self.placement,
         )
         # Which ends of the model this rank holds (the V placement puts both on the first stage).
         self.has_embedding = any(chunk.spec.pre_process for chunk in self.chunks)
@@ -88,8 +93,8 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         names = [n for n, _ in self.named_params]
         o = cfg.optimizer
-        self.grads = GradBuffer(
-            self.params, state.dp_group, state.dp_size, state.dp_rank,
+        self.grads = GradBuffer(  # parameters are replicated over DP × CP
+            self.params, state.dp_cp_group, state.dp_cp_size, state.dp_cp_rank,
             reduce_scatter=o.use_distributed_optimizer, overlap=o.overlap_grad_reduce,
             bucket_elements=o.grad_bucket_elements,
         )
@@ -122,7 +127,8 @@ class Trainer:
                 dynamic=t.loss_scale is None,
             )
 
-        seq = m.seq_length // dims.tp if dims.sequence_parallel else m.seq_length
+        seq = m.seq_length // dims.cp
+        seq = seq // dims.tp if dims.sequence_parallel else seq
         self.activation_shape = (t.micro_batch_size, seq, m.hidden_size)
         self.actions = schedules.schedule(dims.pipeline_schedule, dims.pp, dims.vpp, dims.num_microbatches, state.pp_rank)
         self.eval_actions = schedules.schedule(
@@ -130,8 +136,10 @@ class Trainer:
         )
         self.flops_per_iteration = model_flops_per_iteration(m, self.vocab_size, gbs)
         self.peak_flops = device_peak_flops(self.device)
-        # The logging rank holds the loss: the stage with the head, first TP rank, first DP replica.
-        self.is_logging_rank = self.has_head and state.tp_rank == 0 and state.dp_rank == 0
+        # The logging rank holds the loss: the stage with the head, first TP and CP rank, first DP
+        # replica.
+        self.is_logging_rank = (self.has_head and state.tp_rank == 0 and state.cp_rank == 0
+                                and state.dp_rank == 0)
         self.logger: Optional[MetricsLogger] = None
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes))
         self.checkpointer = Checkpointer(self)
@@ -161,8 +169,7 @@ class Trainer:
         if not chunk.spec.post_process:
             return chunk(x)
         losses = chunk(x, batch["labels"].to(self.device))
-        mask = batch["loss_mask"].to(self.device)
-        loss = (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = masked_mean_over_cp(losses, batch["loss_mask"].to(self.device), self.cp)
         if self.scaler is not None and chunk.training:
             loss = loss * self.scaler.scale  # reported losses are divided back in train_step
         return loss
@@ -172,16 +179,16 @@ class Trainer:
             consumed + self.cfg.training.global_batch_size, consumed, self.cfg.training.micro_batch_size,
             self.cfg.training.global_batch_size, self.state.dp_rank, self.state.dp_size,
         )
-        return [collate(dataset, indices, self.fields) for indices in next(iter(sampler))]
+        return [collate(dataset, indices, self.fields, self.positions) for indices in next(iter(sampler))]
 
     def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
-        """The head stage's mean loss averaged over DP (NaN on other stages, which have none)."""
+        """The head stage's mean loss averaged over DP × CP (NaN on other stages, which have none)."""
         if not self.has_head:
             return math.nan
         loss = loss.detach().float().reshape(1).clone()
-        if self.state.dp_size > 1:
-            dist.all_reduce(loss, group=self.state.dp_group)
-            loss /= self.state.dp_size
+        if self.state.dp_cp_size > 1:
+            dist.all_reduce(loss, group=self.state.dp_cp_group)
+            loss /= self.state.dp_cp_size
         return loss.item()
 
     def _grads_are_finite(self) -> bool:
@@ -205,7 +212,9 @@ class Trainer:
                 t.train_iters * t.global_batch_size, self.consumed_samples, t.micro_batch_size,
                 t.global_batch_size, self.state.dp_rank, self.state.dp_size,
             )
-            self._train_batches = microbatch_loader(self.train_data, sampler, self.fields, self.cfg.data.num_workers)
+            self._train_batches = microbatch_loader(
+                self.train_data, sampler, self.fields, self.cfg.data.num_workers, self.positions
+            )
         batches = next(self._train_batches)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
         loss = run_schedule(
@@ -334,7 +343,7 @@ def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str,
     """What rank 0 prints at start-up."""
     n_params = sum(p.numel() for p in trainer.params)
     return {
-        "layout": f"TP={dims.tp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
+        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
         "schedule": dims.pipeline_schedule, "microbatches": dims.num_microbatches,
         "sequence_parallel": dims.sequence_parallel, "vocab_size_padded": trainer.vocab_size,
         "parameters_on_rank0": n_params, "precision": cfg.training.precision,

@@ -146,8 +146,8 @@ class Watchdog:
 
     def _exit(self, message: str) -> None:
         c = self.state
-        where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} pp {c.pp_rank}/{c.pp_size} " \
-                f"dp {c.dp_rank}/{c.dp_size})"
+        where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} cp {c.cp_rank}/{c.cp_size} " \
+                f"pp {c.pp_rank}/{c.pp_size} dp {c.dp_rank}/{c.dp_size})"
         print(f"watchdog: {where} {message}; pipeline action {self.action}; exiting",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -187,7 +187,8 @@ def group_name(group: Optional[dist.ProcessGroup], state: ParallelState) -> str:
     if group is None or group is dist.group.WORLD:
         return f"the world group [0..{state.world_size - 1}]"
     kinds = {"tensor": state.tp_group, "data": state.dp_group, "pipeline": state.pp_group,
-             "model": state.mp_group, "embedding": state.embedding_group, "context": state.cp_group}
+             "model": state.mp_group, "embedding": state.embedding_group, "context": state.cp_group,
+             "data × context": state.dp_cp_group}
     kind = next((k for k, g in kinds.items() if g is group), "process")
     return f"{kind} group {dist.get_process_group_ranks(group)}"
 
