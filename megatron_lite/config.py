@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from . import package_dir
-from .pipeline import schedules
+from .pipeline import schedules, stages
 
 CONFIG_DIR = package_dir("configs")
 
@@ -99,8 +99,17 @@ class ParallelConfig:
     context_parallel_size: int = positive(1)
     pipeline_model_parallel_size: int = positive(1)
     virtual_pipeline_model_parallel_size: Optional[int] = positive(None)  # None: no interleaving
-    # auto: interleaved when virtual stages are set, else 1f1b
-    pipeline_schedule: str = choice("auto", "gpipe", "1f1b", "interleaved")
+    # auto: interleaved when virtual stages are set, else 1f1b. zb1p (ZB-H1) and zbv (ZB-V: two
+    # chunks per rank in the V placement, virtual size null or 2) split each backward into its
+    # input and weight halves (docs/parallelism.md).
+    pipeline_schedule: str = choice("auto", *schedules.SCHEDULES)
+    # Uneven stages (pipeline/stages.py): the layers of each of the PP×VPP chunks in model order, the
+    # embedding's chunk first (e.g. [1, 2, 2, 1]); or the layers of the first and/or the last chunk,
+    # the other chunks splitting the rest equally (Megatron's --decoder-first/last-pipeline-num-layers;
+    # per stage when VPP is 1). null: equal chunks.
+    pipeline_layout: Optional[list[int]] = None
+    decoder_first_pipeline_num_layers: Optional[int] = non_negative(None)
+    decoder_last_pipeline_num_layers: Optional[int] = non_negative(None)
     sequence_parallel: bool = False
     pipeline_trace: Optional[str] = None  # path: write the executed pipeline timeline as JSON there
     distributed_timeout_minutes: Optional[float] = positive(None)  # None: 10 on GPU, 2 on CPU
@@ -321,7 +330,8 @@ class ParallelDims:
     cp: int
     num_microbatches: int  # per DP replica and iteration
     sequence_parallel: bool
-    pipeline_schedule: str  # gpipe | 1f1b | interleaved (``auto`` resolved)
+    pipeline_schedule: str  # gpipe | 1f1b | interleaved | zb1p | zbv (``auto`` resolved)
+    chunk_layers: tuple[int, ...] = ()  # layers of each global chunk in model order (pipeline/stages.py)
 
 
 def head_dim(m: ModelConfig) -> int:
@@ -348,7 +358,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     dp = _check_world(world_size, tp, cp, pp)
     _check_model_shape(cfg.model, tp)
     microbatches = _check_batch(cfg.training, dp)
-    vpp, schedule = _check_pipeline(cfg, pp, dp, microbatches)
+    vpp, schedule, chunk_layers = _check_pipeline(cfg, pp, dp, microbatches)
     sequence_parallel = _check_sequence_parallel(cfg, tp)
     _check_context_parallel(cfg.model, cp, tp if sequence_parallel else 1)
     _check_flags(cfg)
@@ -362,6 +372,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
         num_microbatches=microbatches,
         sequence_parallel=sequence_parallel,
         pipeline_schedule=schedule,
+        chunk_layers=chunk_layers,
     )
 
 
@@ -456,25 +467,19 @@ def _check_batch(t: TrainingConfig, dp: int) -> int:
     return gbs // (mbs * dp)
 
 
-def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[int, str]:
-    """Virtual stages per rank and the schedule (``auto`` resolved); the schedule's own size rules
-    come from ``pipeline/schedules.py:check_sizes``, here given the config key and the fix."""
-    vpp_set = cfg.parallel.virtual_pipeline_model_parallel_size
+def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[int, str, tuple[int, ...]]:
+    """Virtual stages per rank, the schedule (``auto`` resolved) and the layers of every chunk; the
+    schedule's own size rules come from ``pipeline/schedules.py:check_sizes`` and the layout's from
+    ``pipeline/stages.py:chunk_layers``, here given the config key and the fix."""
+    p = cfg.parallel
+    vpp_set = p.virtual_pipeline_model_parallel_size
     if vpp_set is not None and pp == 1:
         raise ConfigError(
             "parallel.virtual_pipeline_model_parallel_size",
             "is set but pipeline_model_parallel_size=1; set it to null or use PP > 1",
         )
-    vpp = vpp_set or 1
-    layers = cfg.model.num_layers
-    if layers % (pp * vpp):
-        raise ConfigError(
-            "model.num_layers",
-            f"{layers} layers do not split into PP×VPP = {pp}×{vpp} = {pp * vpp} equal "
-            f"chunks; use a multiple of {pp * vpp} layers or change the pipeline sizes",
-        )
     # A null virtual size means "no interleaving", also for auto; a set one (even 1) means interleaving.
-    schedule = cfg.parallel.pipeline_schedule
+    schedule = p.pipeline_schedule
     if schedule == "auto":
         schedule = "interleaved" if vpp_set is not None else "1f1b"
     if schedule == "interleaved" and vpp_set is None:
@@ -482,12 +487,23 @@ def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[i
             "parallel.pipeline_schedule",
             "interleaved needs parallel.virtual_pipeline_model_parallel_size (e.g. 2)",
         )
-    if schedule != "interleaved" and vpp_set is not None:
+    if schedule == "zbv" and vpp_set not in (None, 2):
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size",
+            f"zbv runs exactly 2 chunks per rank (the V placement), got {vpp_set}; set it to 2 or null",
+        )
+    if schedule not in ("interleaved", "zbv") and vpp_set is not None:
         raise ConfigError(
             "parallel.pipeline_schedule",
             f"{schedule} cannot run virtual stages; use interleaved (or auto) or set "
             "virtual_pipeline_model_parallel_size to null",
         )
+    vpp = 2 if schedule == "zbv" else vpp_set or 1
+    try:
+        layers = stages.chunk_layers(cfg.model.num_layers, pp, vpp, p.pipeline_layout,
+                                     p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+    except stages.LayoutError as err:
+        raise ConfigError(err.key, str(err)) from None
     try:
         schedules.check_sizes(schedule, pp, vpp, microbatches)
     except schedules.ScheduleSizeError as err:
@@ -500,7 +516,7 @@ def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[i
             f"size that is a multiple of "
             f"{mbs * dp * err.multiple}",
         ) from None
-    return vpp, schedule
+    return vpp, schedule, layers
 
 
 def _check_sequence_parallel(cfg: Config, tp: int) -> bool:

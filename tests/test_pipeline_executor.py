@@ -3,7 +3,9 @@
 The stand-in model is a stack of Linear + GELU layers cut into p·v chunks with Megatron's
 assignment (rank r holds global chunks r, r + p, …); the loss is the mean over microbatches of the
 MSE against a target. Every rank also runs the whole stack itself, so it can compare the loss and
-the gradients of the parameters it holds without gathering anything.
+the gradients of the parameters it holds without gathering anything. Every run is under NCCL's group
+semantics (``p2p.py`` waits for each whole batch, sends included): a schedule whose neighbouring
+batches did not pair up would hang here as on GPUs.
 """
 
 import copy
@@ -35,11 +37,12 @@ def _microbatches(m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(m)]
 
 
-def _my_chunks(layers: list[nn.Module], p: int, v: int, rank: int) -> list[nn.Sequential]:
-    """Local chunk c of pipeline rank r is global chunk c·p + r."""
+def _my_chunks(layers: list[nn.Module], p: int, v: int, rank: int,
+               placement: str = S.LOOPED) -> list[nn.Sequential]:
+    """Local chunk c of pipeline rank r is global chunk c·p + r (looped) or r, 2p−1−r (V)."""
     per = LAYERS // (p * v)
     return [nn.Sequential(*layers[g * per:(g + 1) * per])
-            for g in (S.global_chunk(p, rank, c) for c in range(v))]
+            for g in (S.global_chunk(p, rank, c, placement) for c in range(v))]
 
 
 def _reference(m: int) -> tuple[torch.Tensor, list[nn.Module]]:
@@ -54,12 +57,12 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
-def _step_fn(chunks, p, v, rank):
+def _step_fn(chunks, p, v, rank, placement=S.LOOPED):
     last = p * v - 1
 
     def forward_step(c, x, microbatch):
         inputs, target = microbatch
-        g = S.global_chunk(p, rank, c)
+        g = S.global_chunk(p, rank, c, placement)
         out = chunks[c](inputs if g == 0 else x)
         return F.mse_loss(out, target) if g == last else out
 
@@ -73,14 +76,16 @@ def _run_configs(pp: int, configs) -> list[dict]:
     p, rank = state.pp_size, state.pp_rank
     results = []
     for name, v, m in configs:
+        placement = S.placement_of(name)
         want_loss, ref_layers = _reference(m)
         layers = _stack()
-        chunks = _my_chunks(layers, p, v, rank)
-        ref_chunks = _my_chunks(ref_layers, p, v, rank)
+        chunks = _my_chunks(layers, p, v, rank, placement)
+        ref_chunks = _my_chunks(ref_layers, p, v, rank, placement)
+        step = _step_fn(chunks, p, v, rank, placement)
         stats, trace = ScheduleStats(), []
         loss = run_schedule(S.schedule(name, p, v, m, rank), chunks, state, _microbatches(m),
-                            _step_fn(chunks, p, v, rank), (MICRO, HIDDEN), torch.float32,
-                            trace=trace, broadcast_loss=True, stats=stats)
+                            step, (MICRO, HIDDEN), torch.float32,
+                            trace=trace, broadcast_loss=True, stats=stats, placement=placement)
         grad_err = max(
             _rel_err(mine.grad, ref.grad)
             for chunk, ref_chunk in zip(chunks, ref_chunks)
@@ -88,8 +93,8 @@ def _run_configs(pp: int, configs) -> list[dict]:
         )
         grads_before = [q.grad.clone() for c in chunks for q in c.parameters()]
         eval_loss = run_schedule(S.schedule(name, p, v, m, rank, forward_only=True), chunks, state,
-                                 _microbatches(m), _step_fn(chunks, p, v, rank), (MICRO, HIDDEN),
-                                 torch.float32, forward_only=True, broadcast_loss=True)
+                                 _microbatches(m), step, (MICRO, HIDDEN), torch.float32,
+                                 forward_only=True, broadcast_loss=True, placement=placement)
         results.append(dict(
             config=(name, p, v, m), loss_err=_rel_err(loss, want_loss), grad_err=grad_err,
             peak=stats.peak_live_activations, traced=len(trace),
@@ -106,9 +111,9 @@ CONFIGS = {
     # 4 ranks: PP=1 is four plain replicas, PP=2 two pipeline groups side by side (DP=2), PP=4 one.
     1: [("1f1b", 1, 3), ("gpipe", 1, 2)],
     2: [("gpipe", 1, 4), ("1f1b", 1, 4), ("1f1b", 1, 1), ("interleaved", 1, 4), ("interleaved", 2, 2),
-        ("interleaved", 2, 4)],
+        ("interleaved", 2, 4), ("zb1p", 1, 4), ("zbv", 2, 4), ("zbv", 2, 1)],
     4: [("gpipe", 1, 4), ("1f1b", 1, 6), ("1f1b", 1, 2), ("interleaved", 1, 4), ("interleaved", 2, 4),
-        ("interleaved", 2, 8)],
+        ("interleaved", 2, 8), ("zb1p", 1, 8), ("zbv", 2, 8), ("zbv", 2, 3)],
 }
 
 
@@ -185,3 +190,36 @@ def test_interleaved_matches_torch_pipelining(ranks, tmp_path, capsys):
     assert simulate_main(["--trace", str(trace_path), "--json", "--plot", str(png)]) == 0
     assert json.loads(capsys.readouterr().out)["bubble_fraction"] >= 0
     assert png.stat().st_size > 10_000
+
+
+def _exchange_patterns(timeout_s: float) -> dict:
+    """Two ranks swap one tensor each way, as two 1F1B neighbours do in the steady state: in one
+    group, and as a send group followed by a receive group."""
+    from datetime import timedelta
+
+    from megatron_lite.pipeline.p2p import PipelineLink
+
+    state = ParallelState(pp=2, timeout=timedelta(seconds=timeout_s))
+    link = PipelineLink(state.pp_group, state.pp_ranks)
+    peer = 1 - state.pp_rank
+    mine, theirs = torch.full((1024,), float(state.pp_rank)), torch.empty(1024)
+    link.exchange([(mine, peer)], [(theirs, peer)])
+    result = {"paired": theirs[0].item() == peer}
+    try:
+        link.exchange([(mine, peer)], [])  # both ranks wait in their send for a receive never posted
+        link.exchange([], [(theirs, peer)])
+        result["split"] = "completed"
+    except RuntimeError as err:
+        result["split"] = str(err).splitlines()[0]
+    state.destroy()
+    return result
+
+
+def test_gloo_batches_keep_nccl_semantics(ranks):
+    """What makes every gloo run an NCCL-semantics run: a batch is waited for whole, so a send
+    completes only once the peer posts the receive. Sends and receives in one group pair up; a send
+    group before a receive group on both sides (what this executor once did) is NCCL's deadlock,
+    and here it times out instead of passing."""
+    for r in ranks(2).run(_exchange_patterns, 3.0):
+        assert r["paired"], r
+        assert "for send operation to complete" in r["split"], r  # gloo's timeout, as in the issue

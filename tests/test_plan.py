@@ -206,3 +206,81 @@ def test_memory_prediction_with_context_parallelism(ranks, tmp_path, cp):
               f"optimizer predicted {optimizer:,.0f} measured {r['optimizer']:,}")
         assert r["activations"] == pytest.approx(predicted, rel=MEMORY_TOLERANCE)
         assert r["optimizer"] == pytest.approx(optimizer, rel=MEMORY_TOLERANCE)
+
+
+class LiveBytes:
+    """Bytes of the distinct storages held for the backward at each moment of a schedule run: what
+    autograd saved (parameters excluded) and the stage outputs the executor holds. ``sample`` is
+    the executor's ``on_action`` hook: the peak is taken before every computation and message batch."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.live: dict[int, tuple] = {}
+        self.peak = 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.track, lambda t: t)
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params and storage.nbytes():
+            ref = StorageWeakRef(storage)
+            self.live[ref.cdata] = (ref, storage.nbytes())
+        return t
+
+    def sample(self, label: str) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+
+
+def _pipeline_activation_peak(overrides: list[str]) -> dict:
+    """Peak live activation bytes of one 1F1B iteration on each rank, stage outputs freed once sent
+    (the executor's default) and kept (``deallocate_outputs=False``)."""
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.pipeline.executor import run_schedule
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = load_config(overrides)
+    dims = validate(cfg, dist.get_world_size())
+    state = ParallelState.from_dims(dims)
+    trainer = Trainer(cfg, dims, state)
+    for chunk in trainer.chunks:
+        chunk.train()
+    peaks = {}
+    for deallocate in (True, False):
+        live = LiveBytes(trainer.params)
+
+        def forward_step(c, x, batch):
+            return live.track(trainer._forward_step(c, x, batch))
+
+        trainer.grads.start_step(dims.num_microbatches)
+        with live.hooks:
+            run_schedule(trainer.actions, trainer.chunks, state, trainer._microbatches(trainer.train_data, 0),
+                         forward_step, trainer.activation_shape, trainer.dtype, on_action=live.sample,
+                         deallocate_outputs=deallocate)
+        peaks[deallocate] = live.peak
+    result = {"pp_rank": state.pp_rank, "freed": peaks[True], "kept": peaks[False], "vocab": trainer.vocab_size,
+              "output_bytes": trainer.activation_shape[0] * trainer.activation_shape[1] * trainer.activation_shape[2] * 4}
+    state.destroy()
+    return result
+
+
+def test_pipeline_activation_peak_matches_the_planner(ranks, tmp_path):
+    """1F1B at p = 4: freeing each stage output once sent lowers stage r's peak by one activation per
+    in-flight microbatch whose output is already sent (p − r − 1 of its p − r; the newest is alive
+    until its send completes), and the planner's count (in-flight microbatches' saved tensors plus
+    that one output) is the measured peak."""
+    layout = ["parallel.pipeline_model_parallel_size=4", "training.micro_batch_size=2", "training.global_batch_size=16",
+              "training.train_iters=1", "training.eval_iters=0", "model.kernel_backend=torch", f"logging.dir={tmp_path}"]
+    results = ranks(4).run(_pipeline_activation_peak, ["model=gpt_tiny"] + layout)
+    setup = setup_from_config(load_config(["model=gpt_tiny"] + layout), 4, results[0]["vocab"])
+    for r in results:
+        stage = r["pp_rank"]
+        saved = (4 - stage - 1) * r["output_bytes"]
+        print(f"stage {stage}: peak {r['kept']:,} B with outputs kept, {r['freed']:,} B freed ({saved:,} B saved); "
+              f"planner {rank_memory(setup, stage).activations:,.0f} B")
+        assert r["kept"] - r["freed"] == saved
+        assert r["freed"] == pytest.approx(rank_memory(setup, stage).activations, rel=MEMORY_TOLERANCE)

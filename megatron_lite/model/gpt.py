@@ -1,9 +1,11 @@
 """The GPT model, built as the pipeline chunks one rank owns.
 
 A model of L layers cut into p·v chunks (p pipeline stages, v virtual stages per stage) has chunks of
-L/(p·v) consecutive layers; rank r holds chunks r, r+p, r+2p, … (Megatron's interleaved assignment).
-The first chunk owns the embedding, the last the final norm, the output layer and the loss. Without
-pipelining the model is one chunk that owns everything.
+consecutive layers, L/(p·v) each or as an uneven layout says (``pipeline/stages.py``); rank r holds
+chunks r, r+p, r+2p, … (Megatron's interleaved assignment) or, in ZB-V's V placement, chunks r and
+2p−1−r (``pipeline/schedules.py:global_chunk``). The first chunk owns the embedding, the last the
+final norm, the output layer and the loss. Without pipelining the model is one chunk that owns
+everything.
 
 Parameter names use global layer indices (``layers.9.mlp.fc1.weight``), and every parameter is
 initialised from a seed derived from that name on its full (unsharded) tensor, of which each rank
@@ -22,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, head_dim
 from ..parallel.collectives import TPGroup
+from ..pipeline.schedules import LOOPED, global_chunk
+from ..pipeline.stages import chunk_layers, layer_ranges
 from ..parallel.context import CPGroup, local_positions
 from ..tensor_parallel import (
     ModelRNG,
@@ -53,14 +57,22 @@ class ChunkSpec:
     has_head: bool  # the final norm, output layer and loss
 
 
-def chunk_specs(num_layers: int, pp_size: int, vpp_size: int, pp_rank: int) -> list[ChunkSpec]:
-    """This pipeline rank's chunks, in execution order (virtual stage 0 first)."""
+def chunk_specs(
+    num_layers: int, pp_size: int, vpp_size: int, pp_rank: int,
+    layer_counts: tuple[int, ...] | None = None, placement: str = LOOPED,
+) -> list[ChunkSpec]:
+    """This pipeline rank's chunks, in execution order (local chunk 0 first).
+
+    ``layer_counts``: the layers of every global chunk in model order (``stages.chunk_layers``;
+    None: equal chunks). ``placement``: which global chunks this rank holds (``schedules``).
+    """
     total = pp_size * vpp_size
-    per_chunk = num_layers // total
+    ranges = layer_ranges(layer_counts or chunk_layers(num_layers, pp_size, vpp_size))
     specs = []
-    for virtual in range(vpp_size):
-        index = pp_rank + virtual * pp_size
-        specs.append(ChunkSpec(index, index * per_chunk, (index + 1) * per_chunk, index == 0, index == total - 1))
+    for local in range(vpp_size):
+        index = global_chunk(pp_size, pp_rank, local, placement)
+        first, last = ranges[index]
+        specs.append(ChunkSpec(index, first, last, index == 0, index == total - 1))
     return specs
 
 
@@ -80,12 +92,15 @@ class GPTChunk(nn.Module):
     ``vocab_size`` is padded (to a multiple of 128 × TP); the logits of the padding rows, from
     ``unpadded_vocab_size`` on, are −inf, so that padding never changes a loss or a sample (an
     imported model's zero rows would otherwise add e^0 terms to the softmax).
+
+    ``embedding_chunk``: for a tied head, the chunk of this rank that holds the embedding (the V
+    placement puts both ends on rank 0): the head then uses its weight, with no copy to keep equal.
     """
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
         recompute: str = "none", recompute_num_layers: int = 1, cp: CPGroup = CPGroup(),
-        unpadded_vocab_size: int | None = None,
+        unpadded_vocab_size: int | None = None, embedding_chunk: GPTChunk | None = None,
     ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
@@ -104,12 +119,17 @@ class GPTChunk(nn.Module):
         )
         if spec.has_head:
             self.final_norm = Norm(cfg, tp)
-            self.head = ParallelLMHead(tp, borrows_weight=tied and spec.has_embedding)
+            # The head borrows the embedding's weight when tied on the same rank (the V placement puts
+            # both ends on rank 0: ``embedding_chunk``), else it owns its output layer or tied copy.
+            borrowed = tied and (spec.has_embedding or embedding_chunk is not None)
+            self.head = ParallelLMHead(tp, borrows_weight=borrowed)
             rows = vocab_size // tp.size
             padding = torch.arange(tp.rank * rows, (tp.rank + 1) * rows) >= (unpadded_vocab_size or vocab_size)
             self.register_buffer("vocab_padding", padding if padding.any() else None, persistent=False)
             if not tied:
                 self.output = new_parameter((rows, h), ParamMeta(tp_shard_dim=0, init_std=cfg.init_std))
+            elif embedding_chunk is not None:
+                self._embedding_chunk = (embedding_chunk,)  # a tuple: not registered as a submodule
             elif not spec.has_embedding:
                 meta = vocab_meta.replace(tp_shard_dim=0, grad_summed_over_embedding_group=True,
                                           counted_in_grad_norm=False)
@@ -135,7 +155,11 @@ class GPTChunk(nn.Module):
         """The output layer's weight [V/t, h] (the embedding's own when tied on one stage)."""
         if not self.cfg.tie_embeddings:
             return self.output
-        return self.embedding.weight if self.spec.has_embedding else getattr(self, TIED_OUTPUT_NAME)
+        if self.spec.has_embedding:
+            return self.embedding.weight
+        if hasattr(self, "_embedding_chunk"):
+            return self._embedding_chunk[0].embedding.weight
+        return getattr(self, TIED_OUTPUT_NAME)
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
@@ -223,14 +247,18 @@ def build_model_chunks(
     recompute_num_layers: int = 1,
     cp: CPGroup = CPGroup(),
     unpadded_vocab_size: int | None = None,
+    layer_counts: tuple[int, ...] | None = None,
+    placement: str = LOOPED,
 ) -> list[GPTChunk]:
     """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded;
-    ``unpadded_vocab_size`` (None: no padding) is the tokenizer's, whose logits are kept."""
+    ``unpadded_vocab_size`` (None: no padding) is the tokenizer's, whose logits are kept;
+    ``layer_counts`` and ``placement`` as for ``chunk_specs``."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
-    chunks = []
-    for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank):
+    chunks: list[GPTChunk] = []
+    for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement):
+        embedding_chunk = next((c for c in chunks if c.spec.has_embedding), None) if spec.has_head else None
         chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute=recompute, recompute_num_layers=recompute_num_layers,
-                         cp=cp, unpadded_vocab_size=unpadded_vocab_size)
+                         cp=cp, unpadded_vocab_size=unpadded_vocab_size, embedding_chunk=embedding_chunk)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

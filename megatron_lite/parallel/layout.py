@@ -51,6 +51,7 @@ class RankGrid:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    head_on_first_stage: bool = False  # the V placement (ZB-V): output layer on the first stage
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tp", "pp", "cp"):
@@ -101,8 +102,10 @@ class RankGrid:
         return sorted(groups)
 
     def embedding_groups(self) -> list[list[int]]:
-        """First and last stage of each pipeline group (they share the tied embedding)."""
-        return [sorted({g[0], g[-1]}) for g in self.groups_along(GROUP_AXES["pipeline"])]
+        """The stage holding the embedding (the first) and the one holding the output layer (the last,
+        or the first itself in the V placement) of each pipeline group: they share a tied embedding."""
+        head = 0 if self.head_on_first_stage else -1
+        return [sorted({g[0], g[head]}) for g in self.groups_along(GROUP_AXES["pipeline"])]
 
     def all_groups(self) -> dict[str, list[list[int]]]:
         """Every process group of the grid by kind, in the order ParallelState creates them."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+from ..pipeline.schedules import V_SHAPE, placement_of
 from .layout import RankCoord, RankGrid
 
 if TYPE_CHECKING:
@@ -124,15 +125,17 @@ class ParallelState:
     ``dp_cp`` spans DP × CP (Megatron's data_parallel_group_with_cp: what gradients are averaged and
     the distributed optimizer sharded over; the DP group itself when CP = 1). ``mp_group`` spans
     TP × PP (one model replica); ``embedding_group`` holds the first and last pipeline stage of this
-    rank's pipeline (None on the stages in between).
+    rank's pipeline (None on the stages in between); with ``head_on_first_stage`` (the V placement of
+    ZB-V, whose first stage holds the embedding and the output layer) the first stage alone.
     """
 
-    def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None):
+    def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None,
+                 head_on_first_stage: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("call init_distributed() before creating a ParallelState")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp)
+        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp, head_on_first_stage=head_on_first_stage)
         self.coord: RankCoord = self.grid.coord_of(self.rank)
         self.backend = dist.get_backend()
         self.device = (
@@ -177,7 +180,8 @@ class ParallelState:
                 f"the layout was validated for {dims.world_size} ranks but the world has "
                 f"{dist.get_world_size()}"
             )
-        return cls(tp=dims.tp, pp=dims.pp, cp=dims.cp, timeout=timeout)
+        return cls(tp=dims.tp, pp=dims.pp, cp=dims.cp, timeout=timeout,
+                   head_on_first_stage=placement_of(dims.pipeline_schedule) == V_SHAPE)
 
     # Sizes and coordinates -------------------------------------------------------------------
     @property

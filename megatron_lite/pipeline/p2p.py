@@ -1,15 +1,28 @@
-"""Point-to-point messages between the stages of one pipeline group.
+"""Point-to-point messages between the stages of one pipeline group, with NCCL's group semantics on
+every backend.
 
-A pipeline schedule exchanges activations (forward) and their gradients (backward) with the
-neighbouring pipeline ranks; ``PipelineLink.exchange`` posts one batch of such sends and receives
-with ``torch.distributed.batch_isend_irecv`` (NCCL coalesces a batch into one kernel group; gloo,
-which accepts it too in torch 2.13, runs it as individual ``isend`` / ``irecv``): the sends as one
-batch, the receives as another. It waits for the receives and leaves the sends in flight: a send never holds its rank back, which is the semantics ``simulate.py`` checks schedules
-under. Sent tensors are kept alive until their send completes; ``finish`` waits for the rest.
-Messages on one rank-to-rank channel are matched in the order posted (no tags), so both ends must
-list them in the same order: the simulator checks that for every schedule. This is the model of
-torch.distributed.pipelining's schedule runtime (sends waited at the end, receives before use),
-which runs its interleaved schedule on NCCL; here it is tested on gloo only.
+A schedule's batch of messages (the consecutive sends and receives of its action list) is posted as
+ONE ``torch.distributed.batch_isend_irecv`` call, and the rank waits for every work of it, sends
+included, before it goes on. That is what a batch means on NCCL: ``batch_isend_irecv`` runs the ops
+as one coalesced group (``ncclGroupStart``/``ncclGroupEnd``) on one communication stream, which
+completes as a unit, and a send larger than NCCL's internal buffer (a few MB: every real activation)
+finishes only once the peer has posted the matching receive, while everything posted later on that
+stream queues behind it. Posting sends and receives as two groups, or leaving sends in flight, lets a
+rank's send wait for a receive that its peer has queued behind its own send: the 1F1B steady state,
+where stage r sends an activation to r + 1 and receives a gradient from it while r + 1 does the
+opposite, deadlocks that way on GPUs (Megatron-LM pairs them in one group for this reason:
+``p2p_communication._batched_p2p_ops``). See NCCL's "Group Calls" and "Point-to-point
+communication" documentation, and ``batch_isend_irecv``'s docstring.
+
+gloo (CPU tests) runs the ops of a batch one by one, but its send too completes only when the peer
+posts the receive (whatever the size), so waiting for all of a batch's works reproduces NCCL's
+ordering exactly: a schedule whose batches do not pair up hangs on gloo as it would on NCCL (and the
+watchdog names the stuck rank and batch). Each work is waited exactly once (gloo hangs on a second
+wait of the same work).
+
+Messages on one rank-to-rank channel are matched in the order posted (no tags), so both ends list
+them in the same order; ``simulate.py`` checks that, and that the batches of every schedule pair up,
+under exactly these semantics.
 """
 
 from __future__ import annotations
@@ -27,39 +40,18 @@ class PipelineLink:
     def __init__(self, group: Optional[dist.ProcessGroup], pp_ranks: Sequence[int]):
         self.group = group
         self.pp_ranks = list(pp_ranks)
-        # Each posted send batch with its tensors, which must outlive the sends.
-        self._in_flight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
 
     def exchange(
         self,
         sends: Sequence[tuple[torch.Tensor, int]],
         recvs: Sequence[tuple[torch.Tensor, int]],
     ) -> None:
-        """Post ``sends`` ``(tensor, peer)`` and ``recvs`` ``(buffer, peer)`` as one batch.
-
-        Returns when every receive buffer is filled; the sends may still be in flight.
-        """
-        send_ops = [dist.P2POp(dist.isend, t.contiguous(), self.pp_ranks[peer], self.group)
-                    for t, peer in sends]
-        recv_ops = [dist.P2POp(dist.irecv, buf, self.pp_ranks[peer], self.group)
-                    for buf, peer in recvs]
-        # Two batches: NCCL coalesces a batch into one work, and waiting for the receives must not
-        # mean waiting for the sends.
-        if send_ops:
-            self._in_flight.append(
-                (dist.batch_isend_irecv(send_ops), [op.tensor for op in send_ops])
-            )
-        if recv_ops:
-            for work in dist.batch_isend_irecv(recv_ops):
-                work.wait()
-        self._in_flight = [
-            (works, tensors) for works, tensors in self._in_flight
-            if not all(w.is_completed() for w in works)
-        ]
-
-    def finish(self) -> None:
-        """Wait for every send still in flight (end of a schedule)."""
-        for works, _ in self._in_flight:
-            for work in works:
-                work.wait()
-        self._in_flight.clear()
+        """Post ``sends`` ``(tensor, peer)`` and ``recvs`` ``(buffer, peer)`` as one group and wait
+        for all of it: on return every receive buffer is filled and every send is done (its tensor
+        may be freed)."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.pp_ranks[peer], self.group) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, buf, self.pp_ranks[peer], self.group) for buf, peer in recvs]
+        if not ops:
+            return
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

@@ -14,7 +14,8 @@ algorithm's bytes over the link it crosses):
               forward again under recomputation; the exchange runs beside the attention core, so
               only what exceeds the core's compute time is exposed
     bubble    (compute + TP + PP) × the bubble fraction that ``pipeline.simulate`` finds for the
-              schedule (exactly (p−1)/m for 1F1B, (p−1)/(v·m) interleaved)
+              schedule at F = B_input = B_weight (exactly (p−1)/m for 1F1B, (p−1)/(v·m)
+              interleaved, (p−1)/(3m) ZB-H1, the start-up (p−1)/(6m) for ZB-V with m ≥ 2p)
     DP        fp32 gradients all-reduced over DP × CP (2·(n−1)/n of the bytes, n = d·c), or with the
               distributed optimizer
               reduce-scattered plus the parameters all-gathered; with ``overlap`` only what exceeds
@@ -32,6 +33,7 @@ from typing import Optional
 
 from ..config import Config, ModelConfig, ParallelDims, padded_vocab_size, validate
 from ..model.flops import model_flops_per_iteration
+from ..pipeline import schedules, stages
 from ..pipeline.simulate import simulate_schedule
 from . import memory as M
 from .devices import Device
@@ -77,8 +79,14 @@ def bubble_fraction(schedule: str, p: int, v: int, m: int) -> float:
     if p == 1:
         return 0.0
     if m * v > SIMULATE_UP_TO:
-        return (p - 1) / (v * m) if schedule == "interleaved" else (p - 1) / m
+        return (p - 1) / m / {"interleaved": v, "zb1p": 3, "zbv": 6}.get(schedule, 1)
     return simulate_schedule(schedule, p, v, m).bubble_fraction
+
+
+def _stage(setup: Setup, pp_rank: int) -> stages.StageShape:
+    d = setup.dims
+    counts = d.chunk_layers or stages.chunk_layers(setup.model.num_layers, d.pp, d.vpp)
+    return stages.stage_shape(counts, d.pp, d.vpp, pp_rank, schedules.placement_of(d.pipeline_schedule))
 
 
 def microbatch_activation_bytes(setup: Setup, pp_rank: int) -> float:
@@ -86,24 +94,36 @@ def microbatch_activation_bytes(setup: Setup, pp_rank: int) -> float:
     m, d = setup.model, setup.dims
     shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size, d.cp)
     impl = M.megatron_lite_impl(m, setup.precision)
-    total = (m.num_layers // d.pp) * M.layer_activation_bytes(m, shard, impl, setup.recompute)
-    if pp_rank == 0:
+    stage = _stage(setup, pp_rank)
+    total = stage.layers * M.layer_activation_bytes(m, shard, impl, setup.recompute)
+    if stage.has_embedding:
         total += M.embedding_activation_bytes(m, shard, impl)
-    if pp_rank == d.pp - 1:
+    if stage.has_head:
         total += M.head_activation_bytes(m, setup.vocab_size, shard, impl)
     return total
+
+
+def activation_in_transit_bytes(setup: Setup, pp_rank: int) -> float:
+    """The newest stage output, alive until its send completes (the executor frees every output's
+    data once it is sent: Megatron's deallocate_output_tensor); nothing on a rank that sends none."""
+    m, d = setup.model, setup.dims
+    if d.pp == 1 or not _stage(setup, pp_rank).sends_activations:
+        return 0.0
+    seq = m.seq_length // d.tp if d.sequence_parallel else m.seq_length
+    return setup.micro_batch_size * seq * m.hidden_size * M.megatron_lite_impl(m, setup.precision).act_bytes
 
 
 def rank_memory(setup: Setup, pp_rank: int) -> M.Memory:
     """Bytes on a rank of pipeline stage ``pp_rank`` (any TP/DP index: they hold the same)."""
     m, d = setup.model, setup.dims
-    params = M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, pp_rank)
+    placement = schedules.placement_of(d.pipeline_schedule)
+    params = M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, pp_rank, d.chunk_layers, placement)
     e = M.BYTES[setup.precision]
     optimizer = params * M.optimizer_bytes_per_parameter(setup.precision)
     if setup.distributed_optimizer:
         optimizer /= d.dp * d.cp
     in_flight = M.in_flight_microbatches(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches, pp_rank)
-    activations = in_flight * microbatch_activation_bytes(setup, pp_rank)
+    activations = in_flight * microbatch_activation_bytes(setup, pp_rank) + activation_in_transit_bytes(setup, pp_rank)
     if setup.recompute == "full":  # the layer being recomputed holds its full activations
         shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size, d.cp)
         activations += M.layer_activation_bytes(m, shard, M.megatron_lite_impl(m, setup.precision), "none")
@@ -186,7 +206,9 @@ def step_time(setup: Setup, dev: Device) -> StepTime:
     cp = max(0.0, layers_micro * ring_send_bytes(setup) / cp_link - core)
     bubble = (compute + tp + pp + cp) * bubble_fraction(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches)
 
-    params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r) for r in range(d.pp))
+    placement = schedules.placement_of(d.pipeline_schedule)
+    params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r, d.chunk_layers, placement)
+                 for r in range(d.pp))
     replicas = d.dp * d.cp  # gradients are averaged (and optimizer states sharded) over DP × CP
     dp_link = dev.nvlink_bandwidth if d.tp * replicas <= node else dev.internode_bandwidth
     if setup.distributed_optimizer:

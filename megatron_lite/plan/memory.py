@@ -31,8 +31,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 from .. import ops
 from ..config import ModelConfig, head_dim
+from ..pipeline.schedules import LOOPED
+from ..pipeline.stages import chunk_layers as chunk_layer_counts
+from ..pipeline.stages import stage_shape
 
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids / gather indices
@@ -180,18 +185,22 @@ def layer_parameters(m: ModelConfig, tp: int) -> int:
     return count
 
 
-def stage_parameters(m: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int, pp_rank: int) -> int:
-    """Parameters held by pipeline rank ``pp_rank`` (its v chunks) on one TP rank."""
-    chunks = pp * vpp
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    count = layer_parameters(m, tp) * (m.num_layers // chunks) * vpp
+def stage_parameters(m: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int, pp_rank: int,
+                     chunk_layers: Sequence[int] = (), placement: str = LOOPED) -> int:
+    """Parameters held by pipeline rank ``pp_rank`` (its v chunks) on one TP rank; ``chunk_layers``
+    (layers per global chunk, ``ParallelDims.chunk_layers``; empty: equal chunks) and ``placement``
+    say which layers those are."""
+    shape = stage_shape(chunk_layers or chunk_layer_counts(m.num_layers, pp, vpp), pp, vpp, pp_rank, placement)
+    first, last = shape.has_embedding, shape.has_head
+    count = layer_parameters(m, tp) * shape.layers
     embedding = vocab_size // tp * m.hidden_size
     if first:
         count += embedding + (m.seq_length * m.hidden_size if m.position_embedding == "learned" else 0)
     if last:
         count += 2 * m.hidden_size if m.normalization == "layernorm" else m.hidden_size
         if not m.tie_embeddings or not first:
-            count += embedding  # the output layer, or the tied copy on the last stage
+            count += embedding  # the output layer, or the tied copy on the last stage (the V
+            # placement's head on the first stage uses the embedding itself)
     return count
 
 
@@ -215,16 +224,22 @@ class Memory:
 
 
 def in_flight_microbatches(schedule: str, pp: int, vpp: int, m: int, pp_rank: int = 0) -> float:
-    """Microbatches of a full stage whose activations rank ``pp_rank`` holds at its peak.
+    """Microbatches of a full stage whose activations rank ``pp_rank`` holds at its peak (from the
+    forward until the weight gradients are done: a pending weight pass keeps its layers' inputs and
+    output gradients, about as much as the activations themselves).
 
     GPipe: all m. 1F1B: min(p − r, m) (stage 0 holds p). Interleaved (Megatron's warm-up): chunk
     forwards 2·(p − r − 1) + (v − 1)·p + 1, each a 1/v of the stage: for r = 0 that is
-    p·(1 + (p − 1)/(p·v)), Megatron's memory factor.
+    p·(1 + (p − 1)/(p·v)), Megatron's memory factor. ZB-H1 and ZB-V: min(p, m) on every rank
+    (ZB-H1's stage r holds p − r microbatches waiting for their input gradient and r for their weight
+    gradient; ZB-V 2p half-stage chunk sets).
     """
     if pp == 1:
         return 1
     if schedule == "gpipe":
         return m
+    if schedule in ("zb1p", "zbv"):
+        return min(pp, m)
     if schedule == "interleaved":
         return min(m * vpp, 2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1) / vpp
     return min(pp - pp_rank, m)

@@ -90,11 +90,16 @@ class Trainer:
         self.cp = CPGroup.from_state(state)
         # The token positions this CP rank reads from every sample (None: all of them).
         self.positions = local_positions(m.seq_length, dims.cp, state.cp_rank) if dims.cp > 1 else None
+        self.placement = schedules.placement_of(dims.pipeline_schedule)
         self.chunks = build_model_chunks(
             m, self.vocab_size, tp=self.tp, seed=t.seed, pp_rank=state.pp_rank, pp_size=dims.pp,
             vpp_size=dims.vpp, device=self.device, recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
-            cp=self.cp, unpadded_vocab_size=self.unpadded_vocab_size,
+            cp=self.cp, unpadded_vocab_size=self.unpadded_vocab_size, layer_counts=dims.chunk_layers,
+            placement=self.placement,
         )
+        # Which ends of the model this rank holds (the V placement puts both on the first stage).
+        self.has_embedding = any(chunk.spec.has_embedding for chunk in self.chunks)
+        self.has_head = any(chunk.spec.has_head for chunk in self.chunks)
         for chunk in self.chunks:
             chunk.to(self.dtype)
         self.named_params = _unique_named_params(self.chunks)
@@ -123,7 +128,7 @@ class Trainer:
             (t.train_iters * gbs, evaluations * t.eval_iters * gbs, t.eval_iters * gbs),
         )
         self.train_data, self.valid_data, self.test_data = splits
-        self.fields = stage_fields(state.is_first_stage, state.is_last_stage)
+        self.fields = stage_fields(self.has_embedding, self.has_head)
         self.iteration = 0
         self.consumed_samples = 0
         self._train_batches = None  # this rank's microbatches per iteration, from consumed_samples on
@@ -144,8 +149,9 @@ class Trainer:
         # Megatron-LM's papers and logs count the full s×s attention matrix: reported beside ours.
         self.flops_per_iteration_noncausal = model_flops_per_iteration(m, self.vocab_size, gbs, causal=False)
         self.peak_flops = device_peak_flops(self.device, t.precision)
-        # The logging rank holds the loss: last pipeline stage, first TP and CP rank, first DP replica.
-        self.is_logging_rank = (state.is_last_stage and state.tp_rank == 0 and state.cp_rank == 0
+        # The logging rank holds the loss: the stage with the head (the last; the first under zbv),
+        # first TP and CP rank, first DP replica.
+        self.is_logging_rank = (self.has_head and state.tp_rank == 0 and state.cp_rank == 0
                                 and state.dp_rank == 0)
         self.logger: Optional[MetricsLogger] = None
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes),
@@ -203,8 +209,8 @@ class Trainer:
         return [collate(dataset, indices, self.fields, self.positions) for indices in next(iter(sampler))]
 
     def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
-        """The last stage's mean loss averaged over DP × CP (NaN on other stages, which have none)."""
-        if not self.state.is_last_stage:
+        """The head stage's mean loss averaged over DP × CP (NaN on other stages, which have none)."""
+        if not self.has_head:
             return math.nan
         loss = loss.detach().float().reshape(1).clone()
         if self.state.dp_cp_size > 1:
@@ -238,6 +244,7 @@ class Trainer:
         loss = run_schedule(
             self.actions, self.chunks, self.state, batches, self._forward_step,
             self.activation_shape, self.dtype, trace=trace, on_action=self.watchdog.on_action,
+            placement=self.placement,
         )
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
@@ -287,6 +294,7 @@ class Trainer:
             loss = run_schedule(
                 self.eval_actions, self.chunks, self.state, batches, self._forward_step,
                 self.activation_shape, self.dtype, forward_only=True, on_action=self.watchdog.on_action,
+                placement=self.placement,
             )
             total += self._global_mean(loss)
         return total / max(1, t.eval_iters)
