@@ -10,7 +10,8 @@ import torch
 from megatron_lite.config import ModelConfig
 from megatron_lite.model import build_gpt, model_flops_per_iteration
 from megatron_lite.model.flops import peak_flops
-from megatron_lite.model.transformer import Attention, rotary_tables
+from megatron_lite.model.rotary import rotary_tables
+from megatron_lite.model.transformer import Attention
 from megatron_lite.parallel.collectives import TPGroup
 from megatron_lite.parallel.state import local_cuda_device, process_group_options
 from megatron_lite.tensor_parallel import ModelRNG
