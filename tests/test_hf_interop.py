@@ -60,11 +60,12 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
     dims = validate(cfg, 4)
     state = ParallelState.from_dims(dims)
     trainer = Trainer(cfg, dims, state)
+    assert trainer.resume()
     mask = torch.zeros(SEQ)
     mask[FAR:] = 1.0
     trainer.train_data = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": mask} for t in tokens]
     loss = trainer.train_step()["loss"]
-    trainer.checkpointer.finish()
+    trainer.checkpointer.finish(trainer.iteration)
     state.destroy()
     return loss
 
