@@ -604,8 +604,10 @@ def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[A
     names = {f.name for f in fields(ModelConfig)}
     taken = {k: v for k, v in saved.items()
              if k in names and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
-    changed = {k: (getattr(cfg.model, k), v) for k, v in taken.items() if getattr(cfg.model, k) != v}
-    return replace(cfg, model=replace(cfg.model, **taken)), changed
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.model), taken))  # nested dataclasses too
+    changed = {k: (getattr(cfg.model, k), getattr(model, k)) for k in taken
+               if getattr(cfg.model, k) != getattr(model, k)}
+    return replace(cfg, model=model), changed
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:

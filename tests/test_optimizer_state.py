@@ -91,7 +91,12 @@ def test_gpu_path_selects_torch_fused_adamw():
 
 def _small_model(dtype: torch.dtype, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).to(dtype)
+    from megatron_lite.tensor_parallel.param_meta import ParamMeta
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).to(dtype)
+    for p in model.parameters():
+        p.meta = ParamMeta(init_std=0.02)  # what the GradBuffer reads; every model layer sets one
+    return model
 
 
 def _optimizer(kind: str, model: torch.nn.Module):

@@ -38,7 +38,7 @@ def test_non_editable_install_runs_outside_the_source_tree(tmp_path):
         assert (target / "bin" / f"megatron-lite-{name}").is_file(), name
     bin_ = lambda name: str(target / "bin" / f"megatron-lite-{name}")  # noqa: E731
     help_ = run(bin_("train"), "--help")
-    assert help_.returncode == 0 and "gpt_tiny, llama_1b" in help_.stdout  # the model presets, from the package
+    assert help_.returncode == 0 and "gpt_tiny, llama3_70b, llama3_8b, llama_1b" in help_.stdout  # the model presets, from the package
     check = run(bin_("config"), "--world-size", "8", "parallel=tp2_pp2_dp2")
     assert check.returncode == 0 and check.stdout.startswith("ok: world 8 = TP 2 ×"), check.stderr
     assert run(bin_("hf"), "--help").returncode == 0 and run(bin_("generate"), "--help").returncode == 0

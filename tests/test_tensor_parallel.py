@@ -49,7 +49,7 @@ def full_grads_and_params(model, tp: TPGroup) -> tuple[dict, dict]:
     for name, p in model.named_parameters():
         dim, stride = p.meta.tp_shard_dim, p.meta.tp_shard_stride
         params[name] = gather_full(p.detach(), dim, stride, tp)
-        grads[name] = gather_full(p.grad, dim, stride, tp)
+        grads[name] = gather_full(p.main_grad, dim, stride, tp)
     return grads, params
 
 
@@ -81,6 +81,8 @@ def train_steps(model, tp: TPGroup, cfg, steps: int, state=None):
         if first_grads is None:
             first_grads, _ = full_grads_and_params(model, tp)
         optimizer.step()
+        for p in params:
+            p.grad = None  # as optim/optimizer.py:Optimizer.step does: autograd would add into main_grad
         losses.append(loss.detach())
     _, params = full_grads_and_params(model, tp)
     return torch.stack(losses), first_grads, params
