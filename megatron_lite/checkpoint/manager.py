@@ -43,7 +43,7 @@ from ..config import CheckpointConfig, ModelConfig, head_dim
 from ..optim.optimizer import NamedStateOptimizer
 from ..tensor_parallel import ModelRNG
 from .sharded import ShardedState, restore_rng, rng_targets, rng_tensors
-from .storage import CheckpointError, CheckpointInfo, find_checkpoint, host_copy, read_tensors, write_checkpoint
+from .storage import CheckpointError, CheckpointInfo, find_checkpoint, host_copy, read_tensors, say, write_checkpoint
 
 # The model config fields that decide the parameters' shapes (a checkpoint must agree on all of them).
 SHAPE_FIELDS = (
@@ -166,10 +166,6 @@ class Checkpointer:
         self.writer = BackgroundWriter()
         self.last_saved: Optional[int] = None
 
-    def _print(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"checkpoint: {text}", flush=True)
-
     # Saving ----------------------------------------------------------------------------------------
     def save(self) -> None:
         """Save the train state's iteration (collective over every rank); asynchronous with
@@ -198,7 +194,7 @@ class Checkpointer:
                                 self.cfg.keep_last)
         seconds = time.perf_counter() - start
         how = f"asynchronously; training blocked {blocked:.2f} s" if blocked is not None else "synchronously"
-        self._print(f"saved {path} in {seconds:.2f} s ({how})")
+        say(f"saved {path} in {seconds:.2f} s ({how})")
 
     def after_step(self, iteration: int, stopping: bool = False) -> None:
         """Save when ``iteration`` is on the save interval or the run is ``stopping`` early."""
@@ -224,7 +220,7 @@ class Checkpointer:
             return False
         info = find_checkpoint(self.cfg.load, self.cfg.load_iteration)
         if info is None:
-            self._print(f"no {self.cfg.load}/latest_checkpointed_iteration.txt: starting from iteration 0")
+            say(f"no {self.cfg.load}/latest_checkpointed_iteration.txt: starting from iteration 0")
             return False
         check_model(info, self.model_meta["model"])
         cfg, notes = self.cfg, []
@@ -257,5 +253,5 @@ class Checkpointer:
             notes.append(f"resharded from {info.meta.get('layout')} to {self.layout}; random generators not restored")
         elif not rng and not cfg.finetune:
             notes.append("random generators not restored (checkpoint.load_rng=false)")
-        self._print(f"loaded {info.path} (iteration {info.iteration})" + "".join(f"; {n}" for n in notes))
+        say(f"loaded {info.path} (iteration {info.iteration})" + "".join(f"; {n}" for n in notes))
         return True

@@ -71,7 +71,7 @@ def _is_coordinator(group: Optional[dist.ProcessGroup]) -> bool:
     return not dist.is_initialized() or dist.get_rank(group) == 0
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """Print once per job (global rank 0)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"checkpoint: {text}", flush=True)
@@ -174,7 +174,7 @@ def write_checkpoint(
         try:
             root.mkdir(parents=True, exist_ok=True)
             for path in remove_partial_saves(root):
-                _say(f"removed {path}, an interrupted save")
+                say(f"removed {path}, an interrupted save")
             temp.mkdir()
         except OSError as err:
             error = err
@@ -273,7 +273,7 @@ def find_checkpoint(root: str | Path, iteration: Optional[int] = None) -> Option
     root = Path(root)
     partial = sorted(root.glob("iter_*.tmp"))
     for path in partial:
-        _say(f"ignoring {path}: an interrupted save (never renamed to its final name)")
+        say(f"ignoring {path}: an interrupted save (never renamed to its final name)")
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:

@@ -201,11 +201,16 @@ class Trainer:
             loss = self.scaler.scale_loss(loss)  # reported losses are divided back in train_step
         return loss
 
-    def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
-        sampler = MicrobatchSampler(
-            consumed + self.cfg.training.global_batch_size, consumed, self.cfg.training.micro_batch_size,
-            self.cfg.training.global_batch_size, self.state.dp_rank, self.state.dp_size,
+    def _sampler(self, total_samples: int, consumed_samples: int) -> MicrobatchSampler:
+        """This DP rank's microbatch indices of global batches from ``consumed_samples`` on."""
+        t = self.cfg.training
+        return MicrobatchSampler(
+            total_samples=total_samples, consumed_samples=consumed_samples, micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size, dp_rank=self.state.dp_rank, dp_size=self.state.dp_size,
         )
+
+    def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
+        sampler = self._sampler(consumed + self.cfg.training.global_batch_size, consumed)
         return [collate(dataset, indices, self.fields, self.positions) for indices in next(iter(sampler))]
 
     def _global_mean(self, loss: Optional[torch.Tensor]) -> float:
@@ -232,10 +237,7 @@ class Trainer:
         self.grads.start_step(self.dims.num_microbatches)
         if self._train_batches is None:  # created at the first step, so a resume sets consumed_samples first
             t = self.cfg.training
-            sampler = MicrobatchSampler(
-                t.train_iters * t.global_batch_size, self.consumed_samples, t.micro_batch_size,
-                t.global_batch_size, self.state.dp_rank, self.state.dp_size,
-            )
+            sampler = self._sampler(t.train_iters * t.global_batch_size, self.consumed_samples)
             self._train_batches = microbatch_loader(
                 self.train_data, sampler, self.fields, self.cfg.data.num_workers, self.positions
             )
