@@ -14,6 +14,7 @@ that did not finish, and the next ``run`` starts a fresh pool.
 from __future__ import annotations
 
 import multiprocessing as mp
+import gc
 import os
 import queue
 import sys
@@ -71,6 +72,11 @@ def _rank_main(rank: int, world_size: int, port: int, tasks: mp.Queue, results: 
             results.put((rank, task_id, True, value))
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             results.put((rank, task_id, False, traceback.format_exc()))
+        # A finished trainer sits in reference cycles that hold its process groups, each with gloo
+        # threads that wake on their own: collect them now, or they pile up over a session and
+        # take the cores from the next tests (hundreds of threads per rank, load averages > 100).
+        task = fn = args = kwargs = value = None
+        gc.collect()
     dist.destroy_process_group()
 
 

@@ -310,6 +310,7 @@ class Trainer:
             self._loop(stop)
         finally:
             stop.restore()
+            self.watchdog.stop()
 
     def _loop(self, stop: StopAgreement) -> None:
         t, log = self.cfg.training, self.cfg.logging

@@ -70,7 +70,7 @@ class Watchdog:
 
     ``step_timeout``: seconds, or None to derive it from the first steps; ``startup_timeout``: the
     bound until then (the collective timeout). Thread-safe: ``watch`` runs on the training thread,
-    the checks on a daemon thread started by the first ``watch``.
+    the checks on a daemon thread started by the first ``watch`` and ended by ``stop`` (``Trainer.train`` ends it).
     """
 
     def __init__(self, state: ParallelState, step_timeout: Optional[float], startup_timeout: timedelta,
@@ -85,6 +85,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._phase: Optional[tuple[str, float, float, str]] = None  # (what, start, limit, its source)
         self._thread: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
         self._training_thread = threading.get_ident()
 
     def limit(self, scale: float = 1.0) -> float:
@@ -137,13 +138,21 @@ class Watchdog:
             self.step_times.append(time.monotonic() - start)
 
     def _start_thread(self) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopped.clear()
             self._thread = threading.Thread(target=self._run, name="megatron_lite-watchdog", daemon=True)
             self._thread.start()
 
+    def stop(self) -> None:
+        """End the checking thread (the next ``watch`` starts it again). Without this, a finished
+        trainer's thread would keep its process groups, and their gloo/NCCL threads, alive."""
+        self._stopped.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
     def _run(self) -> None:
-        while True:
-            time.sleep(self.poll_s)
+        while not self._stopped.wait(self.poll_s):
             with self._lock:
                 phase, thread = self._phase, self._training_thread
             if phase is None:
