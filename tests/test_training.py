@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def _train(overrides: list[str]) -> dict | None:
     from megatron_lite.train import run
 
     trainer = run(load_config(overrides))
+    assert not any(t.name == "megatron_lite-watchdog" for t in threading.enumerate())  # ended with the run
     full = gather_full_state_dict(trainer.chunks, trainer.state)
     trainer.state.destroy()
     return full if trainer.state.rank == 0 else None
