@@ -13,8 +13,8 @@ that did not finish, and the next ``run`` starts a fresh pool.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import gc
+import multiprocessing as mp
 import os
 import queue
 import sys
