@@ -12,10 +12,13 @@ whole step and for its two parts (forward + backward; clipping + AdamW), and for
 (all threads of the process), which other jobs on a shared machine disturb less than wall time.
 
     python benchmarks/step_overhead.py [--rounds 10] [--models gpt_tiny gpt2_124m] [--profile] [--threads N]
+                                       [--kernel-backend auto|torch|csrc|te|apex]
 
 gpt2_124m runs with micro batch 1 and sequence 256 (a 1024-token step takes ~20 s on 2 cores);
 gpt_tiny with micro batch 8 and its own sequence 128. ``--profile`` prints torch.profiler's top
-operators of one step of each model.
+operators of one step of each model. megatron_lite runs with the kernel backend its config names
+(``auto``: the C++ twins on a CPU, as the trainer would), or ``--kernel-backend``; ``torch`` (the
+pure-PyTorch reference ops) compares the model code alone.
 """
 
 from __future__ import annotations
@@ -112,10 +115,13 @@ def plain_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, foreach=True)
 
 
-def build(name: str):
+def build(name: str, kernel_backend: str | None = None):
+    """The two models of ``name`` with the same weights, and one training step of each. megatron_lite
+    runs with ``kernel_backend`` (default: its config's, as the trainer would)."""
     overrides, micro_batch, vocab = SETUPS[name]
     cfg = load_config(overrides)
     m = cfg.model
+    ops.use_backend(kernel_backend or m.kernel_backend)
     vocab = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
     ours = build_gpt(m, vocab)
     params = list(ours.parameters())
@@ -169,14 +175,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--kernel-backend", choices=ops.BACKENDS,
+                        help="megatron_lite's fused-op backend (default: the model config's kernel_backend)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    print(f"kernel backend: {ops.backend()}  torch {torch.__version__}  threads {torch.get_num_threads()}  fp32")
     for name in args.models:
-        m, micro_batch, ours_step, plain_step = build(name)
+        m, micro_batch, ours_step, plain_step = build(name, args.kernel_backend)
+        print(f"{name}: kernel backend {ops.backend()}  torch {torch.__version__}  threads {torch.get_num_threads()}  fp32")
         loss_ours, loss_plain = ours_step()[0], plain_step()[0]  # warm-up; the same start
         if abs(loss_ours - loss_plain) > 1e-4 * abs(loss_plain):
             raise SystemExit(f"{name}: first losses differ ({loss_ours} vs {loss_plain}): not the same model")
@@ -190,7 +198,7 @@ def main() -> None:
             ours_t.append(times[ours_step])
             plain_t.append(times[plain_step])
         tokens = micro_batch * m.seq_length
-        row = {"model": name, "micro_batch": micro_batch, "seq_length": m.seq_length, "first_loss": loss_ours}
+        row = {"model": name, "kernel_backend": ops.backend(), "micro_batch": micro_batch, "seq_length": m.seq_length, "first_loss": loss_ours}
         parts = (("step", lambda t: t[0] + t[1]), ("fwd_bwd", lambda t: t[0]), ("optimizer", lambda t: t[1]),
                  ("step_cpu_time", lambda t: t[2]))
         for label, pick in parts:

@@ -163,7 +163,10 @@ class OptimizerConfig:
     lr_wsd_decay_iters: Optional[int] = positive(None)
     use_distributed_optimizer: bool = False  # ZeRO-1: Adam states and fp32 master weights sharded over DP
     # Start each gradient bucket's DP reduction during the backward of the last microbatch.
-    overlap_grad_reduce: bool = False
+    # None: on when the DP group runs NCCL (the reduction runs on its own stream, hidden behind the
+    # backward, as torch DDP always does), off on gloo (there it competes with the backward for the
+    # cores and was measured not to pay: docs/performance.md).
+    overlap_grad_reduce: Optional[bool] = None
     grad_bucket_elements: int = positive(40_000_000)  # gradient elements per DP-reduction bucket
     # Distributed optimizer: all-gather the updated parameters in the background, each bucket waited
     # for by the first forward that uses it.

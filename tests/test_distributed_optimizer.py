@@ -88,3 +88,19 @@ def test_overlap_starts_reductions_during_the_backward(ranks, tmp_path):
         # Every bucket starts before the backward ends, the tied embedding's too: without pipeline
         # parallelism it has no copy on another stage to wait for.
         assert buckets > 10 and launched == buckets
+
+
+def test_overlap_grad_reduce_default_follows_the_backend(monkeypatch):
+    """optimizer.overlap_grad_reduce=null: on where the DP group runs NCCL, off on gloo or without a
+    process group; true/false are taken as given."""
+    from megatron_lite.optim import grads as grads_module
+    from megatron_lite.optim import overlaps_reduction
+
+    assert overlaps_reduction(True, None) and not overlaps_reduction(False, None)
+    assert not overlaps_reduction(None, None)
+    monkeypatch.setattr(grads_module.dist, "is_initialized", lambda: True)
+    for backend, expected in (("nccl", True), ("gloo", False)):
+        monkeypatch.setattr(grads_module.dist, "get_backend", lambda group=None, name=backend: name)
+        assert overlaps_reduction(None, None) is expected
+        assert overlaps_reduction(False, None) is False and overlaps_reduction(True, None) is True
+    assert load_config([]).optimizer.overlap_grad_reduce is None

@@ -78,15 +78,16 @@ def test_hf_import_trains_in_bf16_on_tp2(ranks, tmp_path):
 
 
 # One AdamW state format --------------------------------------------------------------------------
-def test_gpu_path_selects_torch_fused_adamw():
-    """On GPU torch's fused AdamW (step kept per parameter, as on the CPU), never apex's FusedAdam
-    (step in param_groups: saving per parameter lost it, and the distributed optimizer dropped the
-    moments)."""
+def test_adamw_options_select_torch_fused_kernel():
+    """On GPU and CPU torch's fused AdamW (step kept per parameter), never apex's FusedAdam (step in
+    param_groups: saving per parameter lost it, and the distributed optimizer dropped the moments);
+    foreach where torch has no fused kernel."""
     from megatron_lite.config import OptimizerConfig
     from megatron_lite.optim.optimizer import adamw_options
 
     assert adamw_options(OptimizerConfig(), "cuda")["fused"] is True
-    assert adamw_options(OptimizerConfig(), "cpu")["foreach"] is True
+    assert adamw_options(OptimizerConfig(), "cpu")["fused"] is True
+    assert adamw_options(OptimizerConfig(), "mps")["foreach"] is True
 
 
 def _small_model(dtype: torch.dtype, seed: int) -> torch.nn.Module:

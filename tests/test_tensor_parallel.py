@@ -130,22 +130,28 @@ def _cross_entropy_vs_torch(tp_size: int) -> dict:
         ref_logits = full_logits.clone().requires_grad_()
         ref = F.cross_entropy(ref_logits.view(-1, 64), labels.view(-1), reduction="none", label_smoothing=smoothing)
         ref.sum().backward()
-        local = shard_tensor(full_logits, -1, 1, tp.rank, tp.size).requires_grad_()
-        loss = vocab_parallel_cross_entropy(local, labels, tp, label_smoothing=smoothing)
-        loss.sum().backward()
-        errors[smoothing] = (
-            rel_err(loss.view(-1), ref.detach()),
-            rel_err(local.grad, shard_tensor(ref_logits.grad, -1, 1, tp.rank, tp.size)),
-        )
+        for overwrite in (False, True):
+            local = shard_tensor(full_logits, -1, 1, tp.rank, tp.size).requires_grad_()
+            logits = local.clone() if overwrite else local  # the model's logits: a non-leaf nothing else reads
+            loss = vocab_parallel_cross_entropy(logits, labels, tp, label_smoothing=smoothing, overwrite_logits=overwrite)
+            loss.sum().backward()
+            errors[smoothing, overwrite] = (
+                rel_err(loss.view(-1), ref.detach()),
+                rel_err(local.grad, shard_tensor(ref_logits.grad, -1, 1, tp.rank, tp.size)),
+                torch.equal(local.detach(), shard_tensor(full_logits, -1, 1, tp.rank, tp.size)),
+            )
     state.destroy()
     return errors
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 4])
 def test_vocab_parallel_cross_entropy(ranks, tp_size):
+    """Against F.cross_entropy, with and without ``overwrite_logits``; without it the caller's logits
+    are left as they were."""
     for errors in ranks(4).run(_cross_entropy_vs_torch, tp_size):
-        for smoothing, (loss_err, grad_err) in errors.items():
-            assert loss_err < 1e-6 and grad_err < 1e-6, (smoothing, loss_err, grad_err)
+        for case, (loss_err, grad_err, logits_intact) in errors.items():
+            assert loss_err < 1e-6 and grad_err < 1e-6, (case, loss_err, grad_err)
+            assert logits_intact, case
 
 
 def _dropout_masks() -> dict:

@@ -188,7 +188,7 @@ class GPTChunk(nn.Module):
             logits = logits.masked_fill(self.vocab_padding, float("-inf"))
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.tp)
+        return vocab_parallel_cross_entropy(logits, labels, self.tp, overwrite_logits=True)
 
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token (+ learned position) embeddings of ids [b, s] at positions start, start + 1, ...:

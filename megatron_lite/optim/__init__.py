@@ -2,9 +2,9 @@
 
 from .clip import clip_by_norm, counted_once, global_grad_norm
 from .distributed import DistributedOptimizer
-from .grads import GradBuffer, finalize_grads
+from .grads import GradBuffer, finalize_grads, overlaps_reduction
 from .lr_schedule import learning_rate
 from .optimizer import Optimizer
 
 __all__ = ["DistributedOptimizer", "GradBuffer", "Optimizer", "clip_by_norm", "counted_once", "finalize_grads", "global_grad_norm",
-           "learning_rate"]
+           "learning_rate", "overlaps_reduction"]

@@ -44,6 +44,15 @@ from ..tensor_parallel.weight_grad import attach_main_grad
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # 160 MB of fp32 (optimizer.grad_bucket_elements)
 
 
+def overlaps_reduction(setting: Optional[bool], dp_group: Optional[dist.ProcessGroup]) -> bool:
+    """``optimizer.overlap_grad_reduce`` resolved: ``setting`` when given; None means on where the
+    reduction has a device of its own to run on, the NCCL backend (a separate CUDA stream), and off
+    on gloo, whose reduction shares the CPU cores with the backward."""
+    if setting is not None:
+        return setting
+    return dist.is_initialized() and dist.get_backend(dp_group) == dist.Backend.NCCL
+
+
 class GradBuffer:
     """fp32 gradients of ``params`` in one flat tensor, cut into DP-shardable buckets.
 

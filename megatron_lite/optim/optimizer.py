@@ -3,8 +3,7 @@
 fp32 training: the model's parameters are the master weights. bf16/fp16: the model holds
 low-precision parameters, the optimizer an fp32 copy of each; after every step the copy is written
 back. Biases and norm weights (every parameter with fewer than 2 dimensions) get no weight decay.
-torch's AdamW everywhere: its fused kernel on GPU, foreach on CPU (one state format, see
-``adamw_options``).
+torch's AdamW everywhere, its fused kernel on GPU and CPU (one state format, see ``adamw_options``).
 
 ``AdamWBase`` is what the plain ``Optimizer`` (below) and the ``DistributedOptimizer`` share: the
 two parameter groups, the learning rate set each step, clipping by the global norm. Checkpoints see
@@ -28,10 +27,16 @@ from .clip import clip_by_norm, counted_once, global_grad_norm
 ADAM_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
 
+# Where torch.optim.AdamW has a fused kernel (one pass over parameter, gradient and both moments).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def adamw_options(cfg: OptimizerConfig, device_type: str) -> dict:
     """torch.optim.AdamW's keyword arguments on ``device_type``: the fused kernel on GPU (as fast as
-    apex's FusedAdam, and unlike it keeping ``step`` per parameter as on the CPU), foreach on CPU."""
-    kernel = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    apex's FusedAdam, and unlike it keeping ``step`` per parameter) and on CPU (4–7× faster than
+    foreach, which makes six passes over memory; docs/performance.md); foreach elsewhere. All keep
+    the same state (a checkpoint of one loads into the other); their updates differ by rounding."""
+    kernel = {"fused": True} if device_type in FUSED_ADAMW_DEVICES else {"foreach": True}
     return dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
 
 

@@ -5,6 +5,13 @@ group give the loss: the max (for a stable exponent), the target's logit (owned 
 sum of exponentials. The backward is softmax − one-hot, computed locally on each slice. All math in
 fp32. Matches ``torch.nn.functional.cross_entropy`` on the gathered logits, label smoothing and
 ``ignore_index`` included.
+
+Memory: the fp32 logits are the largest activation of a GPT step ([b, s, V/t]: 4 GiB for 8k tokens
+of a 128k vocabulary). The forward shifts, exponentiates and normalises one fp32 tensor in place,
+and the backward turns that softmax into the gradient in place, so the whole loss costs one
+[b, s, V/t] fp32 buffer: a copy of the logits, or, with ``overwrite_logits`` (the model's own
+call: nothing else reads its logits), the logits themselves, as Megatron's does. bf16/fp16 logits
+are always copied (to fp32).
 """
 
 from __future__ import annotations
@@ -17,15 +24,16 @@ from ..parallel.collectives import TPGroup, all_reduce
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, tp, label_smoothing, ignore_index):
+    def forward(ctx, logits, labels, tp, label_smoothing, ignore_index, overwrite_logits):
         ctx.dtype = logits.dtype
+        overwrite = overwrite_logits or logits.dtype != torch.float32  # .float() copies those anyway
         logits = logits.float()
         vocab_local = logits.shape[-1]
         vocab_total = vocab_local * tp.size
         start = tp.rank * vocab_local
 
         logits_max = all_reduce(logits.amax(dim=-1), tp, dist.ReduceOp.MAX)[0]
-        shifted = logits - logits_max.unsqueeze(-1)
+        shifted = logits.sub_(logits_max.unsqueeze(-1)) if overwrite else logits - logits_max.unsqueeze(-1)
 
         ignored = labels == ignore_index
         local_labels = labels - start
@@ -34,13 +42,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = shifted.gather(-1, index).squeeze(-1).masked_fill(~owned, 0.0)
         target_logit = all_reduce(target_logit, tp)[0]
 
-        exp = shifted.exp()
+        if label_smoothing > 0.0:
+            # −mean over the vocabulary of log p_j = log Σexp − mean_j(shifted_j).
+            mean_logit = all_reduce(shifted.sum(dim=-1), tp)[0] / vocab_total
+        exp = shifted.exp_()
         sum_exp = all_reduce(exp.sum(dim=-1), tp)[0]
         log_sum_exp = sum_exp.log()
         loss = log_sum_exp - target_logit
         if label_smoothing > 0.0:
-            # −mean over the vocabulary of log p_j = log Σexp − mean_j(shifted_j).
-            mean_logit = all_reduce(shifted.sum(dim=-1), tp)[0] / vocab_total
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_sum_exp - mean_logit)
         loss = loss.masked_fill(ignored, 0.0)
 
@@ -58,7 +67,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad.sub_(eps / ctx.vocab_total)
         grad.scatter_add_(-1, index, -(1.0 - eps) * owned.unsqueeze(-1).to(grad.dtype))
         grad.mul_((grad_loss * ~ignored).unsqueeze(-1))
-        return grad.to(ctx.dtype), None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -67,8 +76,11 @@ def vocab_parallel_cross_entropy(
     tp: TPGroup,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """Per-token loss [b, s] (fp32) from this rank's logits [b, s, V/t] and the labels [b, s]
     (the same on every TP rank). Positions whose label is ``ignore_index`` get loss 0 and no gradient.
+    ``overwrite_logits``: fp32 logits are used as the loss's scratch buffer and hold garbage after the
+    call (saves one [b, s, V/t] fp32 tensor); only for logits nothing else reads.
     """
-    return _VocabParallelCrossEntropy.apply(logits, labels, tp, label_smoothing, ignore_index)
+    return _VocabParallelCrossEntropy.apply(logits, labels, tp, label_smoothing, ignore_index, overwrite_logits)

@@ -180,6 +180,8 @@ class RowParallelLinear(nn.Module):
             self.bias = new_parameter((out_features,), meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:  # nothing to reduce: the bias joins the GEMM (addmm)
+            return linear(x, self.weight, self.bias, self.tp)
         y = linear(x, self.weight, None, self.tp)
         y = reduce_scatter_to_sp(y, self.tp) if self.tp.sequence_parallel else reduce_from_tp(y, self.tp)
         return y if self.bias is None else y + self.bias

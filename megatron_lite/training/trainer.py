@@ -33,7 +33,7 @@ from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, 
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..model.flops import peak_flops
-from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate
+from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate, overlaps_reduction
 from ..optim.loss_scaler import LossScaler
 from ..parallel.collectives import TPGroup
 from ..parallel.context import CPGroup, local_positions, masked_mean_over_cp
@@ -108,7 +108,8 @@ class Trainer:
         o = cfg.optimizer
         self.grads = GradBuffer(  # parameters are replicated over DP × CP
             self.params, state.dp_cp_group, state.dp_cp_size, state.dp_cp_rank,
-            reduce_scatter=o.use_distributed_optimizer, overlap=o.overlap_grad_reduce,
+            reduce_scatter=o.use_distributed_optimizer,
+            overlap=overlaps_reduction(o.overlap_grad_reduce, state.dp_cp_group),
             bucket_elements=o.grad_bucket_elements,
         )
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
