@@ -1,6 +1,6 @@
 """The benchmarks that check themselves, in a small mode, so their checks cannot rot unseen: the
 communication volume of one training step against its analytic count, the checkpoint benchmark's
-read-back, the step-overhead benchmark's same-model check. Timings are printed, never asserted."""
+read-back, the step-overhead and DDP benchmarks' same-model checks. Timings are printed, never asserted."""
 
 import subprocess
 import sys
@@ -32,3 +32,11 @@ def test_checkpoint_io_reads_back_what_it_wrote(tmp_path):
 def test_step_overhead_compares_the_same_model():
     out = _run("benchmarks/step_overhead.py", "--rounds", "1", "--models", "gpt_tiny", "--threads", "1")
     assert '"benchmark": "step_overhead"' in out
+
+
+def test_ddp_step_compares_the_same_model():
+    """Both megatron_lite variants and the DDP model start from the same loss (the benchmark exits
+    non-zero otherwise), at a tiny shape."""
+    out = _run("benchmarks/ddp_step.py", "--rounds", "1", "--layers", "1", "--hidden", "64", "--seq", "32",
+               "--micro-batch", "1", "--bucket-elements", "20000")
+    assert '"benchmark": "ddp_step"' in out and "overlap pays" in out
