@@ -140,14 +140,25 @@ def _cross_entropy_vs_torch(tp_size: int) -> dict:
                 rel_err(local.grad, shard_tensor(ref_logits.grad, -1, 1, tp.rank, tp.size)),
                 torch.equal(local.detach(), shard_tensor(full_logits, -1, 1, tp.rank, tp.size)),
             )
+    # bf16 logits: the loss works on an fp32 copy and leaves them as they were, overwrite or not.
+    rounded = full_logits.bfloat16().float()
+    ref = F.cross_entropy(rounded.view(-1, 64), labels.view(-1), reduction="none")
+    for overwrite in (False, True):
+        local = shard_tensor(rounded, -1, 1, tp.rank, tp.size).bfloat16().requires_grad_()
+        before = local.detach().clone()
+        loss = vocab_parallel_cross_entropy(local, labels, tp, overwrite_logits=overwrite)
+        loss.sum().backward()
+        grad_dtype_err = 0.0 if local.grad.dtype == torch.bfloat16 else 1.0
+        errors["bf16", overwrite] = (rel_err(loss.view(-1), ref), grad_dtype_err, torch.equal(local.detach(), before))
     state.destroy()
     return errors
 
 
 @pytest.mark.parametrize("tp_size", [1, 2, 4])
 def test_vocab_parallel_cross_entropy(ranks, tp_size):
-    """Against F.cross_entropy, with and without ``overwrite_logits``; without it the caller's logits
-    are left as they were."""
+    """Against F.cross_entropy, with and without ``overwrite_logits``, fp32 and bf16 logits (the
+    gradient in the logits' dtype); the caller's logits are left as they were unless they are fp32
+    and ``overwrite_logits`` is set."""
     for errors in ranks(4).run(_cross_entropy_vs_torch, tp_size):
         for case, (loss_err, grad_err, logits_intact) in errors.items():
             assert loss_err < 1e-6 and grad_err < 1e-6, (case, loss_err, grad_err)
