@@ -1,6 +1,6 @@
 """The executor's own pipeline bubble, without CPU contention: stage modules that sleep.
 
-    python benchmarks/pipeline_sleep_bubble.py [--ms 40] [--pp 2 4 8] [--schedules ...]
+    python benchmarks/pipeline_sleep_bubble.py [--ms 200] [--pp 2 4 8] [--schedules ...]
 
 Each chunk's forward sleeps F, its input-gradient backward B and its weight-gradient backward W
 (F = B = W = ``--ms`` for a full stage, 1/v of it per chunk) around tiny tensors; the weight part
@@ -123,7 +123,9 @@ def _rank(rank: int, port: int, args, out) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ms", type=float, default=40.0, help="F = B = W of a full stage, in ms")
+    parser.add_argument("--ms", type=float, default=200.0,
+                        help="F = B = W of a full stage, in ms (200: message latency against stage time "
+                             "as on GPUs; docs/performance.md)")
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--schedules", nargs="+", default=list(S.SCHEDULES))
     parser.add_argument("--iterations", type=int, default=3,

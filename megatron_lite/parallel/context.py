@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..pipeline.p2p import post_batch
+
 LAYOUTS = ("zigzag", "contiguous")
 FLASH_MAX_HEAD_DIM = 256  # torch's flash-attention kernels: head_dim a multiple of 8, at most 256
 
@@ -210,9 +212,8 @@ class _Exchange:
         self.group = cp.group  # what the hang watchdog names when a rank waits here
         self.sends = sends  # kept alive until the group completes
         self.received = [torch.empty_like(t) for t in recv_like]
-        ops = [dist.P2POp(dist.isend, t, cp.next_rank, cp.group) for t in sends]
-        ops += [dist.P2POp(dist.irecv, t, cp.prev_rank, cp.group) for t in self.received]
-        self.works = dist.batch_isend_irecv(ops) if ops else []
+        self.works = post_batch([(t, cp.next_rank) for t in sends], [(t, cp.prev_rank) for t in self.received],
+                                cp.group)
 
     def wait(self) -> list[torch.Tensor]:
         """Wait for the whole group (sends too: on NCCL it completes as one unit)."""

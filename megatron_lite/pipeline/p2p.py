@@ -33,6 +33,20 @@ import torch
 import torch.distributed as dist
 
 
+def post_batch(
+    sends: Sequence[tuple[torch.Tensor, int]],
+    recvs: Sequence[tuple[torch.Tensor, int]],
+    group: Optional[dist.ProcessGroup],
+) -> list[dist.Work]:
+    """Post ``sends`` ``(tensor, global rank)`` and ``recvs`` ``(buffer, global rank)`` over ``group``
+    as ONE ``batch_isend_irecv`` group and return its works: the caller waits for every one of them,
+    once, before it relies on any (the group completes as a unit on NCCL). Used by the pipeline's
+    exchanges and by context parallelism's ring steps, which compute while theirs is in flight."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buf, peer, group) for buf, peer in recvs]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 class PipelineLink:
     """Sends and receives over ``group``; peers are pipeline ranks, mapped to global ranks by
     ``pp_ranks`` (``ParallelState.pp_ranks``)."""
@@ -49,9 +63,7 @@ class PipelineLink:
         """Post ``sends`` ``(tensor, peer)`` and ``recvs`` ``(buffer, peer)`` as one group and wait
         for all of it: on return every receive buffer is filled and every send is done (its tensor
         may be freed)."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.pp_ranks[peer], self.group) for t, peer in sends]
-        ops += [dist.P2POp(dist.irecv, buf, self.pp_ranks[peer], self.group) for buf, peer in recvs]
-        if not ops:
-            return
-        for work in dist.batch_isend_irecv(ops):
+        works = post_batch([(t, self.pp_ranks[peer]) for t, peer in sends],
+                           [(buf, self.pp_ranks[peer]) for buf, peer in recvs], self.group)
+        for work in works:
             work.wait()
