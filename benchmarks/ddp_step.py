@@ -58,7 +58,6 @@ def _rank(rank: int, world: int, port: int, args, out) -> None:
     tokens, labels = ids[:, :-1], ids[:, 1:]
 
     def ours(overlap: bool):
-        torch.manual_seed(0)
         model = build_gpt(m, VOCAB)
         params = list(model.parameters())
         grads = GradBuffer(params, state.dp_group, state.dp_size, state.dp_rank, overlap=overlap,

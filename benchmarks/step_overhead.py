@@ -2,9 +2,10 @@
 plain PyTorch GPT of the same shape and math written here (nanoGPT style: one fused [q|k|v] linear,
 SDPA attention, tanh GeLU, tied embedding, learned positions, the same init std), fp32, CPU.
 
-megatron_lite runs through the trainer's own pieces: ``build_gpt``, the fp32 ``GradBuffer`` (a
-post-accumulate hook per parameter) and ``Optimizer`` (global-norm clipping + foreach AdamW). The plain
-model uses ``clip_grad_norm_`` + the same foreach AdamW with the same weight-decay groups. Both start
+megatron_lite runs through the trainer's own pieces: ``build_gpt``, the fp32 ``GradBuffer`` (weight
+gradients written straight into it, a post-accumulate hook for norms and biases) and ``Optimizer``
+(global-norm clipping + torch's fused AdamW). The plain model uses ``clip_grad_norm_`` + foreach
+AdamW with the same weight-decay groups. Both start
 from the same weights (ours copied into the plain model) and the first losses are checked to agree, so
 the two really compute the same thing. Steps alternate between the two models in one process; the
 ratio is the median over rounds of plain-time / ours-time (> 1: megatron_lite is faster), for the

@@ -1,5 +1,5 @@
-"""Point-to-point messages between the stages of one pipeline group, with NCCL's group semantics on
-every backend.
+"""Point-to-point messages between the stages of one pipeline group (and the ring steps of context
+parallelism, through ``post_batch``), with NCCL's group semantics on every backend.
 
 A schedule's batch of messages (the consecutive sends and receives of its action list) is posted as
 ONE ``torch.distributed.batch_isend_irecv`` call, and the rank waits for every work of it, sends
