@@ -19,7 +19,6 @@ import torch
 from test_training import REPO, read_metrics, rel
 
 from megatron_lite.checkpoint.storage import CheckpointError, find_checkpoint, read_full, write_checkpoint
-from megatron_lite.optim import DistributedOptimizer
 
 TOLERANCE = 1e-5
 BASE = [
@@ -106,8 +105,6 @@ def test_resume_same_layout_is_bit_identical(ranks, saved, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-@pytest.mark.skipif(not hasattr(DistributedOptimizer, "named_param_states"),
-                    reason="DistributedOptimizer.named_param_states() not implemented yet")
 def test_distributed_optimizer_resume(ranks, tmp_path):
     """ZeRO-1 optimizer state saved by parameter name: TP2×PP2×DP2 resumes bit-identically, and a
     TP1×PP4×DP2 run with the plain optimizer continues within 1e-5."""
@@ -216,6 +213,34 @@ def test_bad_checkpoints_one_line_errors(damaged):
     assert _error(damaged) == (f"{damaged / 'latest_checkpointed_iteration.txt'}: names iteration 9 but "
                                f"{damaged / 'iter_0000009'} does not exist")
     assert _error(damaged, 5).startswith(f"{damaged / 'iter_0000005'}: no such checkpoint (found: iter_0000003, ")
+
+
+def _pickled_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls ``module``'s attribute ``name`` (dotted: reached through the
+    module's own imports) on ``arg``."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s.encode())]) + s.encode()  # SHORT_BINUNICODE
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."  # STACK_GLOBAL, TUPLE1, REDUCE
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.distributed.checkpoint.metadata", "os.system"),  # the module imports os
+    ("torch.distributed.checkpoint.metadata", "torch.load"),
+    ("torch", "os.system"), ("builtins", "eval"), ("os", "system"),
+])
+def test_crafted_dcp_index_is_refused_without_side_effects(tmp_path, module, name):
+    """A .metadata naming anything but DCP's metadata classes (and torch sizes, dtypes, layouts) is
+    refused before the name is looked up: nothing runs, one line names the file."""
+    root = tmp_path / "ckpt"
+    write_checkpoint({"model/w": torch.ones(2, 3)}, {}, "", root, 1)
+    assert find_checkpoint(root).shape("model/w") == (2, 3)  # a real index passes the allow-list
+    marker = tmp_path / "pwned"
+    command = f"open({str(marker)!r}, 'w')" if name == "eval" else f"touch {marker}"
+    index = root / "iter_0000001" / ".metadata"
+    index.write_bytes(_pickled_call(module, name, command))
+    message = _error(root)
+    assert message.startswith(f"{index}: unreadable DCP index (UnpicklingError: {module}.{name} is not allowed")
+    assert not marker.exists()
 
 
 def test_other_model_shape_exits_2_with_one_line(saved, tmp_path):

@@ -161,24 +161,61 @@ def test_a_waiter_names_the_holder_and_gives_up_after_the_timeout(tmp_path, caps
 
 def test_trainer_starts_with_a_stale_lock_in_the_kernel_cache(tmp_path):
     """The failure of issue 16: a 0-byte ``lock`` left in the kernel extension's cache directory by a
-    killed start-up. The trainer starts and trains with the csrc backend as usual."""
+    start-up killed mid-build. The trainer removes it, finishes the build (ninja finds the objects up
+    to date) and trains with the csrc backend; without the stale-lock handling torch's FileBaton would
+    wait for that lock forever."""
+    import shutil
+
     from megatron_lite.ops import csrc
 
     if csrc.extension() is None:
         pytest.skip("the csrc extension does not build here")
-    directory = Path(csrc.extension().__file__).parent
+    cache = tmp_path / "cache"
+    built = Path(csrc.extension().__file__).parent
+    directory = Path(shutil.copytree(built, cache / "extensions" / built.name))  # keeps the mtimes: no recompile
+    (directory / extensions.MANIFEST).unlink()  # killed before the build finished
     (directory / extensions.TORCH_BATON).touch()
-    try:
-        cmd = [sys.executable, "-m", "megatron_lite.train", "model=gpt_tiny", "model.num_layers=1",
-               "model.seq_length=32", "model.kernel_backend=csrc", "training.train_iters=1",
-               "training.micro_batch_size=1", "training.global_batch_size=1", "training.eval_iters=0",
-               f"logging.dir={tmp_path}/logs", "logging.log_interval=1"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MEGATRON_LITE_CACHE": str(directory.parent.parent)}
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "kernel backend: csrc" in done.stdout and "iteration" in done.stdout
-    finally:
-        (directory / extensions.TORCH_BATON).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "megatron_lite.train", "model=gpt_tiny", "model.num_layers=1",
+           "model.seq_length=32", "model.kernel_backend=csrc", "training.train_iters=1",
+           "training.micro_batch_size=1", "training.global_batch_size=1", "training.eval_iters=0",
+           f"logging.dir={tmp_path}/logs", "logging.log_interval=1"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"removed {directory / extensions.TORCH_BATON}, a lock file left by an interrupted build" in done.stderr
+    assert "kernel backend: csrc" in done.stdout and "iteration" in done.stdout
+    assert (directory / extensions.MANIFEST).is_file() and not (directory / extensions.TORCH_BATON).exists()
+
+
+def test_without_file_locks_torchs_lock_file_is_left_alone(tiny, monkeypatch, capsys):
+    """On a file system without ``flock`` this process holds no lock, so torch's ``lock`` in the build
+    directory may be another builder's live baton: it must not be deleted (torch's own baton then
+    serialises the builds)."""
+    import errno
+
+    from torch.utils import cpp_extension
+
+    source, _ = tiny
+    description = extensions.build_description("mlite_tiny_nolock", [source])
+    directory = extensions.build_directory(description)
+    directory.mkdir(parents=True)
+    baton = directory / extensions.TORCH_BATON
+    baton.touch()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    seen = []
+
+    def build(**kwargs):  # stands in for the compile: records what the build would find, then stops
+        seen.append(baton.exists())
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr(extensions.fcntl, "flock", no_flock)
+    monkeypatch.setattr(cpp_extension, "load", build)
+    with pytest.raises(RuntimeError, match="stop before compiling"):
+        extensions._load_or_build(description, [source], (), (), None)
+    assert seen == [True] and baton.exists()
+    assert "does not support file locks" in capsys.readouterr().err
 
 
 def test_cuda_kernels_are_planned_from_the_torch_build_and_toolkit(monkeypatch, tmp_path):

@@ -305,11 +305,19 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _classes_of(module: Any) -> frozenset[str]:
+    """The names of the classes ``module`` itself defines (not what it imports: ``os``, ``torch``...)."""
+    return frozenset(name for name, obj in vars(module).items()
+                     if isinstance(obj, type) and obj.__module__ == module.__name__)
+
+
 class _IndexUnpickler(pickle.Unpickler):
-    """Unpickles DCP's index and nothing else: DCP metadata classes, torch.Size, dtypes, layouts."""
+    """Unpickles DCP's index and nothing else: DCP's metadata classes, torch.Size, dtypes, layouts.
+    A name is checked before anything is looked up, and dotted names (``os.system`` reached through
+    a module's attributes) are refused."""
 
     ALLOWED = {
-        "torch.distributed.checkpoint.metadata": None,  # every name in the module
+        "torch.distributed.checkpoint.metadata": _classes_of(dcp.metadata),
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},
         "torch": {"Size"},
@@ -319,12 +327,10 @@ class _IndexUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = self.ALLOWED.get(module, set())
-        value = super().find_class(module, name) if module in self.ALLOWED else None
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if value is not None and (allowed is None or name in allowed):
-            return value
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
 
 
