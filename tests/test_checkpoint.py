@@ -160,6 +160,41 @@ def test_keep_last_and_fresh_start(ranks, tmp_path):
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
 
+def test_keep_last_after_resuming_an_older_iteration(ranks, tmp_path):
+    """Saved at 2, 4, 6; resumed at 2 with keep_last=2, the final save at 3 (off the interval) is kept
+    with what the tracker names, the abandoned 4 and 6 are kept outside the count, and the next start
+    resumes at 3 (before: 3 was pruned as the oldest iteration and the start failed)."""
+    ckpt = tmp_path / "ckpt"
+    run = BASE + [f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "checkpoint.save_interval=2"]
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'a'}"])
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'b'}", "training.train_iters=3",
+                                "checkpoint.load_iteration=2", "checkpoint.keep_last=2"])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_000000{i}" for i in (2, 3, 4, 6)]
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'c'}", "training.train_iters=4", "checkpoint.keep_last=2"])
+    assert sorted(losses(tmp_path / "b")) == [3] and sorted(losses(tmp_path / "c")) == [4]
+    # 4 was saved again (the abandoned 4 replaced); 3 and 4 are the two newest of this line; 6 waits.
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_000000{i}" for i in (3, 4, 6)]
+
+
+def test_pruning_keeps_the_tracker_and_passes_an_abandoned_branch(tmp_path):
+    """keep_last counts in write order and never removes the tracker's checkpoint or a later
+    iteration: an abandoned branch (4, 6 after a resume at 2) is replaced or pruned as the new run
+    passes it."""
+    root = tmp_path / "ckpt"
+
+    def save(iteration: int, keep_last: int = 2) -> list[int]:
+        write_checkpoint({"model/w": torch.full((2,), float(iteration))}, {}, "", root, iteration, keep_last=keep_last)
+        assert find_checkpoint(root).iteration == iteration
+        return sorted(int(p.name[5:]) for p in root.glob("iter_*"))
+
+    for i in (2, 4, 6):
+        save(i, keep_last=None)
+    assert save(3) == [2, 3, 4, 6]
+    assert save(5) == [3, 5, 6]  # the abandoned 4, passed, is older than 3 in write order: pruned
+    assert save(7) == [5, 7]  # so is 6 once passed
+    assert save(1, keep_last=1) == [1, 5, 7]  # a resume at 0: everything later is kept
+
+
 def test_other_vocabulary_padding(ranks, tmp_path):
     """A vocabulary of 4100 tokens is padded to 4224 rows at TP=1 and 4352 at TP=2: loading keeps
     every saved row and zero-fills the new padding rows; the other parameters load unchanged."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +221,30 @@ def _raise_if_any_failed(error: Optional[BaseException], root: Path, iteration: 
         raise CheckpointError(_save_failure(root, iteration, error or OSError("failed on another rank")))
 
 
+def _written_at(path: Path) -> int:
+    """When a complete checkpoint was published: its meta.json's mtime (written just before the rename)."""
+    return (path / META).stat().st_mtime_ns
+
+
 def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints; returns the deleted ones."""
-    done = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    old = done[:-keep_last]
+    """Delete the checkpoints beyond the newest ``keep_last`` in write order; returns the deleted ones.
+
+    Never deleted: the checkpoint the tracker names, anything written after it, and anything of a
+    later iteration than it. The last are an abandoned later branch (a resume from an older
+    iteration, e.g. ``checkpoint.load_iteration``): they are kept, outside the count, until the new
+    run saves the same iteration again (which replaces it) or passes it (it is then older in write
+    order than the new run's checkpoints, and pruned like them). Checkpoints without a meta.json are
+    not ours to judge and are left alone."""
+    root = Path(root)
+    tracked = read_tracker(root)
+    if tracked is None or not (iteration_dir(root, tracked) / META).is_file():
+        return []
+    newest = _written_at(iteration_dir(root, tracked))
+    done = {int(m.group(1)): p for p in root.glob("iter_*")
+            if (m := re.fullmatch(r"iter_(\d+)", p.name)) and (p / META).is_file()}
+    older = sorted((p for it, p in done.items() if it < tracked and _written_at(p) <= newest),
+                   key=lambda p: (_written_at(p), p.name))
+    old = older[:max(len(older) - (keep_last - 1), 0)]  # the tracker's checkpoint is one of the kept
     for path in old:
         shutil.rmtree(path)
     return old
