@@ -150,6 +150,33 @@ def test_single_rank_resume_is_bit_identical(ranks, tmp_path, what):
     assert scales == [r.get("loss_scale") for r in read_metrics(tmp_path / "a")[0]][2:]
 
 
+def test_generators_of_another_device_type_are_skipped_in_one_line():
+    """A checkpoint saved on a GPU resumed on the CPU (the other way round is the same check): the
+    torch, numpy and Python generators are restored; the model's CUDA dropout generators (16-byte
+    Philox states) and the CUDA generator cannot be, and are named instead of a bare RuntimeError."""
+    import random
+
+    import numpy as np
+
+    from megatron_lite.checkpoint.sharded import restore_rng, rng_tensors
+    from megatron_lite.tensor_parallel.random import ModelRNG
+
+    model_rng = ModelRNG(7)
+    saved = rng_tensors(0, model_rng)
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    philox = torch.zeros(16, dtype=torch.uint8)  # what torch.cuda generators' get_state() returns
+    saved.update({"rng/rank0/model.default": philox, "rng/rank0/model.tensor_parallel": philox,
+                  "rng/rank0/cuda": philox})
+    seeded = ModelRNG(8)
+    skipped = restore_rng(0, saved, seeded)
+    got = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]  # the host generators came back
+    assert skipped == ["the model's dropout generators (saved on a GPU, this run's are cpu)",
+                       "the CUDA generator (no GPU here)"]
+    assert torch.equal(seeded.default.get_state(), ModelRNG(8).default.get_state())  # kept its seeded state
+    assert restore_rng(0, rng_tensors(0, model_rng), ModelRNG(8)) == []
+
+
 def test_keep_last_and_fresh_start(ranks, tmp_path):
     """keep_last prunes after the new save; a load directory without a tracker starts from scratch."""
     ranks(1).run(_train, BASE + [
