@@ -135,9 +135,10 @@ fi
 
 # ---- env; then the toolchain, exported once for the build and every later stage ----
 if [ "$DRY" != 1 ]; then
-  read -r ARCH FOUND_CUDA_HOME < <("$PYTHON" "${CHECK[@]}" toolchain)
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  [ -n "${FOUND_CUDA_HOME:-}" ] && [ "$FOUND_CUDA_HOME" != - ] && export CUDA_HOME=$FOUND_CUDA_HOME
+  read -r ARCH FOUND_CUDA_HOME < <("$PYTHON" "${CHECK[@]}" toolchain)  # "-" for what is not found
+  [ "${ARCH:--}" = - ] && ARCH=9.0
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  [ "${FOUND_CUDA_HOME:--}" != - ] && export CUDA_HOME=$FOUND_CUDA_HOME
   echo "== toolchain: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset}"
 fi
 stage env core "$PYTHON" "${CHECK[@]}" env "$WORK/env.json"

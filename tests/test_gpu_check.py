@@ -120,6 +120,14 @@ def test_a_csrc_run_that_fell_back_to_torch_fails():
     assert gpu_check.kernel_backend("x\nkernel backend: csrc (CUDA kernels for sm 9.0)\ny") == "csrc (CUDA kernels for sm 9.0)"
 
 
+def test_toolchain_line_without_a_gpu():
+    """What the script reads before the build: ``ARCH CUDA_HOME``, ``-`` for what is not there."""
+    from megatron_lite.ops import csrc
+
+    arch, home = gpu_check.toolchain().split()
+    assert arch == "-" and home == (csrc.find_cuda_home() or "-")
+
+
 def test_loss_agreement_is_gated_on_iteration_1_only():
     run = lambda losses: {"losses": losses}  # noqa: E731
     agreement = gpu_check.loss_agreement(run([8.0, 7.0, 6.0]), run([8.0 * (1 + 1e-3), 7.5, 6.6]), "bf16")
