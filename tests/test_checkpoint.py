@@ -192,7 +192,8 @@ def test_keep_last_after_resuming_an_older_iteration(ranks, tmp_path):
     with what the tracker names, the abandoned 4 and 6 are kept outside the count, and the next start
     resumes at 3 (before: 3 was pruned as the oldest iteration and the start failed)."""
     ckpt = tmp_path / "ckpt"
-    run = BASE + [f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "checkpoint.save_interval=2"]
+    run = BASE + ["training.global_batch_size=4", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
+                  "checkpoint.save_interval=2"]
     ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'a'}"])
     ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'b'}", "training.train_iters=3",
                                 "checkpoint.load_iteration=2", "checkpoint.keep_last=2"])
