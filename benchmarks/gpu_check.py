@@ -1,10 +1,15 @@
-"""The Python side of ``benchmarks/gpu_check.sh``: the environment report, the MFU training runs (micro
-batch as large as the planner says fits, halved once on an out-of-memory), and ``summary.json``,
-rebuilt after every stage from whatever the stages left, so a run cut short still has one.
+"""The Python side of ``benchmarks/gpu_check.sh``: the stage records, the environment report, the MFU
+training runs (micro batch as large as the planner says fits, halved once on an out-of-memory), and
+what comes back from the GPU machine: ``OUT/summary.json`` and ``OUT/gpu_check.tgz`` (the work
+directory), rebuilt after every stage from whatever the stages left, so a run cut short still has both.
 
-    python benchmarks/gpu_check.py env OUT/env.json
-    python benchmarks/gpu_check.py train OUT NAME [--micro-batch N | --micro-batch-of RUN] -- OVERRIDES
-    python benchmarks/gpu_check.py summary OUT
+    python benchmarks/gpu_check.py start WORK OUT --dry-run 0|1 --budget S --limits "stage=S ..."
+    python benchmarks/gpu_check.py record WORK OUT --stage NAME --status S --rc RC --seconds T ...
+    python benchmarks/gpu_check.py wheels .whl benchmarks/gpu_check_wheels.txt
+    python benchmarks/gpu_check.py toolchain            # prints "ARCH CUDA_HOME" for the build
+    python benchmarks/gpu_check.py env WORK/env.json
+    python benchmarks/gpu_check.py train WORK NAME [--micro-batch N | --micro-batch-of RUN] -- OVERRIDES
+    python benchmarks/gpu_check.py summary WORK OUT
 
 Needs only torch (and, for ``train``, the trainer's hydra/omegaconf), so it runs in the GPU image.
 """
@@ -20,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -29,8 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GiB = 2**30
 MEDIAN_ITERATIONS = range(4, 13)  # iterations 4–12: after the first steps' allocator and kernel warm-up
-# csrc and torch kernels differ only in rounding: their loss curves must agree this closely.
+# Iteration 1 of the csrc and the torch run has the same weights and the same batch: the losses differ
+# only by the kernels' rounding and must agree this closely. Later iterations (the updates amplify
+# the difference) are reported, not gated.
 LOSS_AGREEMENT = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-5}
+ARCHIVE = "gpu_check.tgz"
+ARCHIVE_MAX_BYTES = 12 * 2**20  # uncompressed: the device tool hands back files under 16 MiB
+KERNEL_BACKEND = re.compile(r"^kernel backend: (.*)$", re.MULTILINE)
 OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 
 
@@ -66,6 +77,7 @@ def environment() -> dict[str, Any]:
         "transformer_engine": _module_version("transformer_engine"), "apex": _module_version("apex"),
         "apex_extensions": vendor.apex_extensions(), "hydra": _module_version("hydra"),
         "nvcc": _run(["nvcc", "--version"]), "csrc_cuda_plan": csrc.cuda_plan().__dict__,
+        **toolkit_view(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -76,6 +88,56 @@ def environment() -> dict[str, Any]:
                 "power.max_limit,memory.total,driver_version,persistence_mode", "--format=csv,noheader"])
     env["nvidia_smi"] = smi
     return env
+
+
+def toolkit_view() -> dict[str, Any]:
+    """Where the CUDA toolkit is, as the build will see it: $CUDA_HOME, ``command -v nvcc``, torch's
+    CUDA_HOME, and the toolkit root ``csrc.find_cuda_home`` picks (bin/nvcc and the headers)."""
+    from torch.utils import cpp_extension
+
+    from megatron_lite.ops import csrc
+
+    return {"cuda_home_env": os.environ.get("CUDA_HOME"), "nvcc_on_path": shutil.which("nvcc"),
+            "torch_cuda_home": cpp_extension.CUDA_HOME, "cuda_home_found": csrc.find_cuda_home(),
+            "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"), "max_jobs": os.environ.get("MAX_JOBS")}
+
+
+def toolchain() -> str:
+    """``ARCH CUDA_HOME`` for the script to export before the build: the GPU's compute capability
+    (``-`` without a GPU) and the CUDA toolkit root (``-`` if none)."""
+    import torch
+
+    from megatron_lite.ops import csrc
+
+    arch = "%d.%d" % torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "-"
+    return f"{arch} {csrc.find_cuda_home() or '-'}"
+
+
+def check_wheels(folder: Path, pins: Path) -> Optional[str]:
+    """None if ``folder`` holds exactly one wheel of each package pinned in ``pins``, at its pin;
+    else what is wrong, in one line (two versions of one package, a missing or other version)."""
+    wanted = {}
+    for line in pins.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            wanted[_normalise(name)] = version
+    found: dict[str, set[str]] = {}
+    for wheel in folder.glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        found.setdefault(_normalise(name), set()).add(version)
+    for name, versions in sorted(found.items()):
+        if len(versions) > 1:
+            return f"{folder}: {len(versions)} versions of {name} ({', '.join(sorted(versions))}); keep only {pins}'s"
+    for name, version in wanted.items():
+        if found.get(name) != {version}:
+            have = ", ".join(sorted(found.get(name, ()))) or "none"
+            return f"{folder}: {name}=={version} is pinned in {pins} but the folder has {have}"
+    return None
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 # ---- train ----
@@ -93,12 +155,12 @@ def planned_micro_batch(overrides: list[str], memory_bytes: float, candidates=(1
     return 1
 
 
-def train(out: Path, name: str, overrides: list[str], micro_batch: Optional[int], memory_fraction: float) -> int:
-    """Run the trainer for one MFU measurement into OUT/NAME (metrics.jsonl, train.log, run.json):
+def train(work: Path, name: str, overrides: list[str], micro_batch: Optional[int], memory_fraction: float) -> int:
+    """Run the trainer for one MFU measurement into WORK/NAME (metrics.jsonl, train.log, run.json):
     micro batch = global batch (one micro batch per iteration), halved once after an OOM."""
     import torch
 
-    run_dir = out / name
+    run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
     if micro_batch is None:
         memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 8 * GiB
@@ -123,18 +185,53 @@ def train(out: Path, name: str, overrides: list[str], micro_batch: Optional[int]
         if not oom or len(attempts) > 1:
             break
         micro_batch //= 2
+    backend = kernel_backend(log.read_text(errors="replace"))
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**run, "kernel_backend": backend}, indent=1))
     print(f"{name}: micro batch {micro_batch}, exit {rc}, {attempts[-1]['seconds']:.0f} s "
-          f"({len(attempts)} attempt{'s' if len(attempts) > 1 else ''})")
+          f"({len(attempts)} attempt{'s' if len(attempts) > 1 else ''}); kernel backend: {backend}")
+    fell_back = csrc_fell_back(overrides, backend, torch.cuda.is_available())
+    if rc == 0 and fell_back:
+        print(f"{name}: {fell_back}")
+        return 3
     return rc
+
+
+def kernel_backend(log: str) -> Optional[str]:
+    """The trainer's start-up line ``kernel backend: ...``, without its label."""
+    match = KERNEL_BACKEND.search(log)
+    return match.group(1).strip() if match else None
+
+
+def csrc_fell_back(overrides: list[str], backend: Optional[str], cuda: bool) -> Optional[str]:
+    """Why a run that asked for ``model.kernel_backend=csrc`` did not measure the csrc kernels (None
+    if it did): the trainer fell back to torch, or, on a GPU, the extension has no CUDA kernels for it."""
+    if "model.kernel_backend=csrc" not in overrides:
+        return None
+    if not backend or not backend.startswith("csrc"):
+        return f"asked for model.kernel_backend=csrc but the trainer ran {backend or 'an unknown backend'}"
+    if cuda and ("CUDA kernels for sm" not in backend or "not covering" in backend):
+        return f"asked for model.kernel_backend=csrc but the GPU ran torch ops: {backend}"
+    return None
 
 
 # ---- summary ----
 
 def _jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file; a line that does not parse is skipped, not the file."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
         return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _json(path: Path) -> Optional[Any]:
@@ -158,7 +255,7 @@ def run_figures(run_dir: Path) -> Optional[dict]:
 
     run = _json(run_dir / "run.json") or {}
     return {
-        "iterations": len(records), "micro_batch": run.get("micro_batch"),
+        "iterations": len(records), "micro_batch": run.get("micro_batch"), "kernel_backend": run.get("kernel_backend"),
         "tokens_per_s": median("tokens_per_s"), "tflops_per_device": median("tflops_per_device"),
         "tflops_per_device_noncausal": median("tflops_per_device_noncausal"),
         "mfu": median("mfu"), "mfu_noncausal": median("mfu_noncausal"),
@@ -168,14 +265,16 @@ def run_figures(run_dir: Path) -> Optional[dict]:
 
 
 def loss_agreement(a: Optional[dict], b: Optional[dict], precision: str) -> Optional[dict]:
-    """Largest relative difference of two runs' per-iteration losses, and whether it is within the
-    tolerance for the precision."""
+    """The relative difference of two runs' losses at iteration 1 (same weights, same batch: only the
+    kernels' rounding differs), gated by the tolerance for the precision; the later iterations'
+    differences reported without a gate."""
     if not a or not b or not a["losses"] or not b["losses"]:
         return None
     n = min(len(a["losses"]), len(b["losses"]))
-    worst = max(abs(x - y) / abs(y) for x, y in zip(a["losses"][:n], b["losses"][:n]))
-    return {"iterations": n, "max_relative_difference": worst, "tolerance": LOSS_AGREEMENT[precision],
-            "agree": worst <= LOSS_AGREEMENT[precision]}
+    differences = [abs(x - y) / abs(y) for x, y in zip(a["losses"][:n], b["losses"][:n])]
+    return {"iterations": n, "first_iteration_relative_difference": differences[0],
+            "tolerance": LOSS_AGREEMENT[precision], "agree": differences[0] <= LOSS_AGREEMENT[precision],
+            "later_max_relative_difference": max(differences[1:], default=None), "relative_differences": differences}
 
 
 def test_counts(path: Path) -> Optional[dict]:
@@ -198,21 +297,45 @@ def kernel_figures(path: Path) -> Optional[dict]:
     return {"device": data["device"], "copy_bytes_per_s": data["copy_bytes_per_s"], "rows": rows}
 
 
-def summary(out: Path) -> dict:
-    stages = _jsonl(out / "stages.jsonl")
-    meta = _json(out / "meta.json") or {}
-    runs = {d.name: run_figures(d) for d in sorted(out.iterdir()) if d.is_dir() and (d / "run.json").exists()}
+def summary(work: Path) -> dict:
+    """Everything the stages left in ``work``, as one JSON-able dict (``ok``: the check passed)."""
+    stages = _jsonl(work / "stages.jsonl")
+    meta = _json(work / "meta.json") or {}
+    runs = {d.name: run_figures(d) for d in sorted(work.iterdir()) if d.is_dir() and (d / "run.json").exists()}
     precision = meta.get("precision", "bf16")
     result = {
         "meta": meta, "stages": stages,
-        "total_seconds": sum(s.get("seconds", 0) for s in stages),
-        "env": _json(out / "env.json"), "tests": test_counts(out / "tests.xml"), "runs": runs,
+        "total_seconds": sum(s.get("seconds") or 0 for s in stages),
+        "env": _json(work / "env.json"), "tests": test_counts(work / "tests.xml"), "runs": runs,
         "loss_agreement_csrc_vs_torch": loss_agreement(runs.get("mfu_gpt_csrc"), runs.get("mfu_gpt_torch"), precision),
-        "kernels": kernel_figures(out / "kernels.json"), "kernels_compile": kernel_figures(out / "kernels_compile.json"),
+        "kernels": kernel_figures(work / "kernels.json"), "kernels_compile": kernel_figures(work / "kernels_compile.json"),
     }
-    result["ok"] = bool(stages) and all(s["status"] in ("ok", "skipped") for s in stages) and (
-        result["loss_agreement_csrc_vs_torch"] is None or result["loss_agreement_csrc_vs_torch"]["agree"])
-    tmp = out / "summary.json.tmp"
+    agreement = result["loss_agreement_csrc_vs_torch"]
+    result["ok"] = bool(stages) and all(s.get("status") in ("ok", "skipped", "partial") for s in stages) and (
+        agreement is None or agreement["agree"])
+    return result
+
+
+def publish(work: Path, out: Path) -> dict:
+    """Rebuild OUT's two result files from ``work``: ``summary.json`` and ``gpu_check.tgz`` (the work
+    directory's files, smallest first up to ``ARCHIVE_MAX_BYTES``; what did not fit is listed in the
+    summary), each written under a temporary name in OUT and moved into place."""
+    result = summary(work)
+    files = sorted((p for p in work.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    kept, total = [], 0
+    for path in files:
+        total += path.stat().st_size
+        if total > ARCHIVE_MAX_BYTES:
+            break
+        kept.append(path)
+    result["archive"] = {"name": ARCHIVE, "files": len(kept),
+                         "left_out": [str(p.relative_to(work)) for p in files[len(kept):]]}
+    tmp = out / f".{ARCHIVE}.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in kept:
+            tar.add(path, arcname=str(Path("gpu_check") / path.relative_to(work)))
+    os.replace(tmp, out / ARCHIVE)
+    tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "summary.json")
     return result
@@ -221,7 +344,7 @@ def summary(out: Path) -> dict:
 def print_summary(result: dict) -> None:
     for s in result["stages"]:
         extra = f" ({s['reason']})" if s.get("reason") else ""
-        print(f"  {s['stage']:<16} {s['status']:<8} {s.get('seconds', 0):6.1f} s{extra}")
+        print(f"  {s['stage']:<16} {s['status']:<8} {s.get('seconds') or 0:6.1f} s{extra}")
     if result["tests"]:
         t = result["tests"]
         print(f"  tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped")
@@ -229,30 +352,89 @@ def print_summary(result: dict) -> None:
         if r:
             mfu = f", MFU {r['mfu']:.1%} (non-causal count {r['mfu_noncausal']:.1%})" if r.get("mfu") else ""
             print(f"  {name}: micro batch {r['micro_batch']}, {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"{r['tflops_per_device']:.3g} TFLOP/s{mfu}, peak {r['peak_memory_gb']:.1f} GB")
+                  f"{r['tflops_per_device']:.3g} TFLOP/s{mfu}, peak {r['peak_memory_gb']:.1f} GB; "
+                  f"kernel backend {r['kernel_backend']}")
     agreement = result["loss_agreement_csrc_vs_torch"]
     if agreement:
-        print(f"  csrc vs torch losses: max relative difference {agreement['max_relative_difference']:.2e} "
-              f"over {agreement['iterations']} iterations ({'agree' if agreement['agree'] else 'DISAGREE'})")
+        later = agreement["later_max_relative_difference"]
+        print(f"  csrc vs torch loss at iteration 1: relative difference "
+              f"{agreement['first_iteration_relative_difference']:.2e} (tolerance {agreement['tolerance']:.0e}: "
+              f"{'agree' if agreement['agree'] else 'DISAGREE'}); iterations 2-{agreement['iterations']}: "
+              f"at most {later:.2e} (not gated)" if later is not None else "")
     print(f"  total {result['total_seconds']:.0f} s; {'OK' if result['ok'] else 'NOT OK'}")
+
+
+def record(work: Path, args: argparse.Namespace) -> dict:
+    """One stage's record (a JSON line in WORK/stages.jsonl); a failed stage's reason is the last
+    line of its log, whatever characters it holds."""
+    reason = args.reason
+    if not reason and args.status == "failed":
+        lines = [ln for ln in (work / f"{args.stage}.log").read_text(errors="replace").splitlines() if ln.strip()] \
+            if (work / f"{args.stage}.log").exists() else []
+        reason = f"exit {args.rc}: {lines[-1].strip()[:300] if lines else 'no output'}"
+    elif not reason and args.status in ("timeout", "partial"):
+        reason = f"ran past {args.timeout} s"
+    entry = {"stage": args.stage, "status": args.status, "rc": None if args.rc == "null" else int(args.rc),
+             "seconds": float(args.seconds), "timeout_s": float(args.timeout), "best_effort": args.best_effort == "1",
+             "reason": reason}
+    with open(work / "stages.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p_start = sub.add_parser("start")
+    p_start.add_argument("work", type=Path)
+    p_start.add_argument("out", type=Path)
+    p_start.add_argument("--dry-run", default="0")
+    p_start.add_argument("--budget", type=int, required=True)
+    p_start.add_argument("--limits", default="", help="the stage limits, 'stage=seconds ...'")
+    p_record = sub.add_parser("record")
+    p_record.add_argument("work", type=Path)
+    p_record.add_argument("out", type=Path)
+    for name in ("stage", "status", "rc", "seconds", "timeout", "best-effort", "reason"):
+        p_record.add_argument(f"--{name}", default="")
+    p_wheels = sub.add_parser("wheels")
+    p_wheels.add_argument("folder", type=Path)
+    p_wheels.add_argument("pins", type=Path)
+    sub.add_parser("toolchain")
     p_env = sub.add_parser("env")
     p_env.add_argument("path", type=Path)
     p_train = sub.add_parser("train")
-    p_train.add_argument("out", type=Path)
+    p_train.add_argument("work", type=Path)
     p_train.add_argument("name")
     p_train.add_argument("--micro-batch", type=int)
-    p_train.add_argument("--micro-batch-of", help="use the micro batch of this earlier run (OUT/NAME/run.json)")
+    p_train.add_argument("--micro-batch-of", help="use the micro batch of this earlier run (WORK/NAME/run.json)")
     p_train.add_argument("--memory-fraction", type=float, default=0.8)
     p_summary = sub.add_parser("summary")
+    p_summary.add_argument("work", type=Path)
     p_summary.add_argument("out", type=Path)
     argv = sys.argv[1:]
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []  # the trainer's Hydra overrides
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.command == "start":
+        dry = args.dry_run == "1"
+        limits = dict(item.split("=") for item in args.limits.split())
+        (args.work / "meta.json").write_text(json.dumps({
+            "dry_run": dry, "budget_s": args.budget, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "precision": "fp32" if dry else "bf16", "work": str(args.work),
+            "stage_limits_s": {k: int(v) for k, v in sorted(limits.items())}}, indent=1))
+        publish(args.work, args.out)
+        return 0
+    if args.command == "record":
+        record(args.work, args)
+        publish(args.work, args.out)
+        return 0
+    if args.command == "wheels":
+        problem = check_wheels(args.folder, args.pins)
+        if problem:
+            print(problem, file=sys.stderr)
+        return 2 if problem else 0
+    if args.command == "toolchain":
+        print(toolchain())
+        return 0
     if args.command == "env":
         env = environment()
         args.path.write_text(json.dumps(env, indent=1))
@@ -261,9 +443,9 @@ def main() -> int:
     if args.command == "train":
         micro_batch = args.micro_batch
         if args.micro_batch_of:
-            micro_batch = (_json(args.out / args.micro_batch_of / "run.json") or {}).get("micro_batch") or micro_batch
-        return train(args.out, args.name, overrides, micro_batch, args.memory_fraction)
-    print_summary(summary(args.out))
+            micro_batch = (_json(args.work / args.micro_batch_of / "run.json") or {}).get("micro_batch") or micro_batch
+        return train(args.work, args.name, overrides, micro_batch, args.memory_fraction)
+    print_summary(publish(args.work, args.out))
     return 0
 
 

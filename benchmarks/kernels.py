@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -163,9 +164,11 @@ def copy_bandwidth(device: str, megabytes: int) -> float:
 
 
 def benchmark(models: list[str], tokens: int, dtype: torch.dtype, device: str, backends: list[str],
-              min_seconds: float, time_budget: float, copy_bw: float) -> list[dict]:
-    """One row per (case, backend): seconds, bytes/s, fraction of the copy rate; torch.compile runs
-    only while ``time_budget`` seconds are not used up (it compiles each op first)."""
+              min_seconds: float, time_budget: float, copy_bw: float,
+              on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """One row per (case, backend): seconds, bytes/s, fraction of the copy rate, speed-up over torch
+    eager; torch.compile runs only while ``time_budget`` seconds are not used up (it compiles each op
+    first). ``on_row(rows)`` after every row (a run killed later keeps what it measured)."""
     start = time.perf_counter()
     rows: list[dict] = []
     for model in models:
@@ -199,12 +202,12 @@ def benchmark(models: list[str], tokens: int, dtype: torch.dtype, device: str, b
                     row["seconds"] = time_fwd_bwd(fn, args, device, min_seconds)
                     row["bytes_per_s"] = moved / row["seconds"]
                     row["of_copy"] = row["bytes_per_s"] / copy_bw
+                    base = next((r for r in rows if r["case"] == case and r["backend"] == "torch"), row)
+                    if "seconds" in base:
+                        row["speedup_vs_torch"] = base["seconds"] / row["seconds"]
                 rows.append(row)
+                on_row(rows)
             del args
-    for row in rows:
-        base = next((r for r in rows if r["case"] == row["case"] and r["backend"] == "torch"), None)
-        if base and "seconds" in row and "seconds" in base:
-            row["speedup_vs_torch"] = base["seconds"] / row["seconds"]
     return rows
 
 
@@ -249,13 +252,17 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}, {tokens} tokens; copy {copy_bw / 1e9:.1f} GB/s; backends {', '.join(backends)}"
           + "".join(f"; {b}: {why}" for b, why in unavailable.items() if why))
-    rows = benchmark(models, tokens, dtype, device, backends, args.min_seconds, args.time_budget, copy_bw)
+    def write(rows: list[dict]) -> None:  # the JSON after every row, replaced atomically
+        if args.json:
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps({
+                "device": name, "dtype": str(dtype), "tokens": tokens, "copy_bytes_per_s": copy_bw,
+                "backends": backends, "unavailable": {b: w for b, w in unavailable.items() if w}, "rows": rows,
+            }, indent=1))
+            os.replace(tmp, args.json)
+
+    rows = benchmark(models, tokens, dtype, device, backends, args.min_seconds, args.time_budget, copy_bw, write)
     print_table(rows)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "device": name, "dtype": str(dtype), "tokens": tokens, "copy_bytes_per_s": copy_bw,
-            "backends": backends, "unavailable": {b: w for b, w in unavailable.items() if w}, "rows": rows,
-        }, indent=1))
 
 
 if __name__ == "__main__":

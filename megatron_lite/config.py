@@ -212,7 +212,7 @@ class CheckpointConfig:
     load_iteration: Optional[int] = non_negative(None)  # None: the tracker's (latest complete) iteration
     save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
-    keep_last: Optional[int] = positive(None)  # None: keep every checkpoint
+    keep_last: Optional[int] = positive(None)  # None: keep every checkpoint; docs/checkpoints.md (Pruning)
     # Fine-tuning controls (Megatron's names): finetune loads the weights only (iteration, optimizer,
     # random generators and data position start fresh); load_optimizer / load_rng = false skip those.
     finetune: bool = False

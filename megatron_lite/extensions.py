@@ -16,7 +16,7 @@ exits, however it dies, so a killed build never blocks a later run; a waiter giv
 ``$MEGATRON_LITE_BUILD_TIMEOUT`` seconds (default 1800) and falls back like a failed build. Inside
 the lock any ``lock`` file of torch's own ``FileBaton`` is stale (left by an interrupted build, of
 this or an older version) and is removed with a line, so it cannot make ``cpp_extension`` wait
-forever. A complete build is imported directly, without the lock, ninja or the baton: a warm start
+forever; on a file system without ``flock`` nothing is removed (the baton may be a live builder's). A complete build is imported directly, without the lock, ninja or the baton: a warm start
 takes well under a second.
 
 A missing compiler or a failed build never stops training: ``load_extension`` returns None after one
@@ -156,11 +156,11 @@ def _import(name: str, path: Path) -> ModuleType:
 
 
 @contextlib.contextmanager
-def build_lock(directory: Path, what: str, timeout_s: Optional[float] = None) -> Iterator[None]:
+def build_lock(directory: Path, what: str, timeout_s: Optional[float] = None) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``directory/build.lock`` (released by the kernel if this process
     dies). Waits at most ``timeout_s`` (``build_timeout_s()``) for another holder, printing one line
     after a few seconds that names the holder and the directory; TimeoutError after that. On a file
-    system without locks, says so in one line and goes on without."""
+    system without locks, says so in one line and goes on without. Yields whether the lock is held."""
     timeout_s = build_timeout_s() if timeout_s is None else timeout_s
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -192,7 +192,7 @@ def build_lock(directory: Path, what: str, timeout_s: Optional[float] = None) ->
         if locked:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
-        yield
+        yield locked
     finally:
         if locked:
             os.ftruncate(fd, 0)
@@ -232,10 +232,11 @@ def _load_or_build(description: dict, sources: Sequence[Path], cflags: Sequence[
         return _import(*finished)
     directory.mkdir(parents=True, exist_ok=True)
     what = f"the {'C++/CUDA' if cuda_cflags is not None else 'C++'} extension {name!r}"
-    with build_lock(directory, what):
+    with build_lock(directory, what) as locked:
         if finished := _finished_build(directory, description):  # built by the process we waited for
             return _import(*finished)
-        _remove_stale_baton(directory)
+        if locked:  # without a lock (no flock here) another process may be building: its baton is live
+            _remove_stale_baton(directory)
         (directory / MANIFEST).unlink(missing_ok=True)
         _say(f"building {what} in {directory} (once for this environment"
              f"{'; CUDA kernels take minutes' if cuda_cflags is not None else ''})")

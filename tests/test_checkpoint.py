@@ -19,7 +19,6 @@ import torch
 from test_training import REPO, read_metrics, rel
 
 from megatron_lite.checkpoint.storage import CheckpointError, find_checkpoint, read_full, write_checkpoint
-from megatron_lite.optim import DistributedOptimizer
 
 TOLERANCE = 1e-5
 BASE = [
@@ -106,8 +105,6 @@ def test_resume_same_layout_is_bit_identical(ranks, saved, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-@pytest.mark.skipif(not hasattr(DistributedOptimizer, "named_param_states"),
-                    reason="DistributedOptimizer.named_param_states() not implemented yet")
 def test_distributed_optimizer_resume(ranks, tmp_path):
     """ZeRO-1 optimizer state saved by parameter name: TP2×PP2×DP2 resumes bit-identically, and a
     TP1×PP4×DP2 run with the plain optimizer continues within 1e-5."""
@@ -153,6 +150,33 @@ def test_single_rank_resume_is_bit_identical(ranks, tmp_path, what):
     assert scales == [r.get("loss_scale") for r in read_metrics(tmp_path / "a")[0]][2:]
 
 
+def test_generators_of_another_device_type_are_skipped_in_one_line():
+    """A checkpoint saved on a GPU resumed on the CPU (the other way round is the same check): the
+    torch, numpy and Python generators are restored; the model's CUDA dropout generators (16-byte
+    Philox states) and the CUDA generator cannot be, and are named instead of a bare RuntimeError."""
+    import random
+
+    import numpy as np
+
+    from megatron_lite.checkpoint.sharded import restore_rng, rng_tensors
+    from megatron_lite.tensor_parallel.random import ModelRNG
+
+    model_rng = ModelRNG(7)
+    saved = rng_tensors(0, model_rng)
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    philox = torch.zeros(16, dtype=torch.uint8)  # what torch.cuda generators' get_state() returns
+    saved.update({"rng/rank0/model.default": philox, "rng/rank0/model.tensor_parallel": philox,
+                  "rng/rank0/cuda": philox})
+    seeded = ModelRNG(8)
+    skipped = restore_rng(0, saved, seeded)
+    got = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]  # the host generators came back
+    assert skipped == ["the model's dropout generators (saved on a GPU, this run's are cpu)",
+                       "the CUDA generator (no GPU here)"]
+    assert torch.equal(seeded.default.get_state(), ModelRNG(8).default.get_state())  # kept its seeded state
+    assert restore_rng(0, rng_tensors(0, model_rng), ModelRNG(8)) == []
+
+
 def test_keep_last_and_fresh_start(ranks, tmp_path):
     """keep_last prunes after the new save; a load directory without a tracker starts from scratch."""
     ranks(1).run(_train, BASE + [
@@ -161,6 +185,42 @@ def test_keep_last_and_fresh_start(ranks, tmp_path):
     ])
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == ["iter_0000002", "iter_0000003"]
     assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+def test_keep_last_after_resuming_an_older_iteration(ranks, tmp_path):
+    """Saved at 2, 4, 6; resumed at 2 with keep_last=2, the final save at 3 (off the interval) is kept
+    with what the tracker names, the abandoned 4 and 6 are kept outside the count, and the next start
+    resumes at 3 (before: 3 was pruned as the oldest iteration and the start failed)."""
+    ckpt = tmp_path / "ckpt"
+    run = BASE + ["training.global_batch_size=4", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
+                  "checkpoint.save_interval=2"]
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'a'}"])
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'b'}", "training.train_iters=3",
+                                "checkpoint.load_iteration=2", "checkpoint.keep_last=2"])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_000000{i}" for i in (2, 3, 4, 6)]
+    ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'c'}", "training.train_iters=4", "checkpoint.keep_last=2"])
+    assert sorted(losses(tmp_path / "b")) == [3] and sorted(losses(tmp_path / "c")) == [4]
+    # 4 was saved again (the abandoned 4 replaced); 3 and 4 are the two newest of this line; 6 waits.
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_000000{i}" for i in (3, 4, 6)]
+
+
+def test_pruning_keeps_the_tracker_and_passes_an_abandoned_branch(tmp_path):
+    """keep_last counts in write order and never removes the tracker's checkpoint or a later
+    iteration: an abandoned branch (4, 6 after a resume at 2) is replaced or pruned as the new run
+    passes it."""
+    root = tmp_path / "ckpt"
+
+    def save(iteration: int, keep_last: int = 2) -> list[int]:
+        write_checkpoint({"model/w": torch.full((2,), float(iteration))}, {}, "", root, iteration, keep_last=keep_last)
+        assert find_checkpoint(root).iteration == iteration
+        return sorted(int(p.name[5:]) for p in root.glob("iter_*"))
+
+    for i in (2, 4, 6):
+        save(i, keep_last=None)
+    assert save(3) == [2, 3, 4, 6]
+    assert save(5) == [3, 5, 6]  # the abandoned 4, passed, is older than 3 in write order: pruned
+    assert save(7) == [5, 7]  # so is 6 once passed
+    assert save(1, keep_last=1) == [1, 5, 7]  # a resume at 0: everything later is kept
 
 
 def test_other_vocabulary_padding(ranks, tmp_path):
@@ -216,6 +276,34 @@ def test_bad_checkpoints_one_line_errors(damaged):
     assert _error(damaged) == (f"{damaged / 'latest_checkpointed_iteration.txt'}: names iteration 9 but "
                                f"{damaged / 'iter_0000009'} does not exist")
     assert _error(damaged, 5).startswith(f"{damaged / 'iter_0000005'}: no such checkpoint (found: iter_0000003, ")
+
+
+def _pickled_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls ``module``'s attribute ``name`` (dotted: reached through the
+    module's own imports) on ``arg``."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s.encode())]) + s.encode()  # SHORT_BINUNICODE
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."  # STACK_GLOBAL, TUPLE1, REDUCE
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.distributed.checkpoint.metadata", "os.system"),  # the module imports os
+    ("torch.distributed.checkpoint.metadata", "torch.load"),
+    ("torch", "os.system"), ("builtins", "eval"), ("os", "system"),
+])
+def test_crafted_dcp_index_is_refused_without_side_effects(tmp_path, module, name):
+    """A .metadata naming anything but DCP's metadata classes (and torch sizes, dtypes, layouts) is
+    refused before the name is looked up: nothing runs, one line names the file."""
+    root = tmp_path / "ckpt"
+    write_checkpoint({"model/w": torch.ones(2, 3)}, {}, "", root, 1)
+    assert find_checkpoint(root).shape("model/w") == (2, 3)  # a real index passes the allow-list
+    marker = tmp_path / "pwned"
+    command = f"open({str(marker)!r}, 'w')" if name == "eval" else f"touch {marker}"
+    index = root / "iter_0000001" / ".metadata"
+    index.write_bytes(_pickled_call(module, name, command))
+    message = _error(root)
+    assert message.startswith(f"{index}: unreadable DCP index (UnpicklingError: {module}.{name} is not allowed")
+    assert not marker.exists()
 
 
 def test_other_model_shape_exits_2_with_one_line(saved, tmp_path):

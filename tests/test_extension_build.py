@@ -161,24 +161,61 @@ def test_a_waiter_names_the_holder_and_gives_up_after_the_timeout(tmp_path, caps
 
 def test_trainer_starts_with_a_stale_lock_in_the_kernel_cache(tmp_path):
     """The failure of issue 16: a 0-byte ``lock`` left in the kernel extension's cache directory by a
-    killed start-up. The trainer starts and trains with the csrc backend as usual."""
+    start-up killed mid-build. The trainer removes it, finishes the build (ninja finds the objects up
+    to date) and trains with the csrc backend; without the stale-lock handling torch's FileBaton would
+    wait for that lock forever."""
+    import shutil
+
     from megatron_lite.ops import csrc
 
     if csrc.extension() is None:
         pytest.skip("the csrc extension does not build here")
-    directory = Path(csrc.extension().__file__).parent
+    cache = tmp_path / "cache"
+    built = Path(csrc.extension().__file__).parent
+    directory = Path(shutil.copytree(built, cache / "extensions" / built.name))  # keeps the mtimes: no recompile
+    (directory / extensions.MANIFEST).unlink()  # killed before the build finished
     (directory / extensions.TORCH_BATON).touch()
-    try:
-        cmd = [sys.executable, "-m", "megatron_lite.train", "model=gpt_tiny", "model.num_layers=1",
-               "model.seq_length=32", "model.kernel_backend=csrc", "training.train_iters=1",
-               "training.micro_batch_size=1", "training.global_batch_size=1", "training.eval_iters=0",
-               f"logging.dir={tmp_path}/logs", "logging.log_interval=1"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MEGATRON_LITE_CACHE": str(directory.parent.parent)}
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "kernel backend: csrc" in done.stdout and "iteration" in done.stdout
-    finally:
-        (directory / extensions.TORCH_BATON).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "megatron_lite.train", "model=gpt_tiny", "model.num_layers=1",
+           "model.seq_length=32", "model.kernel_backend=csrc", "training.train_iters=1",
+           "training.micro_batch_size=1", "training.global_batch_size=1", "training.eval_iters=0",
+           f"logging.dir={tmp_path}/logs", "logging.log_interval=1"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"removed {directory / extensions.TORCH_BATON}, a lock file left by an interrupted build" in done.stderr
+    assert "kernel backend: csrc" in done.stdout and "iteration" in done.stdout
+    assert (directory / extensions.MANIFEST).is_file() and not (directory / extensions.TORCH_BATON).exists()
+
+
+def test_without_file_locks_torchs_lock_file_is_left_alone(tiny, monkeypatch, capsys):
+    """On a file system without ``flock`` this process holds no lock, so torch's ``lock`` in the build
+    directory may be another builder's live baton: it must not be deleted (torch's own baton then
+    serialises the builds)."""
+    import errno
+
+    from torch.utils import cpp_extension
+
+    source, _ = tiny
+    description = extensions.build_description("mlite_tiny_nolock", [source])
+    directory = extensions.build_directory(description)
+    directory.mkdir(parents=True)
+    baton = directory / extensions.TORCH_BATON
+    baton.touch()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    seen = []
+
+    def build(**kwargs):  # stands in for the compile: records what the build would find, then stops
+        seen.append(baton.exists())
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr(extensions.fcntl, "flock", no_flock)
+    monkeypatch.setattr(cpp_extension, "load", build)
+    with pytest.raises(RuntimeError, match="stop before compiling"):
+        extensions._load_or_build(description, [source], (), (), None)
+    assert seen == [True] and baton.exists()
+    assert "does not support file locks" in capsys.readouterr().err
 
 
 def test_cuda_kernels_are_planned_from_the_torch_build_and_toolkit(monkeypatch, tmp_path):
@@ -198,12 +235,73 @@ def test_cuda_kernels_are_planned_from_the_torch_build_and_toolkit(monkeypatch, 
     assert not csrc.cuda_plan().with_cuda and "CUDA_HOME" in csrc.cuda_plan().reason
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").touch()
+    assert csrc.cuda_plan().reason.startswith(f"CUDA_HOME={tmp_path} has bin/nvcc but no include/cuda_runtime_api.h")
+    (tmp_path / "include").mkdir()
+    (tmp_path / csrc.TOOLKIT_HEADER).touch()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert csrc.cuda_plan() == csrc.CudaPlan(True, "8.0;9.0")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert csrc.cuda_plan().arch_list == "9.0"
     monkeypatch.setenv("MEGATRON_LITE_CUDA", "0")
     assert not csrc.cuda_plan().with_cuda
+
+
+def test_cuda_home_is_a_toolkit_not_an_nvcc_wrapper(monkeypatch, tmp_path):
+    """An nvcc wrapper on PATH (/usr/bin/nvcc) makes torch guess CUDA_HOME=/usr, which has no CUDA
+    headers: the plan says so in one line with the toolkit it found; find_cuda_home takes a directory
+    with bin/nvcc and the headers (through a symlinked nvcc on PATH too)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from megatron_lite.ops import csrc
+
+    usr, toolkit, links = tmp_path / "usr", tmp_path / "cuda-13.0", tmp_path / "links"
+    for d in (usr / "bin", toolkit / "bin", toolkit / "include", links):
+        d.mkdir(parents=True)
+    for f in (usr / "bin" / "nvcc", toolkit / "bin" / "nvcc", toolkit / csrc.TOOLKIT_HEADER):
+        f.touch(mode=0o755)
+    (links / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    for var in ("CUDA_HOME", "CUDA_PATH", "MEGATRON_LITE_CUDA"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(usr))
+    monkeypatch.setenv("PATH", f"{usr / 'bin'}{os.pathsep}/bin")
+    assert not csrc.is_cuda_toolkit(usr) and csrc.is_cuda_toolkit(toolkit)
+    plan = csrc.cuda_plan()
+    assert not plan.with_cuda and "\n" not in plan.reason and "no include/cuda_runtime_api.h" in plan.reason
+    monkeypatch.setenv("PATH", f"{links}{os.pathsep}/bin")
+    assert csrc.find_cuda_home() == str(toolkit)
+    assert csrc.cuda_plan().reason.endswith(f"export CUDA_HOME={toolkit}")
+    monkeypatch.setenv("CUDA_PATH", str(toolkit))
+    monkeypatch.setenv("PATH", f"{usr / 'bin'}{os.pathsep}/bin")
+    assert csrc.find_cuda_home() == str(toolkit)
+
+
+def test_built_kernels_are_checked_against_the_gpu(monkeypatch):
+    """A cubin runs on its major version with a minor at least its own, PTX on any later GPU; a GPU
+    the build does not cover (Blackwell under 8.0;9.0) takes the reference ops, with one warning."""
+    import warnings
+
+    import torch
+
+    from megatron_lite.ops import csrc
+
+    assert csrc.covers("8.0;9.0", (9, 0)) and csrc.covers("8.0;9.0", (8, 6)) and csrc.covers("8.0 9.0", (9, 0))
+    assert not csrc.covers("8.0;9.0", (10, 0)) and not csrc.covers("8.0;9.0", (7, 5))
+    assert csrc.covers("8.0;9.0;10.0+PTX", (10, 3)) and csrc.covers("9.0+PTX", (12, 0))
+    assert not csrc.covers("10.0+PTX", (9, 0))
+    monkeypatch.setattr(csrc, "cuda_plan", lambda: csrc.CudaPlan(True, "8.0;9.0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA B200")
+    csrc.covers_device.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not csrc.covers_device(0) and not csrc.covers_device(0)
+        assert len(caught) == 1 and 'TORCH_CUDA_ARCH_LIST="10.0"' in str(caught[0].message), caught
+        assert "NVIDIA B200, sm 10.0" in str(caught[0].message)
+    finally:
+        csrc.covers_device.cache_clear()
 
 
 def test_gpu_machine_without_cuda_kernels_warns_once(monkeypatch):

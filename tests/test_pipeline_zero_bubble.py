@@ -173,3 +173,28 @@ def test_checkpoint_from_1f1b_resumes_under_zbv(ranks, tmp_path):
     for i in b:
         assert abs(b[i] - a[i]) <= 1e-5 * abs(a[i]), (i, a, b)
     assert abs(c[3] - a[3]) <= 1e-5 * abs(a[3]), (a, c)
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "1f1b"])
+def test_tied_embedding_is_summed_only_across_ranks(schedule):
+    """Tied embeddings: the V placement puts the embedding and the head on pipeline rank 0, whose
+    embedding group is that rank alone, so no parameter is marked for the embedding-group sum (it
+    would be a concatenation, a no-op all-reduce and a copy per step, and would hold its bucket back
+    from the early reduction). The looped placement marks the embedding and its tied copy."""
+    from megatron_lite.model.gpt import build_model_chunks
+    from megatron_lite.parallel.layout import RankGrid
+    from megatron_lite.pipeline.schedules import placement_of
+
+    cfg = load_config(BASE + [PP2, f"parallel.pipeline_schedule={schedule}", "model.tie_embeddings=true"]).model
+    vpp = 2 if schedule == "zbv" else 1
+    marked = {}
+    for pp_rank in range(2):
+        chunks = build_model_chunks(cfg, 4096, pp_rank=pp_rank, pp_size=2, vpp_size=vpp,
+                                    placement=placement_of(schedule))
+        marked[pp_rank] = sorted(name for c in chunks for name, p in c.named_parameters()
+                                 if p.meta.grad_summed_over_embedding_group)
+    groups = RankGrid(world_size=2, pp=2, head_on_first_stage=schedule == "zbv").embedding_groups()
+    if schedule == "zbv":
+        assert groups == [[0]] and marked == {0: [], 1: []}
+    else:
+        assert groups == [[0, 1]] and marked == {0: ["embedding.weight"], 1: ["output_weight"]}

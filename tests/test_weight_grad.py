@@ -177,3 +177,45 @@ def test_unwritten_main_grad_is_zeroed_at_the_end_of_the_step():
     for n, p in chunk.named_parameters():
         expected = torch.zeros_like(first[n]) if n == "position_embedding" else first[n]
         assert torch.equal(p.main_grad, expected), n
+
+
+# 16-bit weight gradients on CUDA: one GEMM with an fp32 output (fp32_gemm), never rounded to 16 bits.
+def test_fp32_gemm_decision(monkeypatch):
+    """bf16/fp16 inputs into an fp32 main_grad take the fp32-output GEMM on a device that has it
+    (CUDA; ``meta`` stands in for it here, which also checks the call's signature) and nowhere else;
+    the CPU keeps the rounded product (its accuracy: test_fused_main_grad_matches_autograd)."""
+    from megatron_lite.tensor_parallel import weight_grad as wg
+
+    assert wg.FP32_OUT_GEMM  # torch >= 2.8 has mm(..., out_dtype=torch.float32)
+    fp32 = torch.zeros(5, 3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert not wg.fp32_gemm(torch.zeros(4, 3, dtype=dtype), fp32), dtype  # the CPU: no such kernel
+    monkeypatch.setattr(wg, "FP32_OUT_DEVICES", ("cuda", "meta"))
+    for dtype, expected in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+        x, dy = torch.empty(4, 3, dtype=dtype, device="meta"), torch.empty(4, 5, dtype=dtype, device="meta")
+        main_grad = torch.empty(5, 3, device="meta")
+        assert wg.fp32_gemm(x, main_grad) is expected
+        work = wg.LinearWeightGrad(dy, x)
+        work.write_to(main_grad)
+        work.add_to(main_grad)
+        assert main_grad.dtype == torch.float32 and main_grad.shape == (5, 3)
+    assert not wg.fp32_gemm(x.to(torch.bfloat16), main_grad.to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weight_grads_accumulate_in_fp32_on_cuda(dtype):
+    """8 microbatches of dW = dyᵀx into main_grad against the fp64 sum of the same 16-bit inputs:
+    within 2e-4 relative (a bf16-rounded product per microbatch was 1.7e-3 off)."""
+    from megatron_lite.tensor_parallel.weight_grad import LinearWeightGrad
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pairs = [(torch.randn(4096, 256, device="cuda", generator=g).to(dtype),
+              torch.randn(4096, 128, device="cuda", generator=g).to(dtype)) for _ in range(8)]
+    main_grad = torch.empty(256, 128, device="cuda")
+    for i, (dy, x) in enumerate(pairs):
+        work = LinearWeightGrad(dy, x)
+        work.write_to(main_grad) if i == 0 else work.add_to(main_grad)
+    exact = sum(dy.double().t() @ x.double() for dy, x in pairs)
+    err = ((main_grad.double() - exact).abs().max() / exact.abs().max()).item()
+    assert err < 2e-4, err

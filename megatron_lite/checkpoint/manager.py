@@ -243,8 +243,8 @@ class Checkpointer:
         if missing is not None:
             raise CheckpointError(f"{info.path}: incomplete optimizer state for {missing}")
         self.optimizer.load_named_param_states(states)  # masters from the loaded weights where none
-        if rng:
-            restore_rng(self.rank, rng, self.model_rng)
+        if rng and (skipped := restore_rng(self.rank, rng, self.model_rng)):
+            notes.append(f"random generators restored except {' and '.join(skipped)}: those start from the seed")
         if not cfg.finetune:
             self.train_state.load_state_dict(info.meta["trainer"])
         if load_optimizer and not complete:

@@ -183,17 +183,37 @@ def rng_tensors(rank: int, model_rng: ModelRNG) -> dict[str, torch.Tensor]:
     return {f"{RNG}rank{rank}/{k}": v for k, v in states.items()}
 
 
-def restore_rng(rank: int, tensors: dict[str, torch.Tensor], model_rng: ModelRNG) -> None:
-    """Inverse of ``rng_tensors`` (the tensors read back from the checkpoint)."""
+def _saved_on(state: torch.Tensor) -> str:
+    """Which kind of generator wrote ``state``: a CPU one (Mersenne Twister, 5056 bytes) or a GPU one."""
+    return "cpu" if state.numel() == torch.default_generator.get_state().numel() else "a GPU"
+
+
+def restore_rng(rank: int, tensors: dict[str, torch.Tensor], model_rng: ModelRNG) -> list[str]:
+    """Inverse of ``rng_tensors`` (the tensors read back from the checkpoint), as far as this machine
+    allows: a checkpoint saved on the CPU and resumed on a GPU (or back) has model generators of the
+    other device type and a CUDA generator too many or too few. Returns what was not restored (those
+    generators keep their seeded state), in words."""
     s = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{RNG}rank{rank}/")}
     torch.set_rng_state(s["torch"])
     pos, has_gauss = s["numpy.pos"].tolist()
     np.random.set_state(("MT19937", s["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, s["numpy.gauss"].item()))
     has_gauss, gauss = s["python.gauss"].tolist()
     random.setstate((3, tuple(s["python.state"].tolist()), gauss if has_gauss else None))
-    model_rng.set_state({k[len("model."):]: v for k, v in s.items() if k.startswith("model.")})
+    saved = {k[len("model."):]: v for k, v in s.items() if k.startswith("model.")}
+    current = model_rng.get_state()
+    if all(saved[k].numel() == current[k].numel() for k in current):
+        model_rng.set_state(saved)
+        skipped = []
+    else:
+        device = model_rng.default.device.type
+        skipped = [f"the model's dropout generators (saved on {_saved_on(saved['default'])}, this run's are {device})"]
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
+    elif "cuda" in s:
+        skipped.append("the CUDA generator (no GPU here)")
+    elif torch.cuda.is_available():
+        skipped.append("the CUDA generator (saved without a GPU)")
+    return skipped
 
 
 def rng_targets(rank: int, info: CheckpointInfo) -> dict[str, torch.Tensor]:

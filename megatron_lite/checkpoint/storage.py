@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +221,30 @@ def _raise_if_any_failed(error: Optional[BaseException], root: Path, iteration: 
         raise CheckpointError(_save_failure(root, iteration, error or OSError("failed on another rank")))
 
 
+def _written_at(path: Path) -> int:
+    """When a complete checkpoint was published: its meta.json's mtime (written just before the rename)."""
+    return (path / META).stat().st_mtime_ns
+
+
 def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints; returns the deleted ones."""
-    done = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    old = done[:-keep_last]
+    """Delete the checkpoints beyond the newest ``keep_last`` in write order; returns the deleted ones.
+
+    Never deleted: the checkpoint the tracker names, anything written after it, and anything of a
+    later iteration than it. The last are an abandoned later branch (a resume from an older
+    iteration, e.g. ``checkpoint.load_iteration``): they are kept, outside the count, until the new
+    run saves the same iteration again (which replaces it) or passes it (it is then older in write
+    order than the new run's checkpoints, and pruned like them). Checkpoints without a meta.json are
+    not ours to judge and are left alone."""
+    root = Path(root)
+    tracked = read_tracker(root)
+    if tracked is None or not (iteration_dir(root, tracked) / META).is_file():
+        return []
+    newest = _written_at(iteration_dir(root, tracked))
+    done = {int(m.group(1)): p for p in root.glob("iter_*")
+            if (m := re.fullmatch(r"iter_(\d+)", p.name)) and (p / META).is_file()}
+    older = sorted((p for it, p in done.items() if it < tracked and _written_at(p) <= newest),
+                   key=lambda p: (_written_at(p), p.name))
+    old = older[:max(len(older) - (keep_last - 1), 0)]  # the tracker's checkpoint is one of the kept
     for path in old:
         shutil.rmtree(path)
     return old
@@ -305,11 +326,19 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _classes_of(module: Any) -> frozenset[str]:
+    """The names of the classes ``module`` itself defines (not what it imports: ``os``, ``torch``...)."""
+    return frozenset(name for name, obj in vars(module).items()
+                     if isinstance(obj, type) and obj.__module__ == module.__name__)
+
+
 class _IndexUnpickler(pickle.Unpickler):
-    """Unpickles DCP's index and nothing else: DCP metadata classes, torch.Size, dtypes, layouts."""
+    """Unpickles DCP's index and nothing else: DCP's metadata classes, torch.Size, dtypes, layouts.
+    A name is checked before anything is looked up, and dotted names (``os.system`` reached through
+    a module's attributes) are refused."""
 
     ALLOWED = {
-        "torch.distributed.checkpoint.metadata": None,  # every name in the module
+        "torch.distributed.checkpoint.metadata": _classes_of(dcp.metadata),
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},
         "torch": {"Size"},
@@ -319,12 +348,10 @@ class _IndexUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = self.ALLOWED.get(module, set())
-        value = super().find_class(module, name) if module in self.ALLOWED else None
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if value is not None and (allowed is None or name in allowed):
-            return value
+        if name in self.ALLOWED.get(module, ()):
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
 
 

@@ -95,20 +95,26 @@ class GPTChunk(nn.Module):
 
     ``embedding_chunk``: for a tied head, the chunk of this rank that holds the embedding (the V
     placement puts both ends on rank 0): the head then uses its weight, with no copy to keep equal.
+    ``head_on_this_rank``: some chunk of this rank has the head (the embedding chunk then needs no
+    sum over the embedding group, which is this rank alone).
     """
 
     def __init__(
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
         recompute: str = "none", recompute_num_layers: int = 1, cp: CPGroup = CPGroup(),
         unpadded_vocab_size: int | None = None, embedding_chunk: GPTChunk | None = None,
+        head_on_this_rank: bool = False,
     ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
         tied = cfg.tie_embeddings
-        # A tied embedding whose output copy sits on another chunk: the two gradients are summed.
-        vocab_meta = ParamMeta(init_std=cfg.init_std, grad_summed_over_embedding_group=tied and not spec.has_head)
+        # A tied embedding whose output copy sits on another rank: the two gradients are summed over
+        # the embedding group. A head on this rank (this chunk, or another chunk in the V placement)
+        # borrows the weight, so its gradient is already whole here.
+        vocab_meta = ParamMeta(init_std=cfg.init_std,
+                               grad_summed_over_embedding_group=tied and not (spec.has_head or head_on_this_rank))
         if spec.has_embedding:
             self.embedding = VocabParallelEmbedding(vocab_size, h, tp, vocab_meta)
             if cfg.position_embedding == "learned":
@@ -255,10 +261,12 @@ def build_model_chunks(
     ``layer_counts`` and ``placement`` as for ``chunk_specs``."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks: list[GPTChunk] = []
-    for spec in chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement):
+    specs = chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement)
+    for spec in specs:
         embedding_chunk = next((c for c in chunks if c.spec.has_embedding), None) if spec.has_head else None
         chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute=recompute, recompute_num_layers=recompute_num_layers,
-                         cp=cp, unpadded_vocab_size=unpadded_vocab_size, embedding_chunk=embedding_chunk)
+                         cp=cp, unpadded_vocab_size=unpadded_vocab_size, embedding_chunk=embedding_chunk,
+                         head_on_this_rank=any(s.has_head for s in specs))
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -68,10 +69,35 @@ def _arch(entry: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+TOOLKIT_HEADER = "include/cuda_runtime_api.h"
+
+
+def is_cuda_toolkit(home: Optional[str | Path]) -> bool:
+    """Whether ``home`` is a CUDA toolkit root the build can use: ``bin/nvcc`` and the runtime headers."""
+    return bool(home) and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / TOOLKIT_HEADER).is_file()
+
+
+def find_cuda_home() -> Optional[str]:
+    """The first CUDA toolkit root (``is_cuda_toolkit``) among ``$CUDA_HOME``, ``$CUDA_PATH``, torch's
+    guess, the directory above the real ``nvcc`` on PATH (symlinks resolved), ``/usr/local/cuda`` and
+    ``/usr/local/cuda-*`` (newest first). An ``nvcc`` wrapper on PATH (``/usr/bin/nvcc``) makes torch
+    guess ``/usr``, which has no CUDA headers."""
+    import glob
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda",
+                  *sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: _arch(Path(p).name[5:]), reverse=True)]
+    return next((str(c) for c in candidates if is_cuda_toolkit(c)), None)
+
+
 def cuda_plan() -> CudaPlan:
-    """CUDA kernels are compiled whenever torch is a CUDA build and the CUDA toolkit (nvcc) is found,
-    whether or not a GPU is visible, so an image or a login node can build what the GPU nodes run.
-    ``MEGATRON_LITE_CUDA=0`` leaves them out."""
+    """CUDA kernels are compiled whenever torch is a CUDA build and the CUDA toolkit (nvcc and its
+    headers, under torch's ``CUDA_HOME``) is found, whether or not a GPU is visible, so an image or a
+    login node can build what the GPU nodes run. ``MEGATRON_LITE_CUDA=0`` leaves them out."""
     from torch.utils import cpp_extension
 
     if os.environ.get("MEGATRON_LITE_CUDA") == "0":
@@ -81,7 +107,41 @@ def cuda_plan() -> CudaPlan:
     home = cpp_extension.CUDA_HOME
     if not home or not (Path(home) / "bin" / "nvcc").exists():
         return CudaPlan(False, reason="no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)")
+    if not (Path(home) / TOOLKIT_HEADER).is_file():
+        found = find_cuda_home()
+        fix = f"export CUDA_HOME={found}" if found else "set CUDA_HOME to the toolkit's root"
+        return CudaPlan(False, reason=f"CUDA_HOME={home} has bin/nvcc but no {TOOLKIT_HEADER} (an nvcc "
+                                      f"wrapper?); {fix}")
     return CudaPlan(True, cuda_arch_list())
+
+
+def covers(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether kernels built for ``arch_list`` (``TORCH_CUDA_ARCH_LIST`` syntax) run on a GPU of
+    ``capability``: a cubin ``M.m`` on major M with minor ≥ m; ``M.m+PTX`` also on any later GPU
+    (the driver compiles the PTX)."""
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        arch = _arch(entry)
+        if (arch[0] == capability[0] and arch[1] <= capability[1]) or ("+PTX" in entry and arch <= capability):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def covers_device(index: int) -> bool:
+    """Whether the built CUDA kernels run on GPU ``index``; if not, says so once (that GPU's tensors
+    then take the PyTorch reference ops instead of failing at the first kernel launch)."""
+    arch_list = cuda_plan().arch_list or ""
+    capability = torch.cuda.get_device_capability(index)
+    if covers(arch_list, capability):
+        return True
+    sm = "%d.%d" % capability
+    warnings.warn(f"the csrc CUDA kernels are built for sm {arch_list}, which does not cover GPU {index} "
+                  f"({torch.cuda.get_device_name(index)}, sm {sm}): its tensors run the PyTorch reference ops; "
+                  f"rebuild with TORCH_CUDA_ARCH_LIST=\"{sm}\" python -m megatron_lite.ops --require-cuda",
+                  stacklevel=2)
+    return False
 
 
 def cpu_arch() -> str:
@@ -141,7 +201,10 @@ def describe_build() -> str:
         return "not built"
     plan = cuda_plan()
     if has_cuda_kernels():
-        return f"CUDA kernels for sm {plan.arch_list}"
+        uncovered = [i for i in range(torch.cuda.device_count()) if not covers_device(i)]
+        return f"CUDA kernels for sm {plan.arch_list}" + (
+            f", not covering this GPU (sm {'%d.%d' % torch.cuda.get_device_capability(uncovered[0])}): "
+            "torch ops on CUDA" if uncovered else "")
     return f"CPU kernels only: {plan.reason or 'built without CUDA'}"
 
 
@@ -152,7 +215,7 @@ def _usable(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return x.dtype in CPU_DTYPES
-    return x.is_cuda and ext.with_cuda and x.dtype in CUDA_DTYPES
+    return x.is_cuda and ext.with_cuda and x.dtype in CUDA_DTYPES and covers_device(x.device.index or 0)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,11 @@ owns a parameter (``attach_main_grad``: ``param.main_grad``, an fp32 view into t
 which writes it into ``main_grad`` (the step's first contribution overwrites, later ones
 accumulate, so the buffer needs no zeroing) and counts it (to start overlapped DP reductions).
 fp32 models: one GEMM into the view, ``torch.mm(dyᵀ, x, out=main_grad)`` or
-``main_grad.addmm_(dyᵀ, x)``; bf16/fp16: the product in the parameter's dtype (fp32 accumulation
-inside the GEMM), copied or added once. The embedding adds its rows with ``index_add_`` (no dense
+``main_grad.addmm_(dyᵀ, x)``. bf16/fp16 on CUDA: a GEMM with an fp32 output
+(``torch.mm(dyᵀ, x, out_dtype=torch.float32)``, torch ≥ 2.8), written into or added to the view, so
+a microbatch's gradient is never rounded to 16 bits (the rounded product, added in fp32, was 0.17 %
+off after 8 microbatches); on the CPU, which has no such kernel, the product in the parameter's dtype
+(fp32 accumulation inside the GEMM, one rounding), copied or added once (``fp32_gemm``). The embedding adds its rows with ``index_add_`` (no dense
 [V, h] gradient). Autograd never sees these gradients: no ``param.grad`` is allocated, copied and
 freed per microbatch. Without a buffer the gradient goes back to autograd (``param.grad``) as for
 any torch layer.
@@ -55,6 +58,19 @@ class WeightGradWork(Protocol):
         """The gradient as a new tensor in ``weight``'s dtype (no GradBuffer)."""
 
 
+# torch's GEMM with an fp32 output for 16-bit inputs (``mm.dtype``, torch ≥ 2.8), and the devices
+# that have a kernel for it (not the CPU).
+FP32_OUT_GEMM = "dtype" in torch.ops.aten.mm.overloads()
+FP32_OUT_DEVICES = ("cuda",)
+
+
+def fp32_gemm(inputs: torch.Tensor, main_grad: torch.Tensor) -> bool:
+    """Whether dyᵀx of 16-bit ``inputs`` goes to the fp32 ``main_grad`` through a GEMM with an fp32
+    output (no rounding to 16 bits on the way): bf16/fp16 inputs on a device with that kernel."""
+    return (FP32_OUT_GEMM and inputs.device.type in FP32_OUT_DEVICES and main_grad.dtype == torch.float32
+            and inputs.dtype in (torch.bfloat16, torch.float16))
+
+
 class LinearWeightGrad:
     """dW = dyᵀ x for y = x Wᵀ: ``grad_output`` [N, out] and ``inputs`` [N, in] (tokens flattened)."""
 
@@ -64,12 +80,16 @@ class LinearWeightGrad:
     def write_to(self, main_grad: torch.Tensor) -> None:
         if self.inputs.dtype == main_grad.dtype:
             torch.mm(self.grad_output.t(), self.inputs, out=main_grad)
+        elif fp32_gemm(self.inputs, main_grad):
+            torch.mm(self.grad_output.t(), self.inputs, out_dtype=torch.float32, out=main_grad)
         else:
             main_grad.copy_(torch.mm(self.grad_output.t(), self.inputs))
 
     def add_to(self, main_grad: torch.Tensor) -> None:
         if self.inputs.dtype == main_grad.dtype:
             main_grad.addmm_(self.grad_output.t(), self.inputs)
+        elif fp32_gemm(self.inputs, main_grad):
+            main_grad.add_(torch.mm(self.grad_output.t(), self.inputs, out_dtype=torch.float32))
         else:
             main_grad.add_(torch.mm(self.grad_output.t(), self.inputs))
 
