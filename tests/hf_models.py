@@ -55,15 +55,7 @@ def save_hf_model(arch: str, directory: Path):
     import transformers
 
     torch.manual_seed(FAMILIES.index(arch))
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            if "q_norm" in name or "k_norm" in name:
-                p.mul_(2.0)
-            if "_proj.bias" in name:
-                p.add_(0.5 * torch.randn_like(p))
+    model = perturb(transformers.AutoModelForCausalLM.from_config(hf_config(arch)).eval())
     model.save_pretrained(directory)
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,3 +71,17 @@ def save_hf_model(arch: str, directory: Path):
 
 def random_tokens(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model):
+    """HF starts norms at ones (and zeros), biases at zero: random values make a dropped or misplaced
+    norm or bias visible. q/k norms around 2 sharpen the attention. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if "q_norm" in name or "k_norm" in name:
+                p.mul_(2.0)
+            if "_proj.bias" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return model

@@ -168,8 +168,8 @@ def _sliding_window(hf: dict[str, Any], seq_length: int, accepted: bool) -> Opti
     if window is None:
         return None
     if not accepted or (layer_types is not None and set(layer_types) != {"sliding_attention"}):
-        raise UnsupportedModel(f"config.json: sliding_window={window} on {'some' if accepted else 'the'} layers "
-                               "(use_sliding_window) is not implemented by megatron_lite for this family")
+        raise UnsupportedModel(f"config.json: sliding_window={window} (use_sliding_window, layer_types) is not "
+                               f"implemented by megatron_lite for {hf.get('model_type')}")
     if window < seq_length:
         raise UnsupportedModel(
             f"config.json: sliding_window={window} is shorter than the training sequence ({seq_length} tokens): "
