@@ -96,3 +96,22 @@ def test_projection_qk_norm_matches_olmo2_attention():
         got = ours(x, (cos, sin))
     print(f"projection q/k norm vs Olmo2Attention: {_max_rel(got, ref):.1e}")
     assert _max_rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], "llama"), (["model.add_qkv_bias=true"], "qwen2"), (["model.qk_layernorm=true"], "qwen3"),
+    (["model.sliding_window=128"], "mistral"), (["model.hf_model_type=mistral"], "mistral"),
+    (["model.hf_model_type=qwen3"], "model.hf_model_type=qwen3: model.qk_layernorm=False, where qwen3 has True"),
+    (["model.qk_layernorm=true", "model.qk_layernorm_mode=projection"], "model: no HF family fits this config"),
+])
+def test_export_family_is_the_declared_one_or_the_first_that_fits(overrides, expected):
+    """A checkpoint exports to model.hf_model_type (set by the import) when its config fits it, else to
+    the first family that fits; a config no family represents is one line."""
+    from megatron_lite.model.hf import UnsupportedModel
+
+    cfg = load_config(LLAMA + overrides).model
+    if expected in ("llama", "qwen2", "qwen3", "mistral"):
+        assert family(cfg).model_type == expected
+    else:
+        with pytest.raises(UnsupportedModel, match=expected):
+            family(cfg)
