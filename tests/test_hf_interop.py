@@ -4,7 +4,8 @@ biases, tied), Qwen3 (per-head q/k norm, untied), Mistral (sliding window = the 
 GPT-2, each with a vocabulary that megatron_lite pads:
 
 - import, then train in TP 2 × PP 2 (sequence parallel): the first step's loss on positions 128-255
-  equals the HF model's on the same tokens (fp32, relative 1e-5);
+  equals the HF model's on the same tokens (fp32, relative 1e-5); the checkpoint that step saves in
+  TP 2 × PP 2 (learning rate 0) exports to the HF model's own tensors, bit for bit;
 - export: transformers loads the sharded safetensors (the keys it saves itself, none missing or
   unexpected), config and generation config, and gives the original model's logits (1e-5) and ours;
   AutoTokenizer loads the tokenizer and encodes like the checkpoint's; re-import is exact;
@@ -45,9 +46,10 @@ def models(tmp_path_factory):
     return out
 
 
-def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float:
+def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor, save: str) -> float:
     """On 4 ranks: the imported checkpoint in TP 2 × PP 2 (SP), one training step on ``tokens``
-    [2, SEQ + 1] with the loss on positions >= FAR; returns the reported loss (NaN off the logging rank)."""
+    [2, SEQ + 1] with the loss on positions >= FAR (learning rate 0), saved to ``save`` in that
+    layout; returns the reported loss (NaN off the logging rank)."""
     from omegaconf import OmegaConf
 
     from megatron_lite.config import to_config, validate
@@ -59,7 +61,7 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
         "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
         "parallel.sequence_parallel=true", "training.micro_batch_size=1", "training.global_batch_size=2",
         "training.train_iters=1", "training.eval_iters=0", f"checkpoint.load={ckpt}", f"data.paths=[{data_prefix}]",
-        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0",
+        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0", f"checkpoint.save={save}",
     ])
     cfg = to_config(OmegaConf.merge(stored, overrides))
     dims = validate(cfg, 4)
@@ -79,7 +81,7 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
 def test_imported_model_trains_in_tp2_pp2_with_the_hf_loss(ranks, models, tmp_path, arch):
     from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
 
-    hf_model, _, ckpt = models[arch]
+    hf_model, hf_dir, ckpt = models[arch]
     writer = IndexedDatasetWriter(tmp_path / "data", np.uint16)  # the trainer needs a dataset to start
     for k in range(8):
         writer.add_document(random_tokens((SEQ,), 100 + k).numpy())
@@ -88,11 +90,15 @@ def test_imported_model_trains_in_tp2_pp2_with_the_hf_loss(ranks, models, tmp_pa
     with torch.no_grad():
         logits = hf_model(tokens[:, :-1]).logits
     reference = F.cross_entropy(logits[:, FAR:].reshape(-1, VOCAB), tokens[:, FAR + 1:].reshape(-1)).item()
-    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens)
+    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens, str(tmp_path / "saved"))
     ours = next(x for x in losses if x == x)
     print(f"{arch}: HF loss {reference:.6f}, TP2xPP2 loss {ours:.6f}, relative difference "
           f"{abs(ours - reference) / reference:.1e}")
     assert abs(ours - reference) < 1e-5 * reference
+    # Exported from the checkpoint saved in TP 2 × PP 2: the HF model's own tensors, bit for bit.
+    assert main(["export", "--load", str(tmp_path / "saved"), "--output", str(tmp_path / "export")]) == 0
+    exported, original = (load_safetensors(d / "model.safetensors") for d in (tmp_path / "export", hf_dir))
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
