@@ -1,6 +1,8 @@
 """The attention features the HF families need, in TP 2 (sequence parallel) × CP 2 × PP 2 against one
-rank (float32, 3 iterations): losses, gradient norms and validation loss within 1e-6, final
-parameters within 1e-5.
+rank (3 iterations): in float32 losses, gradient norms and validation loss within 1e-6, final
+parameters within 1e-5; in bf16 (both models' features at once) losses within 1e-4 and gradient norms
+within 1e-3 (as in the CP bf16 test, parameters are not compared: the QKV bias starts at zero, and
+where bf16 rounding turns a near-zero gradient's sign, Adam moves an element by ±lr either way).
 
 - ``model.add_qkv_bias`` with ``model.qk_layernorm`` per head (Qwen2's biases, Qwen3's norm): the
   bias is split over TP with the heads; the norm weight [d] sees only this rank's heads, so its
@@ -17,7 +19,11 @@ LLAMA = ["model=llama_tiny", "model.num_query_groups=2", "model.ffn_hidden_size=
 MODELS = {
     "qkv_bias_head_norm": LLAMA + ["model.add_qkv_bias=true", "model.qk_layernorm=true"],
     "projection_norm": LLAMA + ["model.qk_layernorm=true", "model.qk_layernorm_mode=projection"],
+    "qkv_bias_projection_norm_bf16": LLAMA + ["model.add_qkv_bias=true", "model.qk_layernorm=true",
+                                             "model.qk_layernorm_mode=projection", "training.precision=bf16"],
 }
+# (losses and validation, gradient norm, parameters or None): relative to the largest value
+TOLERANCES = {"fp32": (LOSS_TOLERANCE, LOSS_TOLERANCE, PARAM_TOLERANCE), "bf16": (1e-4, 1e-3, None)}
 LAYOUT = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
           "parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 
@@ -35,4 +41,6 @@ def test_tp_sp_cp_pp_match_single_rank(ranks, tmp_path, model):
     }
     param_err = max(rel(params[k], reference[k]) for k in params)
     print(f"{model}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + f", params {param_err:.1e}")
-    assert max(errors.values()) <= LOSS_TOLERANCE and param_err <= PARAM_TOLERANCE
+    loss_tol, norm_tol, param_tol = TOLERANCES["bf16" if model.endswith("bf16") else "fp32"]
+    assert max(errors["loss"], errors["valid"]) <= loss_tol and errors["grad_norm"] <= norm_tol
+    assert param_tol is None or param_err <= param_tol
