@@ -81,6 +81,20 @@ class ModelConfig:
     # Per-head dimension (Megatron's --kv-channels, HF's head_dim). None: hidden_size / heads.
     kv_channels: Optional[int] = positive(None)
     add_bias_linear: bool = True  # GPT-2 has biases in every linear layer, LLaMA none
+    # Megatron's --add-qkv-bias: a bias on the q, k, v projection even without add_bias_linear (Qwen2);
+    # the output projection keeps add_bias_linear's choice.
+    add_qkv_bias: bool = False
+    # Megatron's --qk-layernorm: normalise queries and keys (model.normalization, norm_epsilon) before
+    # RoPE. qk_layernorm_mode head: each head's d dimensions, one weight [d] for all heads (Qwen3,
+    # Megatron); projection: the whole q (n·d) and k (g·d) projection at once (OLMoE, OLMo 2), RMSNorm.
+    qk_layernorm: bool = False
+    qk_layernorm_mode: str = choice("head", "projection")
+    # HF's sliding_window (Mistral). megatron_lite attends over the whole sequence, so a window is only
+    # accepted when it is at least seq_length (then it changes nothing); kept for the HF export.
+    sliding_window: Optional[int] = positive(None)
+    # The HF family (config.json's model_type) an imported model came from, written back by the export;
+    # null: inferred from the shape (checkpoint/hf.py). Set by the import, rarely by hand.
+    hf_model_type: Optional[str] = choice(None, "llama", "mistral", "qwen2", "qwen3", "gpt2")  # type: ignore[arg-type]
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = non_negative(0.02)
@@ -450,6 +464,15 @@ def _check_model_shape(m: ModelConfig, tp: int) -> None:
         raise ConfigError(
             "model.rope_scaling.high_freq_factor",
             f"{scaling.high_freq_factor} must exceed low_freq_factor={scaling.low_freq_factor}",
+        )
+    if m.qk_layernorm and m.qk_layernorm_mode == "projection" and m.normalization != "rmsnorm":
+        raise ConfigError("model.qk_layernorm_mode", "projection normalises with RMSNorm only; set "
+                          "model.normalization=rmsnorm or model.qk_layernorm_mode=head")
+    if m.sliding_window is not None and m.sliding_window < m.seq_length:
+        raise ConfigError(
+            "model.sliding_window",
+            f"{m.sliding_window} is shorter than model.seq_length={m.seq_length}: megatron_lite has no "
+            f"sliding-window attention; use model.seq_length <= {m.sliding_window}",
         )
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     if ffn % tp:

@@ -1,10 +1,15 @@
 """Tiny HuggingFace models that transformers itself builds and saves (random weights), with a byte-level
-BPE tokenizer: the inputs of the import/export and generate tests.
+BPE tokenizer: the inputs of the import/export and generate tests, one per family.
 
-``llama``: GQA (4 query heads, 2 KV heads), head_dim 32 ≠ hidden/heads, Llama-3 RoPE scaling with an
-original context of 32 positions (so positions 128-255 are far beyond it), θ = 500,000, tied
-embeddings. ``gpt2``: 256 learned positions. Both have a vocabulary of 300, which megatron_lite pads
-(to 384 or 512). initializer_range 0.3 makes greedy decoding vary instead of repeating one token.
+Every LLaMA-style family has GQA (4 query heads, 2 KV heads). ``llama``: head_dim 32 ≠ hidden/heads,
+Llama-3 RoPE scaling with an original context of 32 positions (so positions 128-255 are far beyond
+it), θ = 500,000, tied embeddings. ``qwen2``: q, k, v biases (HF starts them at zero; here random, so
+a bias dropped or put on the wrong head changes the result), θ = 10⁶, tied. ``qwen3``: per-head q/k
+RMSNorm with random weights around 2 (sharper attention: a missing or misplaced norm changes the
+result), head_dim 32, untied. ``mistral``: a sliding window of exactly the test's sequence (accepted:
+it spans the training sequence), untied. ``gpt2``: 256 learned positions. Vocabulary 300, which
+megatron_lite pads (to 384 or 512). initializer_range 0.3 makes greedy decoding vary instead of
+repeating one token.
 """
 
 from __future__ import annotations
@@ -20,37 +25,37 @@ TEXT = ["In the beginning God created the heaven and the earth.",
         "And the earth was without form, and void; and darkness was upon the face of the deep."]
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+FAMILIES = ("llama", "gpt2", "qwen2", "qwen3", "mistral")
+_LLAMA_STYLE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+_SETTINGS = {
+    "llama": dict(head_dim=32, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
+                  tie_word_embeddings=True),
+    "qwen2": dict(max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen3": dict(head_dim=32, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
+    "mistral": dict(max_position_embeddings=32768, sliding_window=SEQ, rope_theta=1e6, tie_word_embeddings=False),
+}
 
 
 def hf_config(arch: str):
     import transformers
 
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, max_position_embeddings=131072, rope_theta=500000.0,
-            rope_scaling=dict(LLAMA3_ROPE), tie_word_embeddings=True, initializer_range=0.3, bos_token_id=0,
-            eos_token_id=0,
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, initializer_range=0.3,
+            bos_token_id=0, eos_token_id=0,
         )
-    return transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, initializer_range=0.3,
-        bos_token_id=0, eos_token_id=0,
-    )
+    return transformers.AutoConfig.for_model(arch, **_LLAMA_STYLE, **_SETTINGS[arch])
 
 
 def save_hf_model(arch: str, directory: Path):
-    """Build, perturb (HF sets norms to ones and zeros) and save the model and tokenizer; returns the
-    model in eval mode with eager attention."""
+    """Build, perturb (HF sets norms to ones and zeros, biases to zeros) and save the model and
+    tokenizer; returns the model in eval mode with eager attention."""
     import tokenizers
     import transformers
 
-    torch.manual_seed({"llama": 0, "gpt2": 1}[arch])
-    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
-    model = cls(hf_config(arch)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    torch.manual_seed(FAMILIES.index(arch))
+    model = perturb(transformers.AutoModelForCausalLM.from_config(hf_config(arch)).eval())
     model.save_pretrained(directory)
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,3 +71,17 @@ def save_hf_model(arch: str, directory: Path):
 
 def random_tokens(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model):
+    """HF starts norms at ones (and zeros), biases at zero: random values make a dropped or misplaced
+    norm or bias visible. q/k norms around 2 sharpen the attention. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if "q_norm" in name or "k_norm" in name:
+                p.mul_(2.0)
+            if "_proj.bias" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return model

@@ -69,6 +69,12 @@ BAD = [
      "130 is not divisible by TP=4"),
     (["optimizer.min_lr=1.0", "optimizer.lr=0.1"], 1, "optimizer.min_lr", "exceeds optimizer.lr"),
     (["checkpoint.async_save=true"], 1, "checkpoint.async_save", "needs checkpoint.save"),
+    (["model.qk_layernorm=true", "model.qk_layernorm_mode=projection"], 1, "model.qk_layernorm_mode",
+     "projection normalises with RMSNorm only"),
+    (["model.qk_layernorm_mode=whole"], 1, "model.qk_layernorm_mode", "'whole' is not one of head, projection"),
+    (["model.sliding_window=64", "model.seq_length=128"], 1, "model.sliding_window",
+     "64 is shorter than model.seq_length=128"),
+    (["model.hf_model_type=mixtral"], 1, "model.hf_model_type", "is not one of null, llama, mistral"),
 ]
 
 

@@ -1,10 +1,11 @@
 """``megatron_lite.generate``: greedy decoding with the KV cache equals HF ``generate`` (greedy) on the
-exported model, token for token, stopping where HF stops; the CLI continues a text prompt as HF does
+exported model, token for token, stopping where HF stops, for every family of tests/hf_models.py; the
+CLI continues a text prompt as HF does
 with the exported tokenizer; a prompt fed in pieces through the cache gives the one-shot logits."""
 
 import pytest
 import torch
-from hf_models import SEQ, VOCAB, random_tokens, save_hf_model
+from hf_models import FAMILIES, SEQ, VOCAB, random_tokens, save_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,9 +14,11 @@ from megatron_lite.generate import generate  # noqa: E402
 from megatron_lite.model.transformer import KVCache  # noqa: E402
 
 NEW_TOKENS = 48
+# The decoding mechanics (cache, CLI, sampling) are family-independent: tested on these two.
+MECHANICS = pytest.mark.parametrize("exported", ["llama", "gpt2"], indirect=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module")
 def exported(request, tmp_path_factory):
     """(checkpoint imported from a HF model, that checkpoint exported again, loaded by transformers)."""
     root = tmp_path_factory.mktemp(request.param)
@@ -32,13 +35,14 @@ def _hf_greedy(hf_model, prompt, **kwargs):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("exported", FAMILIES, indirect=True)
 def test_greedy_equals_hf_generate_token_for_token(exported):
     ckpt, _, hf_model = exported
     _, model = load_model(ckpt)
     prompt = random_tokens((40,), 5).tolist()
     ours = generate(model, prompt, NEW_TOKENS, greedy=True)
     reference = _hf_greedy(hf_model, prompt, eos_token_id=None, pad_token_id=0)
-    print(f"{model.cfg.position_embedding}: {sum(a == b for a, b in zip(ours, reference))}/{len(reference)} tokens "
+    print(f"{model.cfg.hf_model_type}: {sum(a == b for a, b in zip(ours, reference))}/{len(reference)} tokens "
           f"equal, {len(set(ours))} distinct")
     assert ours == reference and len(set(ours)) > 10
     stop = ours[20]  # stop at a token it produces: both end there, the stop token included
@@ -46,6 +50,7 @@ def test_greedy_equals_hf_generate_token_for_token(exported):
         hf_model, prompt, eos_token_id=stop, pad_token_id=0) == ours[: ours.index(stop) + 1]
 
 
+@MECHANICS
 def test_cli_continues_a_text_prompt_like_hf(exported, capsys):
     from megatron_lite.generate import main as generate_main
 
@@ -62,6 +67,7 @@ def test_cli_continues_a_text_prompt_like_hf(exported, capsys):
     assert "generate: " in err and "tokens in" in err
 
 
+@MECHANICS
 def test_prompt_in_pieces_through_the_cache_gives_one_shot_logits(exported):
     _, model = load_model(exported[0])
     ids = random_tokens((2, 64), 9)
@@ -74,6 +80,7 @@ def test_prompt_in_pieces_through_the_cache_gives_one_shot_logits(exported):
     assert ((pieces - whole).abs().max() / whole.abs().max()).item() < 1e-5
 
 
+@MECHANICS
 def test_sampling_controls_and_bad_input(exported, capsys):
     from megatron_lite.generate import main as generate_main
 

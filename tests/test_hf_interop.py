@@ -1,12 +1,17 @@
-"""HuggingFace import/export against models transformers builds and saves itself (tests/hf_models.py).
+"""HuggingFace import/export against models transformers builds and saves itself (tests/hf_models.py),
+one per family: Llama (GQA, head_dim ≠ hidden/heads, llama3 RoPE scaling, tied), Qwen2 (q, k, v
+biases, tied), Qwen3 (per-head q/k norm, untied), Mistral (sliding window = the sequence, untied) and
+GPT-2, each with a vocabulary that megatron_lite pads:
 
 - import, then train in TP 2 × PP 2 (sequence parallel): the first step's loss on positions 128-255
-  equals the HF model's on the same tokens (fp32, 1e-4), for a Llama (GQA, head_dim ≠ hidden/heads,
-  llama3 RoPE scaling, tied) and a GPT-2, both with a vocabulary that megatron_lite pads;
-- export: transformers loads the sharded safetensors, config and generation config, gives the same
-  logits; AutoTokenizer loads the tokenizer and encodes like the checkpoint's; re-import is exact;
+  equals the HF model's on the same tokens (fp32, relative 1e-5); the checkpoint that step saves in
+  TP 2 × PP 2 (learning rate 0) exports to the HF model's own tensors, bit for bit;
+- export: transformers loads the sharded safetensors (the keys it saves itself, none missing or
+  unexpected), config and generation config, and gives the original model's logits (1e-5) and ours;
+  AutoTokenizer loads the tokenizer and encodes like the checkpoint's; re-import is exact;
 - config.json in both RoPE spellings (transformers 4's rope_theta + rope_scaling, 5's rope_parameters);
-  unsupported features and a missing transformers package refused in one line.
+  unsupported features and families (MoE, MLA, a sliding window shorter than the sequence), and a
+  missing transformers package, refused in one line.
 """
 
 import json
@@ -16,15 +21,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import EOD, SEQ, TEXT, VOCAB, random_tokens, save_hf_model
+from hf_models import EOD, FAMILIES, SEQ, TEXT, VOCAB, random_tokens, save_hf_model
 
 transformers = pytest.importorskip("transformers")
+load_safetensors = pytest.importorskip("safetensors.torch").load_file
 
 from megatron_lite.checkpoint.hf import import_, load_model, main, model_settings, rope_settings  # noqa: E402
-from megatron_lite.checkpoint.storage import CheckpointError, find_checkpoint, read_full  # noqa: E402
+from megatron_lite.checkpoint.storage import find_checkpoint, read_full  # noqa: E402
+from megatron_lite.model.hf import UnsupportedModel  # noqa: E402
 
 FAR = 128  # the loss is compared on positions FAR.. SEQ-1 only
-ARCHS = ["llama", "gpt2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def models(tmp_path_factory):
     """{arch: (HF model, its directory, the imported checkpoint)}."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for arch in ARCHS:
+    for arch in FAMILIES:
         model = save_hf_model(arch, root / arch)
         assert main(["import", "--hf", str(root / arch), "--output", str(root / f"{arch}_ckpt"),
                      "--seq-length", str(SEQ)]) == 0
@@ -40,9 +46,10 @@ def models(tmp_path_factory):
     return out
 
 
-def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float:
+def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor, save: str) -> float:
     """On 4 ranks: the imported checkpoint in TP 2 × PP 2 (SP), one training step on ``tokens``
-    [2, SEQ + 1] with the loss on positions >= FAR; returns the reported loss (NaN off the logging rank)."""
+    [2, SEQ + 1] with the loss on positions >= FAR (learning rate 0), saved to ``save`` in that
+    layout; returns the reported loss (NaN off the logging rank)."""
     from omegaconf import OmegaConf
 
     from megatron_lite.config import to_config, validate
@@ -54,7 +61,7 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
         "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
         "parallel.sequence_parallel=true", "training.micro_batch_size=1", "training.global_batch_size=2",
         "training.train_iters=1", "training.eval_iters=0", f"checkpoint.load={ckpt}", f"data.paths=[{data_prefix}]",
-        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0",
+        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0", f"checkpoint.save={save}",
     ])
     cfg = to_config(OmegaConf.merge(stored, overrides))
     dims = validate(cfg, 4)
@@ -70,11 +77,11 @@ def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor) -> float
     return loss
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_imported_model_trains_in_tp2_pp2_with_the_hf_loss(ranks, models, tmp_path, arch):
     from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
 
-    hf_model, _, ckpt = models[arch]
+    hf_model, hf_dir, ckpt = models[arch]
     writer = IndexedDatasetWriter(tmp_path / "data", np.uint16)  # the trainer needs a dataset to start
     for k in range(8):
         writer.add_document(random_tokens((SEQ,), 100 + k).numpy())
@@ -83,13 +90,18 @@ def test_imported_model_trains_in_tp2_pp2_with_the_hf_loss(ranks, models, tmp_pa
     with torch.no_grad():
         logits = hf_model(tokens[:, :-1]).logits
     reference = F.cross_entropy(logits[:, FAR:].reshape(-1, VOCAB), tokens[:, FAR + 1:].reshape(-1)).item()
-    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens)
+    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens, str(tmp_path / "saved"))
     ours = next(x for x in losses if x == x)
-    print(f"{arch}: HF loss {reference:.6f}, TP2xPP2 loss {ours:.6f}, difference {abs(ours - reference):.1e}")
-    assert abs(ours - reference) < 1e-4
+    print(f"{arch}: HF loss {reference:.6f}, TP2xPP2 loss {ours:.6f}, relative difference "
+          f"{abs(ours - reference) / reference:.1e}")
+    assert abs(ours - reference) < 1e-5 * reference
+    # Exported from the checkpoint saved in TP 2 × PP 2: the HF model's own tensors, bit for bit.
+    assert main(["export", "--load", str(tmp_path / "saved"), "--output", str(tmp_path / "export")]) == 0
+    exported, original = (load_safetensors(d / "model.safetensors") for d in (tmp_path / "export", hf_dir))
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(models, tmp_path, arch):
     hf_model, hf_dir, ckpt = models[arch]
     out = tmp_path / "export"
@@ -102,16 +114,21 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(models,
     assert config["vocab_size"] == VOCAB and config["bos_token_id"] == config["eos_token_id"] == 0
     assert generation["eos_token_id"] == 0
 
-    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    exported, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True)
+    assert type(exported) is type(hf_model) and not any(info.values()), info  # no missing or unexpected key
+    saved_by_hf = set(load_safetensors(hf_dir / "model.safetensors"))
+    assert set(index["weight_map"]) == saved_by_hf  # the keys transformers itself saves (a tied lm_head not)
     cfg, ours = load_model(ckpt)
     ids = random_tokens((2, SEQ), 3)
     with torch.no_grad():
-        ref, got, original = exported(ids).logits, ours(ids), hf_model(ids).logits
+        ref, got, original = exported.eval()(ids).logits, ours(ids), hf_model(ids).logits
     assert got.shape[-1] > VOCAB and torch.isinf(got[..., VOCAB:]).all()  # padding rows masked out
     err = ((got[..., :VOCAB] - ref).abs().max() / ref.abs().max()).item()
     err_original = ((ref - original).abs().max() / original.abs().max()).item()
-    print(f"{arch}: export logits vs ours {err:.1e}, vs the original HF model {err_original:.1e}")
-    assert err < 1e-4 and err_original < 1e-4
+    print(f"{arch}: export logits vs the original HF model {err_original:.1e}, vs ours {err:.1e}")
+    # Ours vs HF: 1e-5 but for Llama 3's far positions (angles in fp64 here, fp32 in HF: 1.2e-5).
+    assert err_original < 1e-5 and err < (1e-4 if arch == "llama" else 1e-5)
     if arch == "llama":
         assert config["head_dim"] == 32 and (config.get("rope_parameters") or config["rope_scaling"])["rope_type"] == "llama3"
 
@@ -183,11 +200,19 @@ def test_rope_theta_and_llama3_scaling_in_either_spelling(tmp_path, spelling):
     assert model_settings(_read_hf_config(tmp_path), seq_length=8192)[1]["seq_length"] == 8192
 
 
+MOE = "is a mixture-of-experts family; the MoE layer is not yet in this build"
 REFUSED = {
     "hidden_act": ({"hidden_act": "gelu"}, "hidden_act='gelu' is not implemented"),
     "mlp_bias": ({"mlp_bias": True}, "mlp_bias=True is not implemented"),
     "yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
-    "mistral": ({"model_type": "mistral"}, "model_type 'mistral'"),
+    "olmo2": ({"model_type": "olmo2"}, "model_type 'olmo2': import supports llama, qwen2, qwen3, mistral, gpt2"),
+    "qwen3_attention_bias": ({"model_type": "qwen3", "attention_bias": True}, "attention_bias=True is not implemented"),
+    "qwen2_sliding_layers": ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8192,
+                              "max_window_layers": 1}, "sliding_window=8192 (use_sliding_window, layer_types) is not implemented"),
+    "mistral_short_window": ({"model_type": "mistral", "sliding_window": 1024},
+                             "sliding_window=1024 is shorter than the training sequence (4096 tokens)"),
+    "deepseek_mla": ({"model_type": "deepseek_v3", "kv_lora_rank": 512}, "kv_lora_rank=512 (deepseek_v3's multi-head"),
+    **{moe: ({"model_type": moe}, f"model_type '{moe}' {MOE}") for moe in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
 }
 
 
@@ -208,5 +233,5 @@ def test_missing_transformers_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_gpt2_seq_length_beyond_its_positions_is_refused(models, tmp_path):
-    with pytest.raises(CheckpointError, match="256 learned positions"):
+    with pytest.raises(UnsupportedModel, match="256 learned positions"):
         import_(models["gpt2"][1], tmp_path / "ckpt", seq_length=512)

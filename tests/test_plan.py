@@ -46,8 +46,12 @@ def test_pipeline_terms_match_the_simulator(schedule, p, v, m):
         assert M.in_flight_microbatches(schedule, p, v, m, rank) * v == sim.peak_activations[rank]
 
 
-@pytest.mark.parametrize("overrides", [TINY, LARGER, ["model=llama_tiny", "model.num_query_groups=1",
-                                                      "model.tie_embeddings=true"]])
+@pytest.mark.parametrize("overrides", [
+    TINY, LARGER, ["model=llama_tiny", "model.num_query_groups=1", "model.tie_embeddings=true"],
+    ["model=llama_tiny", "model.add_qkv_bias=true", "model.qk_layernorm=true"],
+    ["model=llama_tiny", "model.qk_layernorm=true", "model.qk_layernorm_mode=projection"],
+    TINY + ["model.qk_layernorm=true"],  # layernorm: q/k norms with biases
+])
 def test_parameter_count_matches_the_model(overrides):
     m = load_config(overrides).model
     model = build_gpt(m, VOCAB)

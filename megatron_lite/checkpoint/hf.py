@@ -4,13 +4,13 @@
     python -m megatron_lite.checkpoint.hf import --hf HF_DIR --output DIR [--seq-length N] [overrides ...]
 
 export: a checkpoint (any layout it was saved in) -> a directory that ``transformers`` loads with
-``AutoModelForCausalLM`` (LlamaForCausalLM for LLaMA-style models, GPT2LMHeadModel for GPT-2-style)
-and ``AutoTokenizer``: config.json (with bos/eos_token_id), generation_config.json (``generate`` stops
+``AutoModelForCausalLM`` (the family the model was imported from, ``model.hf_model_type``, else the
+first that fits its shape: ``model/hf.py``) and ``AutoTokenizer``: config.json (with bos/eos_token_id), generation_config.json (``generate`` stops
 at end of document), the weights without vocabulary padding (model.safetensors, or shards of at most
 ``--max-shard-size`` with model.safetensors.index.json), tokenizer.json (a sentencepiece model is
 converted to the ``tokenizers`` format, and copied as tokenizer.model too) and tokenizer_config.json.
 
-import: a HF directory of either architecture -> a checkpoint at iteration 0 without optimizer state,
+import: a HF directory of a family ``model/hf.py`` declares (llama, mistral, qwen2, qwen3, gpt2) -> a checkpoint at iteration 0 without optimizer state,
 which training loads in any layout (``checkpoint.load=DIR``). config.json is read through
 ``transformers.AutoConfig``; a feature megatron_lite does not implement is refused in one line. The
 HF tokenizer is copied into DIR/tokenizer/ and named in the stored config. ``--seq-length`` is the
@@ -36,18 +36,15 @@ from ..config import Config, ConfigError, load_config, padded_vocab_size, to_con
 from ..data.errors import DataError
 from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, canonical_type, load_tokenizer
 from ..model import GPTChunk, build_gpt
-from ..model.hf import family, from_hf, hf_config, to_hf
+from ..model.hf import DEFAULT_IMPORT_SEQ_LENGTH, from_hf, hf_config, model_settings, rope_settings, to_hf  # noqa: F401
 from .manager import save_weights
 from .sharded import ShardedState
 from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# The training length an import picks when --seq-length is not given (Llama 3.2 allows 131,072).
-DEFAULT_IMPORT_SEQ_LENGTH = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-# Vocabulary-sized HF tensors: export writes only the tokenizer's rows.
-_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
+# Our vocabulary-sized tensors: export writes only the tokenizer's rows.
+_VOCAB_TENSORS = ("embedding.weight", "output")
 # Buffers some HF versions save with the weights; they are derived, not learned.
 _DERIVED_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -94,17 +91,12 @@ def export(
     vocab = cfg.model.vocab_size
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    hf_state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, cfg.model)
-    if cfg.model.tie_embeddings:
-        hf_state.pop("lm_head.weight")  # HF ties it to the input embedding on load
-    for key in _VOCAB_TENSORS:
-        if key in hf_state:
-            hf_state[key] = hf_state[key][:vocab].contiguous()
+    state = {k: v.detach()[:vocab] if k in _VOCAB_TENSORS else v.detach() for k, v in model.state_dict().items()}
+    hf_state = to_hf(state, cfg.model)  # a tied lm_head is left out: HF ties it to the embedding on load
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     _export_tokenizer(tokenizer, cfg.data.tokenizer.model, cfg.model.seq_length, output)  # refusals first
     # Documents are separated by eod alone (no bos is ever inserted), so eod is bos as well (GPT-2's way).
     config = hf_config(cfg.model, vocab, bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)
-    config.architectures = [ARCHITECTURES[family(cfg.model)]]
     config.to_json_file(str(output / "config.json"))
     transformers.GenerationConfig(
         bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad
@@ -212,69 +204,6 @@ def _export_tokenizer(tokenizer: Tokenizer, model_path: Optional[str], seq_lengt
 
 
 # Import --------------------------------------------------------------------------------------------
-def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
-    """``model.rope_theta`` and ``model.rope_scaling.*`` overrides from a config dict, in either
-    spelling: transformers ≥ 5's ``rope_parameters`` (θ inside) or ``rope_theta`` + ``rope_scaling``."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    keys: dict[str, Any] = {"rope_theta": float(theta)}
-    if kind == "llama3":
-        keys["rope_scaling.type"] = "llama3"
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            keys[f"rope_scaling.{name}"] = params[name]
-    elif kind != "default":
-        raise CheckpointError(f"config.json: rope_type {kind!r}: megatron_lite implements default and llama3 RoPE")
-    return keys
-
-
-def _refuse(hf: dict[str, Any], checks: dict[str, Any]) -> None:
-    """One line for the first config.json key whose value megatron_lite does not implement."""
-    for key, supported in checks.items():
-        value = hf.get(key, supported[0])
-        if value not in supported:
-            raise CheckpointError(
-                f"config.json: {key}={value!r} is not implemented by megatron_lite (supported: {supported})"
-            )
-
-
-def model_settings(hf: dict[str, Any], seq_length: Optional[int] = None) -> tuple[str, dict[str, Any]]:
-    """(model preset, ``model.*`` keys) describing a HF config dict (``AutoConfig(...).to_dict()``)."""
-    kind = hf.get("model_type")
-    if kind == "llama":
-        _refuse(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,)})
-        heads = hf["num_attention_heads"]
-        keys = {
-            "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"], "num_attention_heads": heads,
-            "num_query_groups": hf.get("num_key_value_heads") or heads, "ffn_hidden_size": hf["intermediate_size"],
-            "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-            "seq_length": seq_length or min(hf["max_position_embeddings"], DEFAULT_IMPORT_SEQ_LENGTH),
-            "norm_epsilon": hf["rms_norm_eps"], "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            **rope_settings(hf),
-        }
-        preset = "llama_tiny"
-    elif kind == "gpt2":
-        _refuse(hf, {
-            "activation_function": ("gelu_new", "gelu_pytorch_tanh"), "tie_word_embeddings": (True,),
-            "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-        })
-        if seq_length is not None and seq_length > hf["n_positions"]:
-            raise CheckpointError(
-                f"--seq-length {seq_length}: the GPT-2 model has {hf['n_positions']} learned positions (n_positions)"
-            )
-        keys = {
-            "num_layers": hf["n_layer"], "hidden_size": hf["n_embd"], "num_attention_heads": hf["n_head"],
-            "num_query_groups": None, "ffn_hidden_size": hf.get("n_inner") or 4 * hf["n_embd"],
-            "seq_length": seq_length or hf["n_positions"], "norm_epsilon": hf["layer_norm_epsilon"],
-        }
-        preset = "gpt_tiny"
-    else:
-        raise CheckpointError(f"config.json: model_type {kind!r}: import supports llama and gpt2")
-    keys["vocab_size"] = hf["vocab_size"]
-    keys["init_std"] = hf.get("initializer_range", 0.02)
-    return preset, keys
-
-
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     transformers = require("transformers")
     if not (hf_dir / "config.json").is_file():

@@ -49,6 +49,7 @@ from .storage import CheckpointError, CheckpointInfo, find_checkpoint, host_copy
 SHAPE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "normalization", "activation", "position_embedding", "add_bias_linear", "tie_embeddings",
+    "add_qkv_bias", "qk_layernorm", "qk_layernorm_mode",
 )
 
 

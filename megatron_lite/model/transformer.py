@@ -19,30 +19,50 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import ModelConfig, head_dim
-from ..parallel.collectives import TPGroup
+from ..parallel.collectives import TPGroup, sum_over_tp
 from ..parallel.context import CPGroup, ring_attention
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, ParamMeta, RowParallelLinear, dropout, new_parameter
 from ..tensor_parallel.random import as_default_generator, checkpoint_rng_context
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm over the last dimension. Replicated over TP; under sequence parallelism
-    each rank normalises its own sequence shard, so the weight gradients are partial sums
-    (``grad_summed_over_tp``, summed by optim/grads.py:finalize_grads)."""
+    """LayerNorm or RMSNorm over the last dimension (``size``, default hidden_size). Replicated over
+    TP; under sequence parallelism each rank normalises its own sequence shard, so the weight
+    gradients are partial sums (``grad_summed_over_tp``, summed by optim/grads.py:finalize_grads).
+    ``partial_over_tp`` overrides that: a per-head q/k norm sees only this rank's heads, so its
+    gradients are partial whenever TP > 1."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, size: int | None = None, partial_over_tp: bool | None = None):
         super().__init__()
         self.kind, self.eps = cfg.normalization, cfg.norm_epsilon
-        self.weight = new_parameter((cfg.hidden_size,), ParamMeta(init_value=1.0, grad_summed_over_tp=tp.sequence_parallel))
+        size = size or cfg.hidden_size
+        partial = tp.sequence_parallel if partial_over_tp is None else partial_over_tp
+        self.weight = new_parameter((size,), ParamMeta(init_value=1.0, grad_summed_over_tp=partial))
         self.bias = None
         if self.kind == "layernorm":
-            meta = ParamMeta(init_value=0.0, grad_summed_over_tp=tp.sequence_parallel)
-            self.bias = new_parameter((cfg.hidden_size,), meta)
+            self.bias = new_parameter((size,), ParamMeta(init_value=0.0, grad_summed_over_tp=partial))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class ProjectionRMSNorm(nn.Module):
+    """RMSNorm over a whole q or k projection, all heads at once (OLMoE's and OLMo 2's q/k norm):
+    x [b, s, heads/t, d], this TP rank's heads, normalised by the root mean square over all heads of
+    all TP ranks (the sum of squares is summed over TP). The weight [heads·d] is split over TP like
+    the heads; each rank's gradient is complete for its slice."""
+
+    def __init__(self, heads: int, d: int, eps: float, tp: TPGroup):
+        super().__init__()
+        self.features, self.eps, self.tp = heads * d, eps, tp
+        self.weight = new_parameter((heads // tp.size * d,), ParamMeta(tp_shard_dim=0, init_value=1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = sum_over_tp(x.float().pow(2).sum(dim=(-2, -1), keepdim=True), self.tp)
+        y = (x.float() * torch.rsqrt(squares / self.features + self.eps)).to(x.dtype)
+        return self.weight.view(x.shape[-2:]) * y
 
 
 class KVCache:
@@ -68,7 +88,9 @@ class Attention(nn.Module):
 
     The fused QKV weight is laid out group by group, [q heads of group 0, k0, v0, q heads of group 1,
     k1, v1, ...], so a TP rank's rows are exactly the query groups it owns (n/t query heads, g/t KV
-    heads). MHA is g = n, MQA g = 1 (validate rejects g < t). ``recompute_core``: keep only q, k, v
+    heads). MHA is g = n, MQA g = 1 (validate rejects g < t). ``model.add_qkv_bias`` puts a bias
+    on QKV alone; ``model.qk_layernorm`` normalises q and k before RoPE, per head (``Norm`` over d) or
+    over the whole projection (``ProjectionRMSNorm``). ``recompute_core``: keep only q, k, v
     for the backward and recompute the attention core (selective recomputation). With a CP group of
     more than one rank the core is ring attention over it (tokens at their global positions).
     """
@@ -87,9 +109,16 @@ class Attention(nn.Module):
         )
         std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, (n + 2 * g) * self.head_dim, tp, bias=cfg.add_bias_linear, init_std=cfg.init_std
+            cfg.hidden_size, (n + 2 * g) * self.head_dim, tp, bias=cfg.add_bias_linear or cfg.add_qkv_bias,
+            init_std=cfg.init_std,
         )
         self.out = RowParallelLinear(n * self.head_dim, cfg.hidden_size, tp, bias=cfg.add_bias_linear, init_std=std_out)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_layernorm and cfg.qk_layernorm_mode == "head":
+            self.q_norm, self.k_norm = (Norm(cfg, tp, self.head_dim, partial_over_tp=tp.size > 1) for _ in range(2))
+        elif cfg.qk_layernorm:
+            self.q_norm = ProjectionRMSNorm(n, self.head_dim, cfg.norm_epsilon, tp)
+            self.k_norm = ProjectionRMSNorm(g, self.head_dim, cfg.norm_epsilon, tp)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache | None = None
@@ -102,6 +131,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)  # one split: its backward is one concat
         q = q.reshape(b, s, self.heads, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)  # [b, s, groups, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = ops.rotary(q, cos[:s], sin[:s]), ops.rotary(k, cos[:s], sin[:s])

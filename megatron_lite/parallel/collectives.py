@@ -7,6 +7,7 @@ them as autograd functions:
     reduce_from_tp       g: all-reduce forward,            identity backward
     reduce_scatter_to_sp    reduce-scatter sequence forward, all-gather backward
     scatter_to_sp           split sequence forward,          all-gather backward
+    sum_over_tp             all-reduce forward,              all-reduce backward
 
 Megatron's f (identity forward, all-reduce backward) and the sequence-parallel all-gather before a
 column-parallel GEMM live inside the linear layer's own autograd function (tensor_parallel/layers.py),
@@ -113,6 +114,9 @@ _ReduceScatterToSP = _autograd_pair(
 _ScatterToSP = _autograd_pair(
     "ScatterToSP", lambda x, tp: _split(x, SEQ_DIM, tp), lambda g, tp: all_gather(g, SEQ_DIM, tp)[0]
 )
+_SumOverTP = _autograd_pair(
+    "SumOverTP", lambda x, tp: all_reduce(x.clone(), tp)[0], lambda g, tp: all_reduce(g.clone(), tp)[0]
+)
 
 
 def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -128,3 +132,10 @@ def reduce_scatter_to_sp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 def scatter_to_sp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """[b, s, h] replicated -> [b, s/t, h] this rank's shard; backward all-gathers."""
     return x if tp.size == 1 else _ScatterToSP.apply(x, tp)
+
+
+def sum_over_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The sum of every TP rank's ``x``, which each rank then uses on its own shard (a statistic over a
+    dimension split over TP, e.g. RMSNorm over a column-parallel projection): all-reduce forward, and
+    all-reduce backward, since every rank's result depends on every rank's ``x``."""
+    return x if tp.size == 1 else _SumOverTP.apply(x, tp)

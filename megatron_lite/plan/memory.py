@@ -178,7 +178,9 @@ def layer_parameters(m: ModelConfig, tp: int) -> int:
     bias = m.add_bias_linear
     norm = 2 * h if m.normalization == "layernorm" else h
     count = 2 * norm
-    count += h * (n + 2 * g) * d // tp + ((n + 2 * g) * d // tp if bias else 0)  # QKV
+    count += h * (n + 2 * g) * d // tp + ((n + 2 * g) * d // tp if bias or m.add_qkv_bias else 0)  # QKV
+    if m.qk_layernorm:  # per head: one weight [d] (and bias) each for q and k; projection: split over TP
+        count += 2 * norm * d // h if m.qk_layernorm_mode == "head" else (n + g) * d // tp
     count += n * d * h // tp + (h if bias else 0)  # attention output (row-parallel)
     count += h * up // tp + (up // tp if bias else 0)  # fc1 (column-parallel)
     count += f * h // tp + (h if bias else 0)  # fc2 (row-parallel)
