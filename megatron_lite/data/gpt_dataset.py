@@ -82,6 +82,7 @@ class GPTDataset(torch.utils.data.Dataset):
             shuffle_idx = build_shuffle_idx(total, from_full_epochs if separate else total, rng)
             return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
+        self.num_documents, self.tokens_per_epoch, self.num_samples = doc_end - doc_start, tokens_per_epoch, num_samples
         stem = f"{Path(indexed.prefix).name}-{name}"
         arrays = cached_arrays(cache_dir, stem, description, build)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (
@@ -90,6 +91,13 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
+
+    def summary(self) -> str:
+        """One line for the start-up log: documents and tokens of the split, and how many epochs of
+        them the run's samples read."""
+        epochs = self.num_samples * self.seq_length / self.tokens_per_epoch
+        return (f"{Path(self.indexed.prefix).name}: {self.num_documents:,} documents, {self.tokens_per_epoch:,} tokens; "
+                f"{self.num_samples:,} samples of {self.seq_length} = {epochs:.3g} epochs")
 
     def sample_tokens(self, i: int) -> np.ndarray:
         """int64[seq_length + 1]: the tokens of sample ``i`` (after shuffling)."""
