@@ -591,10 +591,11 @@ def _check_rampup(t: TrainingConfig, dp: int, schedule: str, pp: int, vpp: int) 
         raise ConfigError(key, f"start {ramp.start} and increment {ramp.increment} must be multiples of "
                                f"micro_batch_size × data-parallel size = {t.micro_batch_size}×{dp} = {step}")
     for size in ramp.sizes():
+        m = size // step
         try:
-            schedules.check_sizes(schedule, pp, vpp, size // step)
+            schedules.check_sizes(schedule, pp, vpp, m)
         except schedules.ScheduleSizeError as err:
-            raise ConfigError(key, f"the global batch of {size} samples has {size // step} microbatches: "
+            raise ConfigError(key, f"the global batch of {size} samples has {m} microbatch{'es' * (m != 1)}: "
                                    f"{err.requirement}; use a start and increment that are multiples of "
                                    f"{step * err.multiple}") from None
 
