@@ -705,6 +705,31 @@ def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[A
     return replace(cfg, model=model), changed
 
 
+def _resumes(c: CheckpointConfig) -> bool:
+    """Whether a first start would read a checkpoint (``checkpoint.load``, else ``checkpoint.save``)."""
+    load = c.load or c.save
+    return bool(load) and (c.load_iteration is not None or (Path(load) / "latest_checkpointed_iteration.txt").is_file())
+
+
+def check_resume_schedule(cfg: Config) -> Optional[str]:
+    """Before launch, the check the trainer makes on load: a resume keeps the checkpoint's
+    learning-rate schedule unless ``optimizer.override_opt_param_scheduler`` (ConfigError; the line
+    saying the override applies, or None). Nothing to check for a fresh start, fine-tuning, a resume
+    without the optimizer state, or a checkpoint that predates stored schedules."""
+    from .checkpoint.storage import find_checkpoint
+    from .optim.lr_schedule import check_resumed_schedule, schedule_parameters
+
+    c = cfg.checkpoint
+    if c.finetune or not c.load_optimizer or not _resumes(c):
+        return None
+    info = find_checkpoint(c.load or c.save, c.load_iteration)
+    saved = info.meta.get("trainer", {}).get("lr_schedule") if info else None
+    if saved is None:
+        return None
+    return check_resumed_schedule(saved, schedule_parameters(cfg.optimizer, cfg.training.train_iters),
+                                  cfg.optimizer.override_opt_param_scheduler)
+
+
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of ``multiple × tp``."""
     step = multiple * tp
@@ -732,11 +757,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
-        if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+        if _resumes(cfg.checkpoint):
             from .checkpoint.storage import CheckpointError  # torch: only when a checkpoint is read
 
             try:
-                cfg, _ = with_checkpoint_model_config(cfg)
+                if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+                    cfg, _ = with_checkpoint_model_config(cfg)
+                check_resume_schedule(cfg)
             except CheckpointError as err:
                 print(f"checkpoint error: {err}", file=sys.stderr)
                 return 2

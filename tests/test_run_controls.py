@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.config import ConfigError, load_config, validate
+from megatron_lite.config import main as config_main
 from megatron_lite.optim.lr_schedule import learning_rate
 from megatron_lite.training.rampup import BatchRampup
 
@@ -115,7 +116,7 @@ def test_rampup_dp_pp_matches_single_rank_and_resumes_exactly(ranks, tmp_path):
             assert resumed[i][key] == one[i][key], (i, key)
 
 
-def test_resume_keeps_the_checkpoints_lr_schedule(ranks, tmp_path):
+def test_resume_keeps_the_checkpoints_lr_schedule(ranks, tmp_path, capsys):
     """Another train_iters (the decay end, lr_decay_iters being null) or lr on resume is one line
     naming the keys; optimizer.override_opt_param_scheduler=true continues under the new schedule."""
     base = TINY + ["training.global_batch_size=2", "logging.log_interval=100", "optimizer.lr_warmup_iters=1"]
@@ -123,6 +124,8 @@ def test_resume_keeps_the_checkpoints_lr_schedule(ranks, tmp_path):
     ranks(1).run(_train, base + ["training.train_iters=2", f"logging.dir={tmp_path / 'a'}", f"checkpoint.save={ckpt}"])
     resume = base + [f"checkpoint.load={ckpt}", f"logging.dir={tmp_path / 'b'}"]
     error = ranks(1).run(_train_or_error, resume + ["training.train_iters=4", "optimizer.lr=2e-3"])[0]
+    assert config_main(["--world-size", "1", *resume, "training.train_iters=4", "optimizer.lr=2e-3"]) == 2
+    assert capsys.readouterr().err == error + "\n"  # the same line before launch (scripts/pretrain_gpt.sh)
     assert error == (
         "config error: optimizer.override_opt_param_scheduler: the learning-rate schedule differs from the "
         "checkpoint's (optimizer.lr 0.001 -> 0.002, training.train_iters 2 -> 4); restore those values, or set "
