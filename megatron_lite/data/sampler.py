@@ -124,7 +124,7 @@ def microbatch_loader(
 
     ``num_workers`` > 0 (``data.num_workers``) loads them in DataLoader worker processes, a few
     microbatches ahead; the sampler's ``consumed_samples`` then runs ahead of training too, so
-    checkpoints should record the trainer's own count (iterations × global batch size). A stage
+    checkpoints should record the trainer's own count (the global batches of the iterations run). A stage
     that needs no fields gets empty dicts and reads nothing. ``positions`` as in ``collate``.
     """
     if not fields or num_workers == 0:

@@ -1,7 +1,8 @@
 """The training loop: one object that owns this rank's model chunks, data, optimizer and schedule.
 
 One iteration:
-  1. this DP rank's microbatches of the global batch (the sampler; only the fields this pipeline
+  1. this DP rank's microbatches of the global batch (the sampler; the batch grows during a
+     ``training.rampup_batch_size`` ramp, ``rampup.py``; only the fields this pipeline
      stage reads; under context parallelism only this CP rank's two chunks of each sequence);
   2. the pipeline schedule runs every microbatch's forward and backward over the model chunks
      (PP = 1 is the same code with one stage), accumulating fp32 gradients;
@@ -13,7 +14,8 @@ One iteration:
 
 ``train()`` first resumes from ``checkpoint.load`` (``resume()``; the Checkpointer receives the
 parameters, optimizer, generators and this object as the train state), and after every iteration
-asks the stop policy (preemption.py) whether the ranks agreed to stop early.
+asks the stop policy (preemption.py) whether the ranks agreed to stop early. ``profiling``
+(profiling.py) wraps the chosen iterations.
 """
 
 from __future__ import annotations
