@@ -188,3 +188,27 @@ def _apex_error() -> ConfigError | None:
     except ConfigError as err:
         return err
     pytest.skip("apex is installed")
+
+
+def test_data_summary_shows_splits_blends_and_empty_splits(tmp_path):
+    """The start-up lines: documents, tokens, samples and epochs per split, each blend member's weight,
+    and a line for a split the run wants samples of but that has no documents."""
+    import numpy as np
+
+    from megatron_lite.data import IndexedDatasetWriter, build_datasets, build_tokenizer
+    from megatron_lite.data.builder import describe_splits
+
+    for name, length in (("a", 30), ("b", 50)):
+        writer = IndexedDatasetWriter(tmp_path / name, np.uint16)
+        for doc in range(10):
+            writer.add_document(list(range(doc, doc + length)))
+        writer.finalize()
+    cfg = load_config([f"data.paths=[0.3,{tmp_path / 'a'},0.7,{tmp_path / 'b'}]", "data.split='100,0,0'",
+                       f"data.cache_dir={tmp_path / 'cache'}"]).data
+    counts = (20, 4, 0)
+    splits = build_datasets(cfg, build_tokenizer(cfg.tokenizer), 16, 1, counts)
+    assert describe_splits(cfg, splits, counts) == [
+        "data: train: blend of 2: weight 0.3 a: 10 documents, 300 tokens; 6 samples of 16 = 0.32 epochs; "
+        "weight 0.7 b: 10 documents, 500 tokens; 14 samples of 16 = 0.448 epochs",
+        "data: the valid split is empty (data.split=100,0,0 gives it no documents): no validation loss",
+    ]  # the test split is not asked for (eval_iters batches only at the end: here 0)

@@ -47,9 +47,11 @@ class BlendedDataset(torch.utils.data.Dataset):
         return len(self.dataset_index)
 
     def summary(self) -> str:
-        """One line for the start-up log: each member's weight and summary."""
+        """One line for the start-up log: each member's weight and summary, with the samples the
+        blend takes from it."""
+        taken = np.bincount(self.dataset_index, minlength=len(self.datasets))
         return f"blend of {len(self.datasets)}: " + "; ".join(
-            f"weight {w:.3g} {d.summary()}" for w, d in zip(self.weights, self.datasets))
+            f"weight {w:.3g} {d.summary(int(n))}" for w, d, n in zip(self.weights, self.datasets, taken))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -92,12 +93,13 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shuffle_idx)
 
-    def summary(self) -> str:
+    def summary(self, samples: Optional[int] = None) -> str:
         """One line for the start-up log: documents and tokens of the split, and how many epochs of
-        them the run's samples read."""
-        epochs = self.num_samples * self.seq_length / self.tokens_per_epoch
+        them ``samples`` (default: the samples asked for) read."""
+        samples = self.num_samples if samples is None else samples
+        epochs = samples * self.seq_length / self.tokens_per_epoch
         return (f"{Path(self.indexed.prefix).name}: {self.num_documents:,} documents, {self.tokens_per_epoch:,} tokens; "
-                f"{self.num_samples:,} samples of {self.seq_length} = {epochs:.3g} epochs")
+                f"{samples:,} samples of {self.seq_length} = {epochs:.3g} epochs")
 
     def sample_tokens(self, i: int) -> np.ndarray:
         """int64[seq_length + 1]: the tokens of sample ``i`` (after shuffling)."""
