@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -158,6 +158,11 @@ class TrainingConfig:
     # line naming the schedule action and the collective it waits in. None: max(10 × the median of
     # the first 3 steps, 60 s), and parallel.distributed_timeout_minutes until those are timed.
     step_timeout: Optional[float] = positive(None)
+    # Batch-size ramp-up (Megatron's --rampup-batch-size): [start, increment, ramp_samples]. The
+    # global batch starts at ``start`` and grows by ``increment`` in equal steps over the first
+    # ``ramp_samples`` consumed samples, up to global_batch_size; ``start`` and ``increment`` must be
+    # multiples of micro_batch_size × DP. Each of the train_iters iterations reads its current batch.
+    rampup_batch_size: Optional[list[int]] = None
 
 
 @dataclass
@@ -185,6 +190,10 @@ class OptimizerConfig:
     # Distributed optimizer: all-gather the updated parameters in the background, each bucket waited
     # for by the first forward that uses it.
     overlap_param_gather: bool = False
+    # On resume, a learning-rate schedule (lr, min_lr, warmup, decay style and end: lr_decay_iters or
+    # training.train_iters) other than the checkpoint's is an error; true takes this run's
+    # (Megatron's --override-opt_param-scheduler).
+    override_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -217,6 +226,9 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = non_negative(0)
     cache_dir: Optional[str] = None  # None: ~/.cache/megatron_lite
+    # Synthetic tokens (Megatron's --mock-data): every split is uniform random ids below the model's
+    # vocabulary, seeded by training.seed; no corpus is read. For throughput and smoke runs.
+    mock: bool = False
 
 
 @dataclass
@@ -255,6 +267,20 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    """torch.profiler traces and CUDA memory snapshots (Megatron's --profile, --profile-step-start/end,
+    --profile-ranks, --record-memory-history), written to ``${logging.dir}/profile/``."""
+
+    enabled: bool = False
+    step_start: int = positive(2)  # the first traced iteration (1-based; the first one includes warm-up)
+    step_end: int = positive(3)  # the last traced iteration (inclusive)
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that trace
+    # On a GPU: record allocations over the traced iterations and dump a snapshot for
+    # https://pytorch.org/memory_viz (ignored on the CPU).
+    memory_snapshot: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -263,6 +289,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
 
 def register_schema() -> None:
@@ -325,7 +352,31 @@ def _one_line(err: BaseException) -> str:
         if keep and _is_remedy(keep[0]) and lines[head - 1][-1:] not in ":.":
             lines[head - 1] += ":"
         parts += lines[:head] + keep
+    full_key = next((ln.split(":", 1)[1].strip() for ln in parts if ln.startswith("full_key:")), None)
+    suggestion = did_you_mean(full_key) if full_key else None
+    if suggestion:
+        parts.append(f"did you mean {suggestion}?")
     return " ".join(dict.fromkeys(parts))  # a cause often repeats the first line
+
+
+def did_you_mean(key: str) -> Optional[str]:
+    """The schema key closest to a misspelt dotted ``key`` (``training.trian_iters`` ->
+    ``training.train_iters``), or None when ``key`` exists or nothing is close."""
+    import difflib
+
+    node: Any = Config
+    path: list[str] = []
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return None  # below a leaf (a list or dict value): not a schema key
+        names = {f.name: f for f in fields(node)}
+        if part not in names:
+            close = difflib.get_close_matches(part, list(names), n=1, cutoff=0.6)
+            return ".".join(path + close[:1]) if close else None
+        path.append(part)
+        f = names[part]
+        node = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+    return None
 
 
 def _is_remedy(line: str) -> bool:
@@ -376,6 +427,8 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     _check_model_shape(cfg.model, tp)
     microbatches = _check_batch(cfg.training, dp)
     vpp, schedule, chunk_layers = _check_pipeline(cfg, pp, dp, microbatches)
+    _check_rampup(cfg.training, dp, schedule, pp, vpp)
+    _check_profiling(cfg, world_size)
     sequence_parallel = _check_sequence_parallel(cfg, tp)
     _check_context_parallel(cfg.model, cp, tp if sequence_parallel else 1)
     _check_flags(cfg)
@@ -545,6 +598,45 @@ def _check_pipeline(cfg: Config, pp: int, dp: int, microbatches: int) -> tuple[i
     return vpp, schedule, layers
 
 
+def _check_rampup(t: TrainingConfig, dp: int, schedule: str, pp: int, vpp: int) -> None:
+    """Every global batch size of the ramp splits into whole microbatches the schedule can run."""
+    from .training.rampup import BatchRampup  # no torch
+
+    key = "training.rampup_batch_size"
+    try:
+        ramp = BatchRampup.from_config(t.rampup_batch_size, t.global_batch_size)
+    except ValueError as err:
+        raise ConfigError(key, str(err)) from None
+    if ramp is None:
+        return
+    step = t.micro_batch_size * dp
+    if ramp.start % step or ramp.increment % step:
+        raise ConfigError(key, f"start {ramp.start} and increment {ramp.increment} must be multiples of "
+                               f"micro_batch_size × data-parallel size = {t.micro_batch_size}×{dp} = {step}")
+    for size in ramp.sizes():
+        m = size // step
+        try:
+            schedules.check_sizes(schedule, pp, vpp, m)
+        except schedules.ScheduleSizeError as err:
+            raise ConfigError(key, f"the global batch of {size} samples has {m} microbatch{'es' * (m != 1)}: "
+                                   f"{err.requirement}; use a start and increment that are multiples of "
+                                   f"{step * err.multiple}") from None
+
+
+def _check_profiling(cfg: Config, world_size: int) -> None:
+    p = cfg.profiling
+    if not p.enabled:
+        return
+    if p.step_end < p.step_start:
+        raise ConfigError("profiling.step_end", f"{p.step_end} is before profiling.step_start={p.step_start}")
+    if p.step_start > cfg.training.train_iters:
+        raise ConfigError("profiling.step_start", f"{p.step_start} is past training.train_iters="
+                                                  f"{cfg.training.train_iters}; trace an earlier iteration")
+    outside = [r for r in p.ranks if not 0 <= r < world_size]
+    if outside or not p.ranks:
+        raise ConfigError("profiling.ranks", f"{list(p.ranks)} must name ranks in [0, {world_size})")
+
+
 def _check_sequence_parallel(cfg: Config, tp: int) -> bool:
     """Whether sequence parallelism takes effect (it needs TP > 1 and a sequence split over TP)."""
     if not cfg.parallel.sequence_parallel:
@@ -636,6 +728,31 @@ def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[A
     return replace(cfg, model=model), changed
 
 
+def _resumes(c: CheckpointConfig) -> bool:
+    """Whether a first start would read a checkpoint (``checkpoint.load``, else ``checkpoint.save``)."""
+    load = c.load or c.save
+    return bool(load) and (c.load_iteration is not None or (Path(load) / "latest_checkpointed_iteration.txt").is_file())
+
+
+def check_resume_schedule(cfg: Config) -> Optional[str]:
+    """Before launch, the check the trainer makes on load: a resume keeps the checkpoint's
+    learning-rate schedule unless ``optimizer.override_opt_param_scheduler`` (ConfigError; the line
+    saying the override applies, or None). Nothing to check for a fresh start, fine-tuning, a resume
+    without the optimizer state, or a checkpoint that predates stored schedules."""
+    from .checkpoint.storage import find_checkpoint
+    from .optim.lr_schedule import check_resumed_schedule, schedule_parameters
+
+    c = cfg.checkpoint
+    if c.finetune or not c.load_optimizer or not _resumes(c):
+        return None
+    info = find_checkpoint(c.load or c.save, c.load_iteration)
+    saved = info.meta.get("trainer", {}).get("lr_schedule") if info else None
+    if saved is None:
+        return None
+    return check_resumed_schedule(saved, schedule_parameters(cfg.optimizer, cfg.training.train_iters),
+                                  cfg.optimizer.override_opt_param_scheduler)
+
+
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of ``multiple × tp``."""
     step = multiple * tp
@@ -663,11 +780,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
-        if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+        if _resumes(cfg.checkpoint):
             from .checkpoint.storage import CheckpointError  # torch: only when a checkpoint is read
 
             try:
-                cfg, _ = with_checkpoint_model_config(cfg)
+                if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+                    cfg, _ = with_checkpoint_model_config(cfg)
+                check_resume_schedule(cfg)
             except CheckpointError as err:
                 print(f"checkpoint error: {err}", file=sys.stderr)
                 return 2

@@ -79,7 +79,8 @@ def test_layout_of_saved_checkpoint(saved):
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
     info = find_checkpoint(ckpt)
-    assert info.iteration == 6 and info.meta["trainer"] == {"iteration": 6, "consumed_samples": 96, "skipped_iterations": 0}
+    trainer = {k: v for k, v in info.meta["trainer"].items() if k != "lr_schedule"}  # test_run_controls checks it
+    assert info.iteration == 6 and trainer == {"iteration": 6, "consumed_samples": 96, "skipped_iterations": 0}
     assert sorted(p.name for p in info.path.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(8)]
     assert "training:" in (info.path / "config.yaml").read_text()
     # Unsharded names and shapes: SwiGLU's fc1 as [gate; up] blocks, the padded vocabulary of TP=2.

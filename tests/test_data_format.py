@@ -140,6 +140,13 @@ def test_train_tokenizer_cli(tmp_path):
     tok = load_tokenizer("sentencepiece", tmp_path / "tok.model")
     assert tok.vocab_size == 300
     assert all(tok.detokenize(tok.tokenize(t)) == t for t in TEXTS)
+    # A failed run (a malformed line after many good ones) writes nothing: the earlier files stay.
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": t[::-1]}) + "\n" for t in TEXTS * 20) + "{not json\n")
+    args[1] = str(bad)
+    assert train_tokenizer_main(args) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p != bad} == before
 
 
 def _write_valid(tmp_path: Path) -> str:

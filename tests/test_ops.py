@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import megatron_lite.ops as ops
+from megatron_lite.config import ConfigError
 from megatron_lite.ops import csrc, reference
 from ops_cases import OPS, SHAPES, detached, empty_cases, function_name, make_args, outputs_and_grads
 
@@ -164,8 +165,9 @@ def test_backend_selection(kernels):
         torch.testing.assert_close(ops.swiglu(x[:, :20]), reference.swiglu(x[:, :20]), **FP32_TOL)
         if not torch.cuda.is_available():
             assert ops.use_backend("auto") == "csrc"
-            with pytest.warns(UserWarning, match="te is not importable"):
-                assert ops.use_backend("te") == "csrc"
+            for vendor_name in ("te", "apex"):  # chosen explicitly: an error, not a fallback
+                with pytest.raises(ConfigError, match=f"model.kernel_backend: {vendor_name} is not installed"):
+                    ops.use_backend(vendor_name)
         with pytest.raises(ValueError, match="model.kernel_backend: 'fast' is not one of"):
             ops.use_backend("fast")
     finally:

@@ -84,7 +84,16 @@ def test_search_ranks_valid_fitting_layouts():
 
 def test_cli(capsys):
     assert plan_main(["--world-size", "8", "model=gpt_tiny", "parallel=tp2_pp2_dp2"]) == 0
-    assert "MFU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MFU" in out and out.startswith(  # every prediction opens with what it assumes
+        "assumptions: global batch 16 × 128 tokens (training.global_batch_size, model.seq_length), micro batch 2 "
+        "(training.micro_batch_size), fp32 (training.precision), recompute none (training.recompute, --recompute), "
+        "distributed optimizer off (optimizer.use_distributed_optimizer), communication exposed (--overlap), "
+        "computation at 60% of H100-80G's peak (--efficiency)\n")
+    assert plan_main(["--world-size", "2", "--search", "--device", "B200", "training.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("assumptions: global batch 16 × 128 tokens (training.global_batch_size, model.seq_length), "
+                          "micro batch each layout's of 1, 2, 4, 8, 16, bf16") and "of B200's peak" in out
     assert plan_main(["--world-size", "6", "parallel=tp2_pp2_dp2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("plan error: parallel.tensor_model_parallel_size: world size 6") and "\n" not in err

@@ -117,18 +117,19 @@ def test_run_records_metrics_and_mirrors(ranks, tmp_path):
 
 def test_console_line_averages_the_interval():
     """The console line shows the interval's mean loss and ms/iter, its throughput as total tokens
-    over total time, and skips non-finite values (a skipped step's grad norm)."""
+    over total time (non-finite losses left out), and the last iteration's lr and grad norm."""
     interval = IntervalAverage()
-    base = {"consumed_samples": 0, "lr": 1e-3, "tflops_per_device": 1.0, "mfu": None, "peak_memory_gb": 1.0,
-            "eta_s": 10.0, "loss_scale": 1.0, "skipped_iterations": 0}
-    for i, (loss, ms, norm) in enumerate([(4.0, 100.0, 1.0), (2.0, 300.0, math.nan)], start=1):
-        interval.add({**base, "iteration": i, "loss": loss, "ms_per_iter": ms, "grad_norm": norm,
+    base = {"consumed_samples": 0, "global_batch_size": 16, "tflops_per_device": 1.0, "mfu": None,
+            "peak_memory_gb": 1.0, "eta_s": 10.0, "loss_scale": 1.0, "skipped_iterations": 0}
+    for i, (loss, ms, norm) in enumerate([(4.0, 100.0, 1.0), (2.0, 300.0, 3.0), (math.nan, 200.0, math.nan)], start=1):
+        interval.add({**base, "iteration": i, "loss": loss, "ms_per_iter": ms, "grad_norm": norm, "lr": i * 1e-3,
                       "tokens_per_s": 1000 / (ms / 1e3)})
     average = interval.take()
-    assert average["loss"] == 3.0 and average["ms_per_iter"] == 200.0 and average["grad_norm"] == 1.0
-    assert average["tokens_per_s"] == pytest.approx(2000 / 0.4)
+    assert average["loss"] == 3.0 and average["ms_per_iter"] == 200.0 and math.isnan(average["grad_norm"])
+    assert average["lr"] == 3e-3 and average["tokens_per_s"] == pytest.approx(3000 / 0.6)
     line = console_line(average, 10)
-    assert "iteration      2/10" in line and "loss 3.0000" in line and "ms/iter    200.0" in line
+    assert "iteration      3/10" in line and "lr 3.000e-03 | grad norm nan" in line
+    assert "mean of 3 iterations: loss 3.0000, ms/iter 200.0, tokens/s 5,000" in line
     assert interval.records == []
 
 

@@ -46,6 +46,13 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset_index)
 
+    def summary(self) -> str:
+        """One line for the start-up log: each member's weight and summary, with the samples the
+        blend takes from it."""
+        taken = np.bincount(self.dataset_index, minlength=len(self.datasets))
+        return f"blend of {len(self.datasets)}: " + "; ".join(
+            f"weight {w:.3g} {d.summary(int(n))}" for w, d, n in zip(self.weights, self.datasets, taken))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"blended sample {i} out of range [0, {len(self)})")

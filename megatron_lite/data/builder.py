@@ -14,6 +14,7 @@ from megatron_lite.data.distributed import first_rank_then_rest
 from megatron_lite.data.errors import DataError
 from megatron_lite.data.gpt_dataset import GPTDataset, dataset_fingerprint
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.mock import MockGPTDataset
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.extensions import cache_root
 
@@ -144,7 +145,9 @@ def split_paths(data_cfg) -> Optional[list[Optional[tuple[list[str], list[float]
 
 
 def dataset_prefixes(data_cfg) -> list[str]:
-    """Every .bin/.idx prefix the config names, once each; [] for the bundled corpus."""
+    """Every .bin/.idx prefix the config names, once each; [] for the bundled corpus and mock data."""
+    if data_cfg.mock:
+        return []
     per_split = split_paths(data_cfg)
     if per_split is not None:
         names = [p for entry in per_split if entry is not None for p in entry[0]]
@@ -162,7 +165,8 @@ def build_datasets(
     """(train, valid, test) GPT datasets for a ``config.DataConfig``.
 
     ``num_samples`` = (train, valid, test) sample counts the run will read; a split with 0 samples,
-    or without documents under ``data.split``, is None. Each dataset has at least that many samples
+    or without documents under ``data.split``, is None. ``data.mock``: synthetic samples
+    (``mock.py``), no files read. Each dataset has at least that many samples
     and ``dataset[i]`` = ``{"tokens": int64[seq_length], "labels": int64[seq_length],
     "loss_mask": float32[seq_length]}``. Under torch.distributed, the first rank of ``group``
     (default: world) preprocesses the bundled corpus if needed and builds the index caches while
@@ -175,6 +179,9 @@ def build_datasets(
         )
     if seq_length <= 0:
         raise DataError(f"model.seq_length: must be positive, got {seq_length}")
+    if data_cfg.mock:  # synthetic tokens: no files, no indices, nothing to share between ranks
+        return tuple(MockGPTDataset(int(n), seq_length, tokenizer.vocab_size, seed, name) if int(n) > 0 else None
+                     for n, name in zip(num_samples, SPLIT_NAMES))
     cache_dir = data_cache_dir(data_cfg)
     fractions = parse_split(data_cfg.split)
     per_split = split_paths(data_cfg)
@@ -200,3 +207,19 @@ def build_datasets(
         return _build(names, mix, fractions, seq_length, seed, counts, cache_dir)
 
     return tuple(first_rank_then_rest(build, group))
+
+
+def describe_splits(data_cfg, splits: Sequence[Optional[torch.utils.data.Dataset]],
+                    num_samples: Sequence[int]) -> list[str]:
+    """The start-up summary of ``build_datasets``' result: per split its documents, tokens, blend
+    weights and epochs read, and a line for a split the run asked samples of but that is empty."""
+    lines = []
+    for name, key, dataset, wanted in zip(SPLIT_NAMES, SPLIT_KEYS, splits, num_samples):
+        if dataset is not None:
+            lines.append(f"data: {name}: {dataset.summary()}")
+        elif wanted > 0:
+            why = (f"{key} is not set" if split_paths(data_cfg) is not None
+                   else f"data.split={data_cfg.split} gives it no documents")
+            effect = "training cannot run" if name == "train" else f"no {'validation' if name == 'valid' else 'test'} loss"
+            lines.append(f"data: the {name} split is empty ({why}): {effect}")
+    return lines

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,6 +83,7 @@ class GPTDataset(torch.utils.data.Dataset):
             shuffle_idx = build_shuffle_idx(total, from_full_epochs if separate else total, rng)
             return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
+        self.num_documents, self.tokens_per_epoch, self.num_samples = doc_end - doc_start, tokens_per_epoch, num_samples
         stem = f"{Path(indexed.prefix).name}-{name}"
         arrays = cached_arrays(cache_dir, stem, description, build)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (
@@ -90,6 +92,14 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
+
+    def summary(self, samples: Optional[int] = None) -> str:
+        """One line for the start-up log: documents and tokens of the split, and how many epochs of
+        them ``samples`` (default: the samples asked for) read."""
+        samples = self.num_samples if samples is None else samples
+        epochs = samples * self.seq_length / self.tokens_per_epoch
+        return (f"{Path(self.indexed.prefix).name}: {self.num_documents:,} documents, {self.tokens_per_epoch:,} tokens; "
+                f"{samples:,} samples of {self.seq_length} = {epochs:.3g} epochs")
 
     def sample_tokens(self, i: int) -> np.ndarray:
         """int64[seq_length + 1]: the tokens of sample ``i`` (after shuffling)."""

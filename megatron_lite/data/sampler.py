@@ -19,22 +19,25 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from megatron_lite.data.errors import DataError
+from megatron_lite.training.rampup import BatchRampup
 
 FIELDS = ("tokens", "labels", "loss_mask")
 
 
 class MicrobatchSampler:
-    """Per iteration, this DP rank's microbatches: a list of ``num_microbatches`` index lists.
+    """Per iteration, this DP rank's microbatches: a list of index lists, one per microbatch.
 
     ``total_samples`` is how many samples the run reads in all (``train_iters × global_batch``);
-    iteration stops before a global batch that would pass it. ``consumed_samples`` advances by
-    ``global_batch_size`` as each iteration's indices are handed out; it is the sampler's whole
-    state, so ``MicrobatchSampler(..., consumed_samples=saved, ...)`` resumes exactly.
+    iteration stops before a global batch that would pass it. ``consumed_samples`` advances by the
+    global batch size as each iteration's indices are handed out; it is the sampler's whole state,
+    so ``MicrobatchSampler(..., consumed_samples=saved, ...)`` resumes exactly. ``rampup``
+    (``training/rampup.py``): the global batch size is ``rampup.batch_size(consumed_samples)``
+    instead of ``global_batch_size``, so iterations early in a ramp have fewer microbatches.
     """
 
     def __init__(
         self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-        global_batch_size: int, dp_rank: int, dp_size: int,
+        global_batch_size: int, dp_rank: int, dp_size: int, rampup: Optional[BatchRampup] = None,
     ):
         per_step = micro_batch_size * dp_size
         if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size % per_step:
@@ -51,12 +54,25 @@ class MicrobatchSampler:
             )
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        self.dp_rank, self.dp_size, self.rampup = dp_rank, dp_size, rampup
+        self.num_microbatches = global_batch_size // per_step  # after any ramp
+
+    def batch_size(self, consumed_samples: int) -> int:
+        """The global batch size of the iteration that starts after ``consumed_samples``."""
+        return self.rampup.batch_size(consumed_samples) if self.rampup else self.global_batch_size
+
+    def iteration_sizes(self) -> Iterator[int]:
+        """The number of microbatches of every iteration left (the sampler itself does not move)."""
+        consumed = self.consumed_samples
+        while consumed + self.batch_size(consumed) <= self.total_samples:
+            yield self.batch_size(consumed) // (self.micro_batch_size * self.dp_size)
+            consumed += self.batch_size(consumed)
 
     def __len__(self) -> int:
         """Iterations left."""
-        return (self.total_samples - self.consumed_samples) // self.global_batch_size
+        if self.rampup is None:
+            return (self.total_samples - self.consumed_samples) // self.global_batch_size
+        return sum(1 for _ in self.iteration_sizes())
 
     def microbatches(self, consumed_samples: int) -> list[list[int]]:
         """This rank's microbatches of the global batch that starts after ``consumed_samples``."""
@@ -64,13 +80,13 @@ class MicrobatchSampler:
         first = consumed_samples + self.dp_rank * self.micro_batch_size
         return [
             list(range(first + m * stride, first + m * stride + self.micro_batch_size))
-            for m in range(self.num_microbatches)
+            for m in range(self.batch_size(consumed_samples) // stride)
         ]
 
     def __iter__(self) -> Iterator[list[list[int]]]:
-        while self.consumed_samples + self.global_batch_size <= self.total_samples:
+        while self.consumed_samples + self.batch_size(self.consumed_samples) <= self.total_samples:
             batch = self.microbatches(self.consumed_samples)
-            self.consumed_samples += self.global_batch_size
+            self.consumed_samples += self.batch_size(self.consumed_samples)
             yield batch
 
 
@@ -108,20 +124,20 @@ def microbatch_loader(
 
     ``num_workers`` > 0 (``data.num_workers``) loads them in DataLoader worker processes, a few
     microbatches ahead; the sampler's ``consumed_samples`` then runs ahead of training too, so
-    checkpoints should record the trainer's own count (iterations × global batch size). A stage
+    checkpoints should record the trainer's own count (the global batches of the iterations run). A stage
     that needs no fields gets empty dicts and reads nothing. ``positions`` as in ``collate``.
     """
     if not fields or num_workers == 0:
         for microbatches in sampler:
             yield [collate(dataset, indices, fields, positions) for indices in microbatches]
         return
-    iterations = len(sampler)  # before the workers start to pull from the sampler
-    flat = (indices for microbatches in sampler for indices in microbatches)
+    sizes = list(sampler.iteration_sizes()) if sampler.rampup else [sampler.num_microbatches] * len(sampler)
+    flat = (indices for microbatches in sampler for indices in microbatches)  # sizes first: workers pull
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=flat, num_workers=num_workers,
         collate_fn=lambda samples: _stack(samples, fields, positions),
         multiprocessing_context="fork" if hasattr(os, "fork") else None,
     )
     stream = iter(loader)
-    for _ in range(iterations):
-        yield [next(stream) for _ in range(sampler.num_microbatches)]
+    for size in sizes:
+        yield [next(stream) for _ in range(size)]

@@ -3,7 +3,8 @@
     python -m megatron_lite.data.train_tokenizer --input corpus.jsonl --vocab-size 8000 --output tok
 
 writes ``tok.model`` (what ``data.tokenizer.model`` and ``preprocess --tokenizer-model`` take) and
-``tok.vocab``. Each line of each document is one training sentence. The model keeps text exactly
+``tok.vocab``, only when training succeeds (a failure writes nothing and leaves earlier files as
+they were). Each line of each document is one training sentence. The model keeps text exactly
 (no normalisation, whitespace kept) and falls back to bytes for characters it has not seen, so
 ``detokenize(tokenize(s)) == s`` for any string.
 """
@@ -11,6 +12,7 @@ writes ``tok.model`` (what ``data.tokenizer.model`` and ``preprocess --tokenizer
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +45,22 @@ def train(
         )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Trained under a temporary prefix beside the output and moved into place only when complete:
+    # a failure (bad input, interrupt) leaves any earlier tok.model/.vocab as they were.
+    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    try:
+        _train_checked(spm, inputs, json_key, temporary, vocab_size, max_sentences, threads)
+        for suffix in (".vocab", ".model"):  # .model last: its presence means the pair is complete
+            os.replace(f"{temporary}{suffix}", f"{output}{suffix}")
+    finally:
+        for suffix in (".model", ".vocab"):
+            Path(f"{temporary}{suffix}").unlink(missing_ok=True)
+    return Path(f"{output}.model")
+
+
+def _train_checked(spm, inputs: list[str], json_key: str, output: Path, vocab_size: int, max_sentences: int,
+                   threads: int) -> None:
+    """Train into ``output``.model/.vocab; a bad input raises its DataError, not sentencepiece's trace."""
     # sentencepiece turns an exception raised in the iterator into a RuntimeError with a C++ trace:
     # the iterator stops at a bad input instead and its DataError is raised here.
     failed: list[DataError] = []
@@ -61,7 +79,6 @@ def train(
         raise
     if failed:
         raise failed[0]
-    return Path(f"{output}.model")
 
 
 def _train_from(spm, sentences: Iterator[str], output: Path, vocab_size: int, max_sentences: int,

@@ -20,6 +20,7 @@ from ..config import ModelConfig, head_dim
 # core, TF32 tensor core, FP32). Matched in order against torch.cuda.get_device_name(), most
 # specific first: the PCIe and NVL parts of a GPU run at lower clocks and power than the SXM one.
 PEAK_FLOPS: list[tuple[str, float, float, float]] = [
+    ("B200", 2.25e15, 1.1e15, 75e12),  # HGX/DGX B200 (the datasheet's sparse figures halved)
     ("H200 NVL", 835e12, 417.5e12, 60e12),
     ("H200", 989e12, 494.5e12, 67e12),  # SXM (also GH200)
     ("H100 NVL", 835e12, 417.5e12, 60e12),

@@ -5,7 +5,8 @@ chosen once at start-up with ``use_backend(model.kernel_backend)``:
 - ``csrc``: our C++/CUDA kernels (``csrc/``, built on first use, see ``csrc.py``);
 - ``te`` / ``apex``: NVIDIA's kernels where they cover an op and its inputs (``vendor.py``);
 - ``auto``: ``te``, else ``apex``, when importable on a GPU machine; else ``csrc`` if it builds;
-  else ``torch``.
+  else ``torch``. An explicit ``te`` or ``apex`` that does not import is an error
+  (``require_backend``), not a silent fallback.
 
 Every backend falls back per call to the next one (vendor → csrc → reference) for inputs its kernels
 do not take, so any backend accepts whatever the reference accepts. Shapes are documented in
@@ -46,14 +47,27 @@ def _resolve(name: str) -> str:
                 if _providers(vendor_name)[0][1]:
                     return vendor_name
         return "csrc" if csrc.available() else "torch"
-    if name in ("te", "apex") and not _providers(name)[0][1]:
-        fallback = _resolve("auto") if name == "te" else ("csrc" if csrc.available() else "torch")
-        warnings.warn(f"model.kernel_backend={name}: {name} is not importable; using {fallback}", stacklevel=3)
-        return fallback
+    require_backend(name)
     if name == "csrc" and not csrc.available():
         warnings.warn("model.kernel_backend=csrc: the extension did not build; using torch", stacklevel=3)
         return "torch"
     return name
+
+
+VENDOR_INSTALL = {
+    "te": "Transformer Engine (pip install transformer_engine[pytorch], or NVIDIA's PyTorch container)",
+    "apex": "apex with its CUDA extensions (NVIDIA's PyTorch container, or a source build with --cuda_ext)",
+}
+
+
+def require_backend(name: str) -> None:
+    """ConfigError (one line) when ``name`` is an explicitly chosen vendor backend (te, apex) that does
+    not import here; ``auto`` falls back instead, and ``csrc`` falls back to torch with a warning."""
+    if name in VENDOR_INSTALL and not _providers(name)[0][1]:
+        from ..config import ConfigError
+
+        raise ConfigError("model.kernel_backend", f"{name} is not installed here (needs {VENDOR_INSTALL[name]}); "
+                                                  "use auto (the best available), csrc or torch")
 
 
 def _chain(op: str, providers: list[tuple[str, vendor.Provider]], fallback: Callable) -> tuple[Callable, str]:

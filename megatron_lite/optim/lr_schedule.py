@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import OptimizerConfig
+from ..config import ConfigError, OptimizerConfig
 
 
 def learning_rate(iteration: int, cfg: OptimizerConfig, train_iters: int) -> float:
@@ -38,3 +38,35 @@ def learning_rate(iteration: int, cfg: OptimizerConfig, train_iters: int) -> flo
     else:  # linear and the decay phase of wsd
         factor = 1.0 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def schedule_parameters(cfg: OptimizerConfig, train_iters: int) -> dict[str, object]:
+    """The settings ``learning_rate`` depends on, each under its config key (the decay end under
+    ``training.train_iters`` when ``optimizer.lr_decay_iters`` is null): what checkpoints store so
+    that a resume can tell whether it continues the same schedule."""
+    params: dict[str, object] = {"optimizer.lr": cfg.lr, "optimizer.lr_warmup_iters": cfg.lr_warmup_iters,
+                                 "optimizer.lr_decay_style": cfg.lr_decay_style}
+    if cfg.lr_decay_style != "constant":
+        params["optimizer.min_lr"] = cfg.min_lr
+        if cfg.lr_decay_iters is None:
+            params["training.train_iters"] = train_iters
+        else:
+            params["optimizer.lr_decay_iters"] = cfg.lr_decay_iters
+    if cfg.lr_decay_style == "wsd":
+        params["optimizer.lr_wsd_decay_iters"] = cfg.lr_wsd_decay_iters
+    return params
+
+
+def check_resumed_schedule(saved: dict[str, object], now: dict[str, object], override: bool) -> str | None:
+    """Compare a checkpoint's ``schedule_parameters`` with this run's. Different without ``override``
+    (``optimizer.override_opt_param_scheduler``): ConfigError naming the changed keys; different with
+    it: a line saying this run's schedule is used; the same: None."""
+    keys = list(dict.fromkeys([*saved, *now]))
+    changed = [f"{k} {saved.get(k, 'unset')} -> {now.get(k, 'unset')}" for k in keys if saved.get(k) != now.get(k)]
+    if not changed:
+        return None
+    if override:
+        return f"optimizer: this run's learning-rate schedule replaces the checkpoint's ({', '.join(changed)})"
+    raise ConfigError("optimizer.override_opt_param_scheduler", (
+        f"the learning-rate schedule differs from the checkpoint's ({', '.join(changed)}); restore those "
+        "values, or set optimizer.override_opt_param_scheduler=true to continue under this run's schedule"))

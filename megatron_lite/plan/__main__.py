@@ -17,13 +17,13 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..config import ConfigError, load_config
 from .devices import DEVICES, device
 from .estimate import RECOMPUTE, Prediction, predict, rank_memory, setup_from_config
 from .published import ERROR_BOUND, validation_table
-from .search import search
+from .search import MICRO_BATCHES, search
 
 GiB = 2**30
 
@@ -42,6 +42,19 @@ def _layout(p: Prediction) -> str:
     cp = f" CP{d.cp}" if d.cp > 1 else ""
     return (f"TP{d.tp}{cp} PP{d.pp}{vpp} DP{d.dp} mbs {s.micro_batch_size} ×{d.num_microbatches} "
             f"{d.pipeline_schedule}{' SP' if d.sequence_parallel else ''}")
+
+
+def assumptions(cfg, dev, recompute: Optional[str], overlap: bool, search: bool = False) -> str:
+    """The line every prediction opens with: what it assumes besides the layout, and where each is set."""
+    t = cfg.training
+    micro = (f"micro batch each layout's of {', '.join(map(str, MICRO_BATCHES))}" if search
+             else f"micro batch {t.micro_batch_size} (training.micro_batch_size)")
+    return (f"assumptions: global batch {t.global_batch_size} × {cfg.model.seq_length} tokens "
+            f"(training.global_batch_size, model.seq_length), {micro}, "
+            f"{t.precision} (training.precision), recompute {recompute or t.recompute} (training.recompute, --recompute), "
+            f"distributed optimizer {'on' if cfg.optimizer.use_distributed_optimizer else 'off'} "
+            f"(optimizer.use_distributed_optimizer), communication {'overlapped' if overlap else 'exposed'} "
+            f"(--overlap), computation at {dev.efficiency:.0%} of {dev.name}'s peak (--efficiency)")
 
 
 def print_prediction(p: Prediction) -> None:
@@ -123,17 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab = _vocab(cfg)
         if args.search:
             predictions = search(cfg, args.world_size, vocab, dev, args.recompute, args.overlap)
-            if args.json:
-                print(json.dumps([p.as_dict() for p in predictions[: args.top]]))
-            else:
-                print_search(predictions, args.top)
-            return 0
-        prediction = predict(setup_from_config(cfg, args.world_size, vocab, args.recompute, args.overlap), dev)
+        else:
+            prediction = predict(setup_from_config(cfg, args.world_size, vocab, args.recompute, args.overlap), dev)
     except (ConfigError, ValueError) as err:
         print(f"plan error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(prediction.as_dict()))
+        print(json.dumps([p.as_dict() for p in predictions[: args.top]] if args.search else prediction.as_dict()))
+        return 0
+    print(assumptions(cfg, dev, args.recompute, args.overlap, args.search))
+    if args.search:
+        print_search(predictions, args.top)
     else:
         print_prediction(prediction)
     return 0

@@ -6,7 +6,8 @@ appended to: a resumed run continues it (an iteration redone after a restart app
 last record of an iteration is the one that counts), and the entry point refuses a new run in a
 directory whose file holds another run's records (``training/startup.py``). Per-iteration values go
 to the file, wandb and tensorboard; the console line, every ``logging.log_interval`` iterations,
-carries a timestamp and averages over the interval, as Megatron's does.
+carries a timestamp and, as Megatron's, the learning rate and grad norm of that iteration and the
+loss and throughput averaged over the interval (labelled as such).
 
 Rank 0 writes the run records into ``logging.dir`` at every start (``write_run_records``):
 ``config.yaml`` (the resolved config), ``overrides.yaml`` (the command-line overrides) and one line
@@ -85,12 +86,12 @@ def _start_wandb(cfg: LoggingConfig, full_config: Config):
 
 
 # Throughput fields: their interval value is total work over total time (weighted by ms_per_iter).
-_RATES = ("tokens_per_s", "tflops_per_device", "mfu")
-_MEANS = ("loss", "grad_norm", "ms_per_iter", "lr")
+_RATES = ("tokens_per_s", "tflops_per_device", "mfu", "mfu_noncausal")
+_MEANS = ("loss", "ms_per_iter")
 
 
 class IntervalAverage:
-    """The console line's numbers: per-iteration records collected since the last line, averaged."""
+    """The console line's numbers: per-iteration records collected since the last line."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -99,9 +100,10 @@ class IntervalAverage:
         self.records.append(record)
 
     def take(self) -> dict[str, Any]:
-        """The last record with loss, grad norm, lr and ms/iter replaced by their interval means
-        (non-finite values left out: a skipped step has no grad norm) and the throughputs by the
-        interval's total over its total time; starts a new interval."""
+        """The last record (its iteration's lr, grad norm, loss scale, consumed samples: Megatron prints
+        these as they are now) with the loss and ms/iter replaced by their interval means (non-finite
+        losses left out) and the throughputs by the interval's total over its total time; starts a
+        new interval."""
         records, self.records = self.records, []
         out = dict(records[-1])
         times = [r["ms_per_iter"] for r in records]
@@ -120,24 +122,26 @@ def _finite(value: Any) -> bool:
 
 
 def console_line(r: dict[str, Any], train_iters: int) -> str:
-    """Megatron-style: iteration, samples, ms/iter, lr, loss, grad norm, throughput, memory, ETA
-    (``r`` from ``IntervalAverage.take``: averages over the log interval)."""
+    """Megatron-style (``r`` from ``IntervalAverage.take``): first the values at this iteration
+    (consumed samples, global batch, lr, grad norm, loss scale), then, labelled, the means over the
+    log interval (loss, ms/iter, throughput), then peak memory and ETA."""
     parts = [
         f"iteration {r['iteration']:>6}/{train_iters}",
         f"consumed samples {r['consumed_samples']:>9}",
-        f"ms/iter {r['ms_per_iter']:8.1f}",
+        f"global batch {r['global_batch_size']}",
         f"lr {r['lr']:.3e}",
-        f"loss {r['loss']:.4f}",
         f"grad norm {r['grad_norm']:.3f}",
-        f"tokens/s {r['tokens_per_s']:,.0f}",
-        f"TFLOP/s/device {r['tflops_per_device']:.3g}",
     ]
     if r.get("loss_scale", 1.0) != 1.0:
         parts.append(f"loss scale {r['loss_scale']:.1f}")
     if r.get("skipped_iterations"):
         parts.append(f"skipped {r['skipped_iterations']}")
+    n = r["iterations_averaged"]
+    means = [f"loss {r['loss']:.4f}", f"ms/iter {r['ms_per_iter']:.1f}", f"tokens/s {r['tokens_per_s']:,.0f}",
+             f"TFLOP/s/device {r['tflops_per_device']:.3g}"]
     if r.get("mfu") is not None:
-        parts.append(f"MFU {100 * r['mfu']:.1f}% (Megatron's non-causal count {100 * r['mfu_noncausal']:.1f}%)")
+        means.append(f"MFU {100 * r['mfu']:.1f}% (Megatron's non-causal count {100 * r['mfu_noncausal']:.1f}%)")
+    parts.append(f"mean of {n} iteration{'s' * (n != 1)}: " + ", ".join(means))
     parts.append(f"peak mem {r['peak_memory_gb']:.2f} GB")
     parts.append(f"eta {_duration(r['eta_s'])}")
     return " | ".join(parts)

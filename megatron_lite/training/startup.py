@@ -4,7 +4,8 @@ Every check here reads only the config and files, so every rank reaches the same
 and a user error is one line (exit 2) from rank 0 while every rank exits, instead of one rank
 raising while the others wait in a collective:
 
-- optional packages the config asks for (``logging.wandb.enabled``, ``logging.tensorboard``);
+- optional packages the config asks for (``logging.wandb.enabled``, ``logging.tensorboard``, an
+  explicit ``model.kernel_backend`` te or apex);
 - the model's vocabulary against the tokenizer's, and every dataset against both (``data/record.py``);
 - where the run resumes from: ``checkpoint.load`` defaults to ``checkpoint.save``, and after an
   in-job restart (torchrun's ``--max-restarts``) the job's own latest checkpoint wins;
@@ -49,6 +50,10 @@ def check_optional_packages(cfg: Config) -> None:
         package, install = OPTIONAL_PACKAGES[key]
         if on and importlib.util.find_spec(package) is None:
             raise ConfigError(key, f"is true but the {package} package is not installed: {install}, or set it to false")
+    if cfg.model.kernel_backend in ("te", "apex"):  # an explicit vendor backend must import
+        from .. import ops
+
+        ops.require_backend(cfg.model.kernel_backend)
 
 
 def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> tuple[int, Optional[str]]:

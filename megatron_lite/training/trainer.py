@@ -1,7 +1,8 @@
 """The training loop: one object that owns this rank's model chunks, data, optimizer and schedule.
 
 One iteration:
-  1. this DP rank's microbatches of the global batch (the sampler; only the fields this pipeline
+  1. this DP rank's microbatches of the global batch (the sampler; the batch grows during a
+     ``training.rampup_batch_size`` ramp, ``rampup.py``; only the fields this pipeline
      stage reads; under context parallelism only this CP rank's two chunks of each sequence);
   2. the pipeline schedule runs every microbatch's forward and backward over the model chunks
      (PP = 1 is the same code with one stage), accumulating fp32 gradients;
@@ -13,7 +14,8 @@ One iteration:
 
 ``train()`` first resumes from ``checkpoint.load`` (``resume()``; the Checkpointer receives the
 parameters, optimizer, generators and this object as the train state), and after every iteration
-asks the stop policy (preemption.py) whether the ranks agreed to stop early.
+asks the stop policy (preemption.py) whether the ranks agreed to stop early. ``profiling``
+(profiling.py) wraps the chosen iterations.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -29,12 +32,14 @@ import torch.distributed as dist
 from .. import ops
 from ..checkpoint.manager import Checkpointer
 from ..config import Config, ParallelDims, padded_vocab_size, to_yaml
-from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from ..data import DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
+from ..data.builder import describe_splits
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..model.flops import peak_flops
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate, overlaps_reduction
 from ..optim.loss_scaler import LossScaler
+from ..optim.lr_schedule import check_resumed_schedule, schedule_parameters
 from ..parallel.collectives import TPGroup
 from ..parallel.context import CPGroup, local_positions, masked_mean_over_cp
 from ..parallel.state import ParallelState, default_timeout
@@ -44,6 +49,8 @@ from ..data.tokenizer import Tokenizer
 from .heartbeat import Heartbeat
 from .metrics import IntervalAverage, MetricsLogger, console_line
 from .preemption import StopAgreement, announce
+from .profiling import Profiler
+from .rampup import BatchRampup
 from .watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,12 +130,18 @@ class Trainer:
             self.optimizer = Optimizer(self.params, o, norm_group=state.mp_group, tp_rank=state.tp_rank, names=names)
 
         gbs = t.global_batch_size
+        self.rampup = BatchRampup.from_config(t.rampup_batch_size, gbs)  # None: gbs from the start
+        # The samples the train_iters iterations read (fewer than train_iters × gbs under a ramp).
+        self.train_samples = self.rampup.consumed_after(t.train_iters) if self.rampup else t.train_iters * gbs
         evaluations = t.train_iters // t.eval_interval + 1
-        splits = build_datasets(
-            cfg.data, self.tokenizer, m.seq_length, t.seed,
-            (t.train_iters * gbs, evaluations * t.eval_iters * gbs, t.eval_iters * gbs),
-        )
+        counts = (self.train_samples, evaluations * t.eval_iters * gbs, t.eval_iters * gbs)
+        splits = build_datasets(cfg.data, self.tokenizer, m.seq_length, t.seed, counts)
         self.train_data, self.valid_data, self.test_data = splits
+        data_lines = describe_splits(cfg.data, splits, counts)
+        if self.train_data is None:
+            raise DataError(data_lines[0].removeprefix("data: "))
+        if state.rank == 0:
+            print("\n".join(data_lines), flush=True)
         self.fields = stage_fields(self.has_embedding, self.has_head)
         self.iteration = 0
         self.consumed_samples = 0
@@ -158,6 +171,7 @@ class Trainer:
         self.watchdog = Watchdog(state, t.step_timeout, default_timeout(cfg.parallel.distributed_timeout_minutes),
                                  heartbeat=heartbeat)
         self._interval = IntervalAverage()
+        self.profiler = Profiler(cfg.profiling, state.rank, self.device, Path(cfg.logging.dir) / "profile")
         self.checkpointer = Checkpointer(
             cfg.checkpoint, named_params=self.named_params, optimizer=self.optimizer, model_rng=self.chunks[0].rng,
             train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
@@ -177,13 +191,24 @@ class Trainer:
         """The loop's own state, JSON-serialisable (the rest of a checkpoint is the model, optimizer
         and RNGs); checkpoints store it in meta.json and hand it back to ``load_state_dict``."""
         state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                 "skipped_iterations": self.skipped_iterations}
+                 "skipped_iterations": self.skipped_iterations,
+                 "lr_schedule": schedule_parameters(self.cfg.optimizer, self.cfg.training.train_iters)}
         if self.scaler is not None:
             state["loss_scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s keys; a loss scaler's state only if both runs use fp16."""
+        """Restore ``state_dict()``'s keys; a loss scaler's state only if both runs use fp16.
+
+        The learning-rate schedule must be the checkpoint's unless
+        ``optimizer.override_opt_param_scheduler`` (ConfigError otherwise); as in Megatron, a resume
+        without the optimizer state (``checkpoint.load_optimizer=false``) starts its own schedule."""
+        if "lr_schedule" in state and self.cfg.checkpoint.load_optimizer:
+            note = check_resumed_schedule(
+                state["lr_schedule"], schedule_parameters(self.cfg.optimizer, self.cfg.training.train_iters),
+                self.cfg.optimizer.override_opt_param_scheduler)
+            if note and self.state.rank == 0:
+                print(note, flush=True)
         self.iteration, self.consumed_samples = int(state["iteration"]), int(state["consumed_samples"])
         self.skipped_iterations = int(state.get("skipped_iterations", 0))
         if self.scaler is not None and "loss_scaler" in state:
@@ -202,13 +227,18 @@ class Trainer:
             loss = self.scaler.scale_loss(loss)  # reported losses are divided back in train_step
         return loss
 
-    def _sampler(self, total_samples: int, consumed_samples: int) -> MicrobatchSampler:
+    def _sampler(self, total_samples: int, consumed_samples: int, rampup: Optional[BatchRampup] = None) -> MicrobatchSampler:
         """This DP rank's microbatch indices of global batches from ``consumed_samples`` on."""
         t = self.cfg.training
         return MicrobatchSampler(
             total_samples=total_samples, consumed_samples=consumed_samples, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, dp_rank=self.state.dp_rank, dp_size=self.state.dp_size,
+            rampup=rampup,
         )
+
+    def global_batch_size(self) -> int:
+        """The global batch size of the next iteration (smaller during a batch-size ramp-up)."""
+        return self.rampup.batch_size(self.consumed_samples) if self.rampup else self.cfg.training.global_batch_size
 
     def _microbatches(self, dataset, consumed: int) -> list[dict[str, torch.Tensor]]:
         sampler = self._sampler(consumed + self.cfg.training.global_batch_size, consumed)
@@ -235,23 +265,26 @@ class Trainer:
         """
         for chunk in self.chunks:
             chunk.train()
-        self.grads.start_step(self.dims.num_microbatches)
+        batch_size = self.global_batch_size()
+        microbatches = batch_size // (self.cfg.training.micro_batch_size * self.state.dp_size)
+        self.grads.start_step(microbatches)
         if self._train_batches is None:  # created at the first step, so a resume sets consumed_samples first
-            t = self.cfg.training
-            sampler = self._sampler(t.train_iters * t.global_batch_size, self.consumed_samples)
+            sampler = self._sampler(self.train_samples, self.consumed_samples, self.rampup)
             self._train_batches = microbatch_loader(
                 self.train_data, sampler, self.fields, self.cfg.data.num_workers, self.positions
             )
         batches = next(self._train_batches)
         trace: Optional[list] = [] if self.cfg.parallel.pipeline_trace and self.iteration == 1 else None
+        d = self.dims
+        actions = self.actions if microbatches == d.num_microbatches else schedules.schedule(
+            d.pipeline_schedule, d.pp, d.vpp, microbatches, self.state.pp_rank)
         loss = run_schedule(
-            self.actions, self.chunks, self.state, batches, self._forward_step,
+            actions, self.chunks, self.state, batches, self._forward_step,
             self.activation_shape, self.dtype, trace=trace, on_action=self.watchdog.on_action,
             placement=self.placement,
         )
         if trace is not None:
-            save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, self.dims.pipeline_schedule,
-                       self.dims.vpp, self.dims.num_microbatches)
+            save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, d.pipeline_schedule, d.vpp, microbatches)
         finalize_grads(self.grads, self.state)
         applied_steps = self.iteration - self.skipped_iterations
         lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
@@ -270,7 +303,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(found_inf=not finite)
         self.iteration += 1
-        self.consumed_samples += self.cfg.training.global_batch_size
+        self.consumed_samples += batch_size
         limit = self.cfg.training.max_skipped_steps
         if self.consecutive_skips >= limit:
             raise TrainingStopped(
@@ -280,7 +313,7 @@ class Trainer:
             )
         loss = self._global_mean(loss) / scale
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
-                "skipped_iterations": self.skipped_iterations}
+                "skipped_iterations": self.skipped_iterations, "global_batch_size": batch_size}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:
@@ -317,7 +350,6 @@ class Trainer:
         t, log = self.cfg.training, self.cfg.logging
         if self.is_logging_rank:
             self.logger = MetricsLogger(log, self.cfg)
-        tokens_per_iteration = t.global_batch_size * self.cfg.model.seq_length
         run_start = time.time()
         start_iteration = self.iteration
         if self.iteration == 0:
@@ -325,11 +357,12 @@ class Trainer:
         stop_reason = None
         while self.iteration < t.train_iters and stop_reason is None:
             start = time.perf_counter()
-            with self.watchdog.watch(f"iteration {self.iteration + 1}", calibrate=True):
+            with self.watchdog.watch(f"iteration {self.iteration + 1}", calibrate=True), \
+                    self.profiler.iteration(self.iteration + 1):
                 out = self.train_step()
             elapsed = time.perf_counter() - start
             if self.logger is not None:
-                self._log_train(out, elapsed, tokens_per_iteration, run_start, start_iteration)
+                self._log_train(out, elapsed, run_start, start_iteration)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self._log_eval()
             stop_reason = stop.reason()  # the same on every rank
@@ -339,6 +372,7 @@ class Trainer:
             # signal or training.exit_duration_mins).
             with self.watchdog.watch(f"checkpointing after iteration {self.iteration}", collective_bound=True):
                 self.checkpointer.after_step(self.iteration, stopping=stop_reason is not None)
+        self.profiler.finish(self.iteration)  # a run that stopped inside the traced range
         self.optimizer.finish_param_gather()
         with self.watchdog.watch(f"the final checkpoint at iteration {self.iteration}", collective_bound=True):
             self.checkpointer.finish(self.iteration)
@@ -350,14 +384,17 @@ class Trainer:
             print(f"metrics: {self.logger.path}  (plot: python scripts/plot_metrics.py {self.logger.path})", flush=True)
             self.logger.close()
 
-    def _log_train(self, out: dict, elapsed: float, tokens: int, run_start: float, start_iteration: int) -> None:
+    def _log_train(self, out: dict, elapsed: float, run_start: float, start_iteration: int) -> None:
         t = self.cfg.training
         done = self.iteration - start_iteration
         eta = (time.time() - run_start) / done * (t.train_iters - self.iteration)
-        tflops = self.flops_per_iteration / elapsed / self.state.world_size / 1e12
-        tflops_noncausal = self.flops_per_iteration_noncausal / elapsed / self.state.world_size / 1e12
+        share = out["global_batch_size"] / t.global_batch_size  # of the full batch's work (a ramp-up)
+        tokens = out["global_batch_size"] * self.cfg.model.seq_length
+        tflops = share * self.flops_per_iteration / elapsed / self.state.world_size / 1e12
+        tflops_noncausal = share * self.flops_per_iteration_noncausal / elapsed / self.state.world_size / 1e12
         record = {
-            "iteration": self.iteration, "consumed_samples": self.consumed_samples, "loss": out["loss"],
+            "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+            "global_batch_size": out["global_batch_size"], "loss": out["loss"],
             "lr": out["lr"], "grad_norm": out["grad_norm"], "ms_per_iter": elapsed * 1e3,
             "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
             "tflops_per_device_noncausal": tflops_noncausal,
