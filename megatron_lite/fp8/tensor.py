@@ -137,7 +137,11 @@ def cast_saturated(x: torch.Tensor, dtype: torch.dtype, finite: Optional[bool] =
     clamped = x.clamp(-limit, limit)  # NaN stays NaN; ±inf would become ±limit
     if finite is None:
         finite = not x.is_cuda and bool(torch.isfinite(x).all())  # a GPU keeps the elementwise select
-    return (clamped if finite else torch.where(torch.isfinite(x), clamped, x)).to(dtype)
+    if finite:
+        return clamped.to(dtype)
+    # e4m3 has no infinity (torch's cast would saturate it to 448): it becomes NaN there.
+    non_finite = x if dtype == torch.float8_e5m2 else torch.full_like(x, float("nan"))
+    return torch.where(torch.isfinite(x), clamped, non_finite).to(dtype)
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: str = "tensorwise", *, block_rows: int = 1,
