@@ -245,3 +245,23 @@ def test_delayed_scaling_resumes_bit_identically(ranks, tmp_path):
     keys = find_checkpoint(str(tmp_path / "ckpt"), 2).keys()
     assert "fp8/layers.0.attention.qkv.weight/amax_history" in keys
     assert sum(k.startswith("fp8/") for k in keys) == 4 * 4  # 4 layers × QKV, out, fc1, fc2
+
+
+def test_planner_fp8_term():
+    """FP8 runs the FP8 layers' GEMMs at twice the bf16 peak on Hopper, minus the quantisation
+    passes; no gain on a GPU without FP8 tensor cores; layers kept in bf16 gain nothing."""
+    from megatron_lite.plan.devices import DEVICES
+    from megatron_lite.plan.estimate import fp8_saving, predict, setup_from_config
+
+    base = ["model=gpt_1p5b", "training.precision=bf16", "training.global_batch_size=64", "training.micro_batch_size=4"]
+
+    def setup(*extra):
+        return setup_from_config(load_config(base + list(extra)), 8, 50257)
+
+    bf16, fp8 = setup(), setup("training.fp8_format=hybrid")
+    kept = setup("training.fp8_format=hybrid", "training.first_last_layers_bf16=true")
+    h100, a100 = DEVICES["H100-80G"], DEVICES["A100-80G"]
+    assert fp8.fp8_layers == 48 and kept.fp8_layers == 46 and bf16.fp8_layers == 0
+    assert predict(fp8, h100).tokens_per_s > 1.2 * predict(bf16, h100).tokens_per_s
+    assert fp8_saving(fp8, a100) == 0.0 and fp8_saving(bf16, h100) == 0.0
+    assert 0 < fp8_saving(kept, h100) < fp8_saving(fp8, h100)
