@@ -198,6 +198,13 @@ def kernel_figures(path: Path) -> Optional[dict]:
     return {"device": data["device"], "copy_bytes_per_s": data["copy_bytes_per_s"], "rows": rows}
 
 
+def fp8_speedup(fp8: Optional[dict], reference: Optional[dict]) -> Optional[float]:
+    """tokens/s of the FP8 run over the same model's in the run's precision (same micro batch)."""
+    if not fp8 or not reference or not reference.get("tokens_per_s"):
+        return None
+    return fp8["tokens_per_s"] / reference["tokens_per_s"]
+
+
 def summary(out: Path) -> dict:
     stages = _jsonl(out / "stages.jsonl")
     meta = _json(out / "meta.json") or {}
@@ -209,6 +216,7 @@ def summary(out: Path) -> dict:
         "env": _json(out / "env.json"), "tests": test_counts(out / "tests.xml"), "runs": runs,
         "loss_agreement_csrc_vs_torch": loss_agreement(runs.get("mfu_gpt_csrc"), runs.get("mfu_gpt_torch"), precision),
         "kernels": kernel_figures(out / "kernels.json"), "kernels_compile": kernel_figures(out / "kernels_compile.json"),
+        "fp8_vs_bf16": fp8_speedup(runs.get("mfu_gpt_fp8"), runs.get("mfu_gpt_csrc")),
     }
     result["ok"] = bool(stages) and all(s["status"] in ("ok", "skipped") for s in stages) and (
         result["loss_agreement_csrc_vs_torch"] is None or result["loss_agreement_csrc_vs_torch"]["agree"])
@@ -234,6 +242,8 @@ def print_summary(result: dict) -> None:
     if agreement:
         print(f"  csrc vs torch losses: max relative difference {agreement['max_relative_difference']:.2e} "
               f"over {agreement['iterations']} iterations ({'agree' if agreement['agree'] else 'DISAGREE'})")
+    if result.get("fp8_vs_bf16"):
+        print(f"  FP8 vs {result['meta'].get('precision', 'bf16')} (gpt): {result['fp8_vs_bf16']:.2f}× the tokens/s")
     print(f"  total {result['total_seconds']:.0f} s; {'OK' if result['ok'] else 'NOT OK'}")
 
 

@@ -14,6 +14,8 @@
 #   mfu_gpt_csrc, mfu_gpt_torch   gpt_1p5b, seq 2048, bf16, vocab 50257, micro batch as large as fits,
 #            12 iterations, kernel_backend csrc then torch (same micro batch): metrics.jsonl each; the
 #            summary has the median of iterations 4–12 and the csrc-vs-torch loss agreement
+#   mfu_gpt_fp8  gpt_1p5b as mfu_gpt_csrc (same micro batch) with FP8 GEMMs (training.fp8_format=hybrid,
+#            tensorwise; torch._scaled_mm): the summary's fp8_vs_bf16 is its tokens/s over mfu_gpt_csrc's
 #   mfu_llama_csrc  llama_1b with csrc, if time allows
 #   kernels  benchmarks/kernels.py, every importable backend -> kernels.json
 #   compile  torch.compile of the reference ops, last, only with time left -> kernels_compile.json
@@ -126,6 +128,8 @@ stage mfu_gpt_csrc "$T_MFU" 30 "$PYTHON" benchmarks/gpu_check.py train "$OUT" mf
   "${GPT[@]}" "${COMMON[@]}" model.kernel_backend=csrc
 stage mfu_gpt_torch "$T_MFU" 30 "$PYTHON" benchmarks/gpu_check.py train "$OUT" mfu_gpt_torch \
   --micro-batch-of mfu_gpt_csrc "${MB[@]}" -- "${GPT[@]}" "${COMMON[@]}" model.kernel_backend=torch
+stage mfu_gpt_fp8 "$T_MFU" 30 "$PYTHON" benchmarks/gpu_check.py train "$OUT" mfu_gpt_fp8 \
+  --micro-batch-of mfu_gpt_csrc "${MB[@]}" -- "${GPT[@]}" "${COMMON[@]}" model.kernel_backend=csrc training.fp8_format=hybrid
 stage mfu_llama_csrc "$T_MFU" 60 "$PYTHON" benchmarks/gpu_check.py train "$OUT" mfu_llama_csrc "${MB[@]}" -- \
   "${LLAMA[@]}" "${COMMON[@]}" model.kernel_backend=csrc
 

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh --dry-run: every stage of the GPU check on the CPU with tiny shapes (deps,
-environment, build, the CUDA test file, three training runs, the kernel benchmark, torch.compile), so
+environment, build, the CUDA test file, four training runs (one in FP8), the kernel benchmark, torch.compile), so
 the script cannot rot between the rare runs on a GPU. The compile stage is given a 2 s timeout: it is
 killed, recorded as a timeout, and the run still ends with its summary."""
 
@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["deps", "env", "build", "tests", "mfu_gpt_csrc", "mfu_gpt_torch", "mfu_llama_csrc", "kernels", "compile"]
+STAGES = ["deps", "env", "build", "tests", "mfu_gpt_csrc", "mfu_gpt_torch", "mfu_gpt_fp8", "mfu_llama_csrc", "kernels",
+          "compile"]
 
 
 def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
@@ -32,10 +33,11 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
 
     assert summary["env"]["torch"] and summary["env"]["cuda_available"] is False
     assert summary["tests"]["tests"] > 100 and summary["tests"]["failures"] == summary["tests"]["errors"] == 0
-    for name in ("mfu_gpt_csrc", "mfu_gpt_torch", "mfu_llama_csrc"):
+    for name in ("mfu_gpt_csrc", "mfu_gpt_torch", "mfu_gpt_fp8", "mfu_llama_csrc"):
         run = summary["runs"][name]
         assert run["iterations"] == 12 and run["micro_batch"] == 2 and run["tokens_per_s"] > 0
         assert run["tflops_per_device_noncausal"] > run["tflops_per_device"] > 0
+    assert summary["fp8_vs_bf16"] > 0
     agreement = summary["loss_agreement_csrc_vs_torch"]
     assert agreement["iterations"] == 12 and agreement["agree"], agreement
     backends = {(r["case"], r["backend"]) for r in summary["kernels"]["rows"] if r["seconds"]}
