@@ -81,6 +81,23 @@ def test_cpu_scaled_mm_is_the_same_gemm(granularity):
     assert rel(mm(a, b), kernel) < 1e-6
 
 
+def test_scaled_mm_guard_shape_rules():
+    """When the GPU's FP8 GEMM (torch._scaled_mm) runs; elsewhere the fp32 product does."""
+    from megatron_lite.fp8.tensor import scaled_mm_takes
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert scaled_mm_takes(True, "tensorwise", "tensorwise", E4M3, E5M2, 4096, 1600, 4800, bf16)
+    assert scaled_mm_takes(True, "tensorwise", "tensorwise", E4M3, E4M3, 16, 16, 16, fp32)
+    assert not scaled_mm_takes(False, "tensorwise", "tensorwise", E4M3, E4M3, 16, 16, 16, fp32)  # CPU
+    for m, k, n in ((8, 16, 16), (16, 24, 16), (16, 16, 40)):  # every dimension a multiple of 16
+        assert not scaled_mm_takes(True, "tensorwise", "tensorwise", E4M3, E4M3, m, k, n, bf16)
+    assert not scaled_mm_takes(True, "tensorwise", "tensorwise", E5M2, E5M2, 16, 16, 16, bf16)
+    assert scaled_mm_takes(True, "rowwise", "rowwise", E4M3, E4M3, 16, 16, 16, bf16)
+    assert not scaled_mm_takes(True, "rowwise", "rowwise", E4M3, E4M3, 16, 16, 16, fp32)  # rowwise: bf16 out
+    assert not scaled_mm_takes(True, "blockwise", "blockwise", E4M3, E4M3, 128, 128, 128, bf16)
+    assert not scaled_mm_takes(True, "tensorwise", "rowwise", E4M3, E4M3, 16, 16, 16, bf16)
+
+
 def _toy_sink():
     class Sink:
         def accumulate(self, param, work, notify):
@@ -230,9 +247,32 @@ def test_layout_matches_single_rank_fp8(ranks, single_rank, tmp_path, layout):
     assert len(losses) == 3 and err < 1e-4
 
 
+def _loaded_histories(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The delayed-scaling histories this rank holds after loading ``checkpoint.load``."""
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = load_config(overrides)
+    dims = validate(cfg, dist.get_world_size())
+    state = ParallelState.from_dims(dims)
+    trainer = Trainer(cfg, dims, state)
+    assert trainer.resume()
+    histories = trainer.fp8.state_tensors()
+    trainer.checkpointer.finish(trainer.iteration)
+    state.destroy()
+    return histories
+
+
+def _merged(results: list[dict]) -> dict:
+    return {k: v for r in results for k, v in r.items()}
+
+
 def test_delayed_scaling_resumes_bit_identically(ranks, tmp_path):
     """3 iterations straight, against 2 + a resume from the checkpoint of iteration 2 (TP 2, DP 2:
-    the histories are reduced, saved once as replicated tensors, read by every rank)."""
+    the histories are reduced, saved once as replicated tensors, read by every rank); and resumed in
+    another layout."""
     from megatron_lite.checkpoint.storage import find_checkpoint
 
     common = LAYOUT_BASE + DELAYED + TP2_SP + ["checkpoint.save_interval=2"]
@@ -242,6 +282,13 @@ def test_delayed_scaling_resumes_bit_identically(ranks, tmp_path):
                                                      f"checkpoint.load={tmp_path / 'ckpt'}",
                                                      "checkpoint.load_iteration=2"]))
     assert resumed == straight[2:], (straight, resumed)
+    # Resharded: the histories saved by TP 2 × DP 2 load, bit for bit, into PP 2 × DP 2 (each stage
+    # its own layers') as into the saving layout.
+    load = [f"checkpoint.load={tmp_path / 'ckpt'}", "checkpoint.load_iteration=2"]
+    same = _merged(ranks(4).run(_loaded_histories, common + load))
+    resharded = _merged(ranks(4).run(_loaded_histories, LAYOUT_BASE + DELAYED + [PP2] + load))
+    assert len(same) == 16 and same.keys() == resharded.keys()
+    assert all(torch.equal(same[k], resharded[k]) and same[k][:, :2].all() for k in same)
     keys = find_checkpoint(str(tmp_path / "ckpt"), 2).keys()
     assert "fp8/layers.0.attention.qkv.weight/amax_history" in keys
     assert sum(k.startswith("fp8/") for k in keys) == 4 * 4  # 4 layers × QKV, out, fc1, fc2

@@ -172,21 +172,25 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: str = "tensorwise
     return Float8(data, scale.reciprocal(), granularity, block_rows)
 
 
-def _scaled_mm_takes(a: Float8, b: Float8, out_dtype: torch.dtype) -> bool:
-    """Whether torch._scaled_mm computes a @ bᵀ here: CUDA, both tensorwise or both rowwise (rowwise
-    with a bf16 result), K and the output's columns multiples of 16, not e5m2 × e5m2."""
-    if not a.data.is_cuda or a.granularity != b.granularity or a.granularity == "blockwise":
+def scaled_mm_takes(cuda: bool, granularity_a: str, granularity_b: str, dtype_a: torch.dtype, dtype_b: torch.dtype,
+                    m: int, k: int, n: int, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch._scaled_mm`` computes [m, k] @ [k, n] (the guard, as ops/vendor.py's, mirrors
+    the kernel's rules: it asserts otherwise): a CUDA device, both operands tensorwise or both rowwise
+    (rowwise only with a bf16 result), not e5m2 × e5m2, and every dimension a multiple of 16."""
+    if not cuda or granularity_a != granularity_b or granularity_a not in ("tensorwise", "rowwise"):
         return False
-    if a.granularity == "rowwise" and out_dtype != torch.bfloat16:
+    if granularity_a == "rowwise" and out_dtype != torch.bfloat16:
         return False
-    if a.data.dtype == b.data.dtype == torch.float8_e5m2:
+    if dtype_a == dtype_b == torch.float8_e5m2:
         return False
-    return a.data.shape[1] % 16 == 0 and b.data.shape[0] % 16 == 0
+    return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
 
 
 def mm(a: Float8, b: Float8, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ bᵀ for operands a [M, K], b [N, K] -> [M, N] in ``out_dtype`` (module docstring)."""
-    if _scaled_mm_takes(a, b, out_dtype):  # a row-major, b column-major
+    (m, k), n = a.data.shape, b.data.shape[0]
+    if scaled_mm_takes(a.data.is_cuda, a.granularity, b.granularity, a.data.dtype, b.data.dtype, m, k, n, out_dtype):
+        # a row-major, b column-major
         inv_b = b.inv_scale if b.granularity == "tensorwise" else b.inv_scale.t()
         return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(), scale_a=a.inv_scale,
                                 scale_b=inv_b, out_dtype=out_dtype)
