@@ -70,6 +70,24 @@ def test_gemms_equal_the_dequantised_products(recipe):
     assert rel(layer.weight.grad, g_t @ x_t.t()) < 1e-6
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_bf16_activations(recipe):
+    """On top of bf16 (the GPU case): bf16 outputs and input gradients, an fp32 weight gradient in
+    main_grad, near the fp32-activation FP8 layer's (in norm: bf16's rounding of x moves some values
+    across an FP8 rounding boundary, one FP8 step each)."""
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = _layer(recipe).to(dtype)
+        attach_main_grad(layer.weight, torch.zeros(layer.weight.shape), _toy_sink())
+        x = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        assert y.dtype == x.grad.dtype == dtype and layer.weight.main_grad.dtype == torch.float32
+        results.append((y.float(), x.grad.float(), layer.weight.main_grad))
+    for ours, reference in zip(results[1], results[0]):  # bf16's input rounding flips some FP8 roundings
+        assert ((ours - reference).norm() / reference.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("granularity", ["tensorwise", "rowwise"])
 def test_cpu_scaled_mm_is_the_same_gemm(granularity):
     """torch 2.13's CPU _scaled_mm (the FP8 GEMM kernel's contract) equals ``mm``'s product."""
