@@ -221,8 +221,8 @@ DELAYED = ["training.fp8_recipe=delayed", "training.fp8_amax_history_len=4"]
 TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 PP2 = "parallel.pipeline_model_parallel_size=2"
 LAYOUTS = {  # 4 ranks each
-    "delayed_tp2_sp_dp2_distopt": DELAYED + TP2_SP + ["optimizer.use_distributed_optimizer=true"],
-    "delayed_pp2_zb1p_dp2": DELAYED + [PP2, "parallel.pipeline_schedule=zb1p"],
+    "delayed_pp2_zb1p_dp2_distopt": DELAYED + [PP2, "parallel.pipeline_schedule=zb1p",
+                                               "optimizer.use_distributed_optimizer=true"],
     "delayed_pp2_zbv_tp2_sp": DELAYED + [PP2, "parallel.pipeline_schedule=zbv", *TP2_SP],
     "delayed_cp2_tp2_sp": DELAYED + ["parallel.context_parallel_size=2", *TP2_SP],
     "rowwise_cp2_tp2_sp": ["training.fp8_recipe=rowwise", "parallel.context_parallel_size=2", *TP2_SP],
