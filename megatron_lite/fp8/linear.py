@@ -76,13 +76,15 @@ class LinearFP8:
             self.history, self.scale, self.pending = (t.to(device) for t in (self.history, self.scale, self.pending))
 
     # Which groups split which axis -------------------------------------------------------------
-    def _in_groups(self) -> list:
+    def in_groups(self) -> list:
+        """The groups splitting the input features (TP for a row-parallel layer)."""
         return [] if self.column else [self.tp_group]
 
-    def _out_groups(self) -> list:
+    def out_groups(self) -> list:
+        """The groups splitting the output features (TP for a column-parallel layer)."""
         return [self.tp_group] if self.column else []
 
-    def _quantize(self, role: int, x: torch.Tensor, dtype: torch.dtype, row_groups: list, k_groups: list,
+    def quantize_role(self, role: int, x: torch.Tensor, dtype: torch.dtype, row_groups: list, k_groups: list,
                   block_rows: int, record: bool) -> Float8:
         """Quantise the [rows, K] (tensorwise: any shape) ``x`` for ``role``: delayed scaling from the
         history (once it has one; its first iteration scales from the current amax), recording this
@@ -103,8 +105,8 @@ class LinearFP8:
         splitting its tokens (TP for a sequence-parallel shard quantised before its all-gather)."""
         if not self.recipe.tensor_scaled:
             x = x.reshape(-1, x.shape[-1])
-        return self._quantize(INPUT, x, self.recipe.forward_dtype, self.token_groups + shard_groups,
-                              self._in_groups(), 1, record)
+        return self.quantize_role(INPUT, x, self.recipe.forward_dtype, self.token_groups + shard_groups,
+                                 self.in_groups(), 1, record)
 
     def gemm(self, record: bool) -> "Float8Gemm":
         """This call's GEMMs; ``record``: count its amaxes in the delayed histories (training)."""
@@ -136,8 +138,8 @@ class Float8Gemm:
         lead = full.data.shape[:-1] if isinstance(full, Float8) else full.shape[:-1]
         x_q = full if isinstance(full, Float8) else s.input(full, [], self.record)
         x_q = x_q.reshape(-1, x_q.data.shape[-1]) if x_q.granularity == "tensorwise" else x_q
-        self.weight_q = s._quantize(WEIGHT, weight, r.forward_dtype, s._out_groups(), s._in_groups(),
-                                    r.weight_block_rows, self.record)
+        self.weight_q = s.quantize_role(WEIGHT, weight, r.forward_dtype, s.out_groups(), s.in_groups(),
+                                        r.weight_block_rows, self.record)
         y = mm(x_q, self.weight_q, out_dtype).view(*lead, weight.shape[0])
         return y if bias is None else y + bias
 
@@ -145,7 +147,7 @@ class Float8Gemm:
         """dy [N, out] quantised for the input gradient (and, tensor-wide, for the weight gradient)."""
         if self.grad_q is None:
             s, r = self.state, self.state.recipe
-            self.grad_q = s._quantize(GRAD, grad_2d, r.backward_dtype, s.token_groups, s._out_groups(), 1, self.record)
+            self.grad_q = s.quantize_role(GRAD, grad_2d, r.backward_dtype, s.token_groups, s.out_groups(), 1, self.record)
         return self.grad_q
 
     def input_grad(self, grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,7 @@ class Float8Gemm:
         s, r = self.state, self.state.recipe
         g = self._grad(grad_y.reshape(-1, grad_y.shape[-1]))
         if r.granularity == "rowwise":  # Wᵀ [in, out]: one scale per input feature, over out
-            w_t = quantize(weight.t(), r.forward_dtype, "rowwise", margin=r.margin, amax_groups=s._out_groups())
+            w_t = quantize(weight.t(), r.forward_dtype, "rowwise", margin=r.margin, amax_groups=s.out_groups())
         else:
             w_t = self.weight_q.t()
         return mm(g, w_t, grad_y.dtype).view(*grad_y.shape[:-1], weight.shape[1])

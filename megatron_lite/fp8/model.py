@@ -1,6 +1,6 @@
 """FP8 for a model: which linears run FP8 GEMMs, and their delayed-scaling state in checkpoints.
 
-``enable_fp8`` gives every column- and row-parallel linear of the transformer blocks (QKV, the
+``FP8Model.enable`` gives every column- and row-parallel linear of the transformer blocks (QKV, the
 attention output, fc1, fc2) a ``LinearFP8`` (fp8/linear.py), as torchao's ``convert_to_float8_training``
 swaps linears, except in the layers kept in high precision (``first_last_layers_bf16``: the first
 and last few transformer layers). The embedding, the output layer (and a MoE router) are never

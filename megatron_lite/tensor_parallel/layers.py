@@ -160,7 +160,7 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.tp, self.skip_bias_add = tp, skip_bias_add
-        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:enable_fp8)
+        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:FP8Model.enable)
         out_local = _divide(out_features, tp, "output features")
         self.weight = new_parameter((out_local, in_features), ParamMeta(tp_shard_dim=0, tp_shard_stride=stride, init_std=init_std))
         self.bias = None
@@ -204,7 +204,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = True, init_std: float = 0.02):
         super().__init__()
         self.tp = tp
-        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:enable_fp8)
+        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:FP8Model.enable)
         in_local = _divide(in_features, tp, "input features")
         self.weight = new_parameter((out_features, in_local), ParamMeta(tp_shard_dim=1, init_std=init_std))
         self.bias = None
