@@ -32,6 +32,12 @@ this rank's b·s/c):
          when c > 1); the loss (1 value) for logging
   MP     the squared gradient norm, one fp64 value; the same all-reduce is how the ranks agree that
          the step's gradients are finite (optim/clip.py), so no other reduction checks them
+  FP8    (training.fp8_format, tensorwise or delayed; docs/fp8.md) per FP8 layer and microbatch: with
+         SP the 4 all-gathers of the QKV and fc1 inputs (forward, and again backward) carry 1 byte per
+         element instead of the activations' 4 (bf16: 2); the amaxes, one fp32 value each, all-reduced
+         (MAX) over TP where a tensor is split over TP (per layer 8; with SP 10: the gathered inputs'
+         too) and over CP for the 4 inputs and 4 output gradients; delayed scaling adds once per
+         step its [FP8 linears, 3] amaxes over TP and over DP (DP × CP)
 Any difference is printed; the process exits 1 if one exists. tests/test_benchmarks.py runs the
 default configuration in CI.
 """
@@ -172,6 +178,33 @@ def analytic(trainer) -> Counter:
             out[("all_reduce", replicas)] += FP32
     if dims.tp * dims.pp > 1:
         out[("all_reduce", "MP")] += 8
+    if trainer.fp8 is not None:
+        out.update(_fp8_terms(trainer, bsh))
+    return out
+
+
+def _fp8_terms(trainer, bsh: int) -> Counter:
+    """FP8's change to ``analytic`` (module docstring): the gathered inputs' bytes (negative: what
+    FP32 would have sent), the amax reductions."""
+    dims, recipe, out = trainer.dims, trainer.fp8.layers[0][1].recipe if trainer.fp8.layers else None, Counter()
+    if recipe is None:
+        return out
+    if not recipe.tensor_scaled:
+        raise NotImplementedError("the analytic count models FP8's tensorwise and delayed recipes")
+    m, t, c = dims.num_microbatches, dims.tp, dims.cp
+    layers = len(trainer.fp8.layers) // 4  # QKV, attention output, fc1, fc2
+    if t > 1 and dims.sequence_parallel:
+        out[("all_gather", "TP")] += m * 4 * layers * (bsh // FP32 - bsh)
+    if t > 1:
+        out[("all_reduce", "TP")] += m * layers * (10 if dims.sequence_parallel else 8) * FP32
+    if c > 1:
+        out[("all_reduce", "CP")] += m * layers * 8 * FP32
+    if recipe.delayed:
+        history = len(trainer.fp8.layers) * 3 * FP32
+        if t > 1:
+            out[("all_reduce", "TP")] += history
+        if dims.dp * c > 1:
+            out[("all_reduce", "DP" if c == 1 else "DP_CP")] += history
     return out
 
 

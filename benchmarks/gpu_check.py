@@ -297,6 +297,13 @@ def kernel_figures(path: Path) -> Optional[dict]:
     return {"device": data["device"], "copy_bytes_per_s": data["copy_bytes_per_s"], "rows": rows}
 
 
+def fp8_speedup(fp8: Optional[dict], reference: Optional[dict]) -> Optional[float]:
+    """tokens/s of the FP8 run over the same model's in the run's precision (same micro batch)."""
+    if not fp8 or not reference or not reference.get("tokens_per_s"):
+        return None
+    return fp8["tokens_per_s"] / reference["tokens_per_s"]
+
+
 def summary(work: Path) -> dict:
     """Everything the stages left in ``work``, as one JSON-able dict (``ok``: the check passed)."""
     stages = _jsonl(work / "stages.jsonl")
@@ -309,6 +316,7 @@ def summary(work: Path) -> dict:
         "env": _json(work / "env.json"), "tests": test_counts(work / "tests.xml"), "runs": runs,
         "loss_agreement_csrc_vs_torch": loss_agreement(runs.get("mfu_gpt_csrc"), runs.get("mfu_gpt_torch"), precision),
         "kernels": kernel_figures(work / "kernels.json"), "kernels_compile": kernel_figures(work / "kernels_compile.json"),
+        "fp8_vs_bf16": fp8_speedup(runs.get("mfu_gpt_fp8"), runs.get("mfu_gpt_csrc")),
     }
     agreement = result["loss_agreement_csrc_vs_torch"]
     result["ok"] = bool(stages) and all(s.get("status") in ("ok", "skipped", "partial") for s in stages) and (
@@ -361,6 +369,8 @@ def print_summary(result: dict) -> None:
               f"{agreement['first_iteration_relative_difference']:.2e} (tolerance {agreement['tolerance']:.0e}: "
               f"{'agree' if agreement['agree'] else 'DISAGREE'}); iterations 2-{agreement['iterations']}: "
               f"at most {later:.2e} (not gated)" if later is not None else "")
+    if result.get("fp8_vs_bf16"):
+        print(f"  FP8 vs {result['meta'].get('precision', 'bf16')} (gpt): {result['fp8_vs_bf16']:.2f}× the tokens/s")
     print(f"  total {result['total_seconds']:.0f} s; {'OK' if result['ok'] else 'NOT OK'}")
 
 

@@ -24,6 +24,9 @@
 #                  12 iterations, kernel_backend csrc then torch (same micro batch); a csrc run whose
 #                  trainer fell back to torch fails; loss agreement gated on iteration 1
 #   tests          the CUDA tests (best effort)
+#   mfu_gpt_fp8    gpt_1p5b as mfu_gpt_csrc (same micro batch) with FP8 GEMMs (training.fp8_format=hybrid,
+#                  tensorwise; torch._scaled_mm): summary's fp8_vs_bf16 = its tokens/s over mfu_gpt_csrc's
+#                  (best effort)
 #   kernels        benchmarks/kernels.py bandwidth table, every importable backend (best effort)
 #   mfu_llama_csrc llama_1b with csrc (opt-in: GPU_CHECK_EXTRA=llama)
 #   compile        torch.compile of the reference ops with the time left, rows written as measured
@@ -65,14 +68,14 @@ CHECK=(benchmarks/gpu_check.py)
 declare -A LIMIT MIN
 if [ "$DRY" = 1 ]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-1200}
-  LIMIT=([deps]=60 [env]=120 [build]=600 [mfu_gpt_csrc]=300 [mfu_gpt_torch]=300 [tests]=180 [kernels]=120
+  LIMIT=([deps]=60 [env]=120 [build]=600 [mfu_gpt_csrc]=300 [mfu_gpt_torch]=300 [tests]=180 [mfu_gpt_fp8]=300 [kernels]=120
          [mfu_llama_csrc]=300 [compile]=120)
 else
   BUDGET=${GPU_CHECK_BUDGET_S:-260}
-  LIMIT=([deps]=20 [env]=15 [build]=90 [mfu_gpt_csrc]=45 [mfu_gpt_torch]=40 [tests]=40 [kernels]=30
+  LIMIT=([deps]=20 [env]=15 [build]=90 [mfu_gpt_csrc]=45 [mfu_gpt_torch]=40 [tests]=40 [mfu_gpt_fp8]=40 [kernels]=30
          [mfu_llama_csrc]=60 [compile]=600)
 fi
-MIN=([deps]=5 [env]=5 [build]=30 [mfu_gpt_csrc]=25 [mfu_gpt_torch]=25 [tests]=10 [kernels]=10
+MIN=([deps]=5 [env]=5 [build]=30 [mfu_gpt_csrc]=25 [mfu_gpt_torch]=25 [tests]=10 [mfu_gpt_fp8]=25 [kernels]=10
      [mfu_llama_csrc]=30 [compile]=20)
 [ "$DRY" = 1 ] && MIN[build]=5
 STATUS=0
@@ -170,6 +173,8 @@ TESTS=(tests/test_ops_cuda.py tests/test_ops_vendor.py
        tests/test_weight_grad.py::test_16_bit_weight_grads_accumulate_in_fp32_on_cuda)
 [ "$DRY" = 1 ] && TESTS=(tests/test_ops_cuda.py)
 stage tests best "$PYTHON" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" --junitxml="$WORK/tests.xml"
+stage mfu_gpt_fp8 best "$PYTHON" "${CHECK[@]}" train "$WORK" mfu_gpt_fp8 \
+  --micro-batch-of mfu_gpt_csrc "${MB[@]}" -- "${GPT[@]}" "${COMMON[@]}" model.kernel_backend=csrc training.fp8_format=hybrid
 if [ "$DRY" = 1 ]; then
   BENCH=(--device cpu --models tiny --tokens 128 --min-seconds 0.01 --copy-mb 8)
 else

@@ -136,6 +136,22 @@ class TrainingConfig:
     train_iters: int = positive(100)
     seed: int = 1234
     precision: str = choice("fp32", "bf16", "fp16")
+    # FP8 GEMMs in the transformer blocks' linears (docs/fp8.md), on top of ``precision`` (bf16 on a
+    # GPU, fp32 for the CPU tests): null (off) | e4m3 (every GEMM operand in e4m3) | hybrid (e4m3
+    # forward, e5m2 gradients). The embedding, the output layer and the router stay in ``precision``.
+    fp8_format: Optional[str] = choice(None, "e4m3", "hybrid")
+    # tensorwise: current scaling, one scale per tensor from its amax | delayed: the scale from the
+    # amax history of earlier iterations | rowwise: one scale per row | blockwise: DeepSeek-V3's
+    # 1×128 activation / gradient and 128×128 weight blocks.
+    fp8_recipe: str = choice("tensorwise", "delayed", "rowwise", "blockwise")
+    fp8_amax_history_len: int = positive(1024)  # delayed: iterations of amax kept
+    fp8_amax_compute_algo: str = choice("max", "most_recent")  # delayed: the history's amax
+    fp8_margin: int = non_negative(0)  # scale = fp8_max / (amax · 2^margin)
+    # Keep the first num_layers_at_start_in_bf16 and last num_layers_at_end_in_bf16 transformer
+    # layers out of FP8 (in ``precision``), Megatron's --first-last-layers-bf16.
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = non_negative(1)
+    num_layers_at_end_in_bf16: int = non_negative(1)
     eval_interval: int = positive(50)
     eval_iters: int = non_negative(5)
     exit_duration_mins: Optional[float] = None
@@ -418,6 +434,9 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     and the fix. ``sequence_parallel`` with TP = 1 only warns and is ignored.
     """
     cfg = to_config(cfg)
+    if cfg.training.precision == "fp8":  # Megatron-LM's --fp8-format is a separate switch too
+        raise ConfigError("training.precision", "'fp8' is not one of fp32, bf16, fp16: FP8 is training.fp8_format="
+                          "hybrid (or e4m3) on top of precision bf16 (fp32 on a CPU); see docs/fp8.md")
     _check_fields(cfg)
     if world_size <= 0:
         raise ConfigError("world_size", f"must be positive, got {world_size}")
@@ -432,6 +451,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     sequence_parallel = _check_sequence_parallel(cfg, tp)
     _check_context_parallel(cfg.model, cp, tp if sequence_parallel else 1)
     _check_flags(cfg)
+    _check_fp8(cfg, tp, cp)
     return ParallelDims(
         world_size=world_size,
         tp=tp,
@@ -670,6 +690,35 @@ def _check_flags(cfg: Config) -> None:
     for key in ("finetune", "use_checkpoint_model_config"):
         if getattr(c, key) and not c.load:
             raise ConfigError(f"checkpoint.{key}", "needs checkpoint.load (the checkpoint directory)")
+
+
+def _check_fp8(cfg: Config, tp: int, cp: int) -> None:
+    """FP8's combinations (docs/fp8.md): a base precision it composes with, and the blockwise
+    recipe's 128-element blocks inside each rank's shard of every GEMM operand."""
+    t, m = cfg.training, cfg.model
+    if t.fp8_format is None:
+        return
+    if t.precision == "fp16":
+        raise ConfigError("training.fp8_format", "composes with training.precision bf16 or fp32, not fp16; "
+                          "set training.precision=bf16")
+    if t.first_last_layers_bf16 and t.num_layers_at_start_in_bf16 + t.num_layers_at_end_in_bf16 >= m.num_layers:
+        raise ConfigError("training.num_layers_at_start_in_bf16",
+                          f"{t.num_layers_at_start_in_bf16} + num_layers_at_end_in_bf16={t.num_layers_at_end_in_bf16} "
+                          f"leave none of the {m.num_layers} layers in FP8; lower them or set first_last_layers_bf16=false")
+    if t.fp8_recipe != "blockwise":
+        return
+    n, g = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    d = head_dim(m)
+    fc1 = 2 * ffn if m.activation == "swiglu" else ffn
+    tokens = m.seq_length // (2 * cp) if cp > 1 else m.seq_length  # the CP split's zigzag chunks
+    for what, size in (("model.hidden_size", m.hidden_size), ("QKV output features", (n + 2 * g) * d // tp),
+                       ("attention output input features", n * d // tp), ("fc1 output features", fc1 // tp),
+                       ("model.ffn_hidden_size / TP", ffn // tp), ("model.seq_length per CP chunk", tokens)):
+        if size % 128:
+            raise ConfigError("training.fp8_recipe",
+                              f"blockwise needs 128-element blocks, but {what} is {size} on each rank; "
+                              "use tensorwise or rowwise, or sizes that are multiples of 128 per rank")
 
 
 def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:

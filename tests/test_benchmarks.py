@@ -18,6 +18,15 @@ def test_comm_volume_matches_the_analytic_count(ranks):
     assert comm_volume.differences(results) == []
 
 
+def test_comm_volume_counts_fp8_to_the_byte(ranks):
+    """FP8 delayed scaling at TP2 (SP) × DP2: the QKV and fc1 inputs' all-gathers in FP8 bytes, the
+    amax reductions over TP and the histories' over TP and DP, equal the formula."""
+    single_stage = ["parallel.pipeline_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=null"]
+    fp8 = ["training.fp8_format=hybrid", "training.fp8_recipe=delayed"]
+    results = ranks(4).run(comm_volume._measure, comm_volume.DEFAULT_OVERRIDES + single_stage + fp8)
+    assert comm_volume.differences(results) == []
+
+
 def _run(*args: str) -> str:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh --dry-run: every stage of the GPU check on the CPU with tiny shapes (deps,
-environment, build, two training runs, the CUDA test file, the kernel benchmark, torch.compile), so
+environment, build, two training runs, the CUDA test file, an FP8 training run, the kernel benchmark, torch.compile), so
 the script cannot rot between the rare runs on a GPU, and its OUT obeys what the GPU machine hands
 back. The compile stage (opt-in) is given a 2 s timeout: a best-effort stage out of time is
 `partial` and the check still passes. Also the Python side's decisions, one by one."""
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["deps", "env", "build", "mfu_gpt_csrc", "mfu_gpt_torch", "tests", "kernels", "compile"]
+STAGES = ["deps", "env", "build", "mfu_gpt_csrc", "mfu_gpt_torch", "tests", "mfu_gpt_fp8", "kernels", "compile"]
 # What the GPU machine's device tool hands back of OUT (its README): at most 8 files, each under
 # 16 MiB, at most 2 folders down, names of letters, digits, '.', '_', '-'.
 MAX_FILES, MAX_BYTES, MAX_DEPTH, NAME = 8, 16 * 2**20, 2, re.compile(r"[A-Za-z0-9._-]+")
@@ -75,12 +75,13 @@ def test_dry_run_runs_every_stage_and_its_out_comes_back(tmp_path):
     assert summary["env"]["torch"] and summary["env"]["cuda_available"] is False
     assert "torch_cuda_home" in summary["env"] and "nvcc_on_path" in summary["env"]
     assert summary["tests"]["tests"] > 100 and summary["tests"]["failures"] == summary["tests"]["errors"] == 0
-    for name in ("mfu_gpt_csrc", "mfu_gpt_torch"):
+    for name in ("mfu_gpt_csrc", "mfu_gpt_torch", "mfu_gpt_fp8"):
         run = summary["runs"][name]
         assert run["iterations"] == 12 and run["micro_batch"] == 2 and run["tokens_per_s"] > 0
         assert run["tflops_per_device_noncausal"] > run["tflops_per_device"] > 0
     assert summary["runs"]["mfu_gpt_csrc"]["kernel_backend"].startswith("csrc (CPU kernels")
     assert summary["runs"]["mfu_gpt_torch"]["kernel_backend"] == "torch"
+    assert summary["fp8_vs_bf16"] > 0
     agreement = summary["loss_agreement_csrc_vs_torch"]
     assert agreement["iterations"] == 12 and agreement["agree"], agreement
     backends = {(r["case"], r["backend"]) for r in summary["kernels"]["rows"] if r["seconds"]}

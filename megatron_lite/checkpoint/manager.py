@@ -59,6 +59,16 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class TensorState(Protocol):
+    """More model state saved as replicated tensors under its own keys (FP8's amax histories)."""
+
+    def state_tensors(self) -> dict[str, Any]: ...
+
+    def state_targets(self, has_key: Callable[[str], bool]) -> dict[str, Any]: ...
+
+    def load_state(self, tensors: dict[str, Any]) -> None: ...
+
+
 def model_signature(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     """What the parameter shapes depend on, with defaults resolved; ``vocab_size`` before padding."""
     sig = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
@@ -134,7 +144,8 @@ class Checkpointer:
 
     ``named_params``: (name, parameter) of this rank's model chunks; ``optimizer``: their optimizer;
     ``model_rng``: the chunks' generators; ``train_state``: the loop's own state (JSON-serialisable);
-    ``model_config``: the model, ``vocab_size`` the unpadded vocabulary; ``layout``: {tp, pp, vpp,
+    ``model_config``: the model, ``vocab_size`` the unpadded vocabulary; ``extra_state``: more
+    replicated model state (FP8's amax histories, fp8/model.py), not read when fine-tuning; ``layout``: {tp, pp, vpp,
     dp} sizes; ``tp_rank``/``tp_size``: this rank's place in its TP group; ``config_yaml``: the
     resolved run config stored beside each checkpoint. Construction is collective (it creates the
     checkpoint group on every rank).
@@ -156,7 +167,9 @@ class Checkpointer:
         tp_rank: int,
         tp_size: int,
         config_yaml: str,
+        extra_state: Optional[TensorState] = None,
     ):
+        self.extra_state = extra_state
         self.cfg, self.optimizer, self.model_rng, self.train_state = cfg, optimizer, model_rng, train_state
         self.rank, self.layout, self.config_yaml = rank, dict(layout), config_yaml
         self.model_meta = model_meta(model_config, vocab_size, padded_vocab_size)
@@ -178,6 +191,7 @@ class Checkpointer:
             **self.sharded.model_tensors(),
             **self.sharded.optimizer_tensors(self.optimizer.named_param_states()),
             **rng_tensors(self.rank, self.model_rng),
+            **(self.extra_state.state_tensors() if self.extra_state is not None else {}),
         }
         train_state = self.train_state.state_dict()
         meta = {"trainer": train_state, **self.model_meta, "layout": self.layout}
@@ -236,8 +250,11 @@ class Checkpointer:
             notes.append("optimizer state not loaded (checkpoint.load_optimizer=false)")
         same_layout = {"cp": 1, **info.meta.get("layout", {})} == self.layout  # saved before CP: cp 1
         rng = rng_targets(self.rank, info) if same_layout and cfg.load_rng and not cfg.finetune else {}
-        read_tensors({**model, **optimizer, **rng}, info, self.group)
+        extra = self.extra_state.state_targets(info.has) if self.extra_state is not None and not cfg.finetune else {}
+        read_tensors({**model, **optimizer, **rng, **extra}, info, self.group)
         self.sharded.finish_load()
+        if extra:
+            self.extra_state.load_state(extra)
         fields = {name: frozenset(s.fields) for name, s in states.items()}
         complete = max(fields.values(), key=len, default=frozenset())
         missing = next((n for n, f in fields.items() if f != complete), None)

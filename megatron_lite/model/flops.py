@@ -47,11 +47,21 @@ def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_si
     charges the full s×s attention matrix (as Megatron-LM's papers and README tables do).
     """
     h, s, n = cfg.hidden_size, cfg.seq_length, cfg.num_attention_heads
-    g = cfg.num_query_groups or n
     d = head_dim(cfg)
-    f = cfg.ffn_hidden_size or 4 * h
-    mlp_matrices = 3 if cfg.activation == "swiglu" else 2
     attention_core = 2 * 2 * s * n * d * (0.5 if causal else 1.0)
-    per_layer = 2 * h * (n + 2 * g) * d + attention_core + 2 * n * d * h + 2 * h * f * mlp_matrices
-    per_token = cfg.num_layers * per_layer + 2 * h * vocab_size
+    per_token = cfg.num_layers * (_linear_flops_per_token(cfg) + attention_core) + 2 * h * vocab_size
     return 3.0 * global_batch_size * s * per_token
+
+
+def _linear_flops_per_token(cfg: ModelConfig) -> float:
+    """One layer's QKV, output projection and MLP GEMMs per token, forward."""
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    g, d, f = cfg.num_query_groups or n, head_dim(cfg), cfg.ffn_hidden_size or 4 * h
+    return 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * h * f * (3 if cfg.activation == "swiglu" else 2)
+
+
+def linear_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, layers: Optional[int] = None) -> float:
+    """The part of ``model_flops_per_iteration`` in the transformer layers' linears (what FP8 runs),
+    over ``layers`` layers (default all)."""
+    layers = cfg.num_layers if layers is None else layers
+    return 3.0 * global_batch_size * cfg.seq_length * layers * _linear_flops_per_token(cfg)

@@ -43,3 +43,7 @@ def device(name: str) -> Device:
         return DEVICES[name]
     except KeyError:
         raise ValueError(f"--device: unknown device {name!r}; use one of {', '.join(DEVICES)}") from None
+
+# Dense FP8 tensor-core peak FLOP/s (datasheets, without sparsity): twice the bf16 peak on Hopper.
+# Devices without FP8 tensor cores (A100) are absent: FP8 gives them no speed-up.
+FP8_PEAK_FLOPS = {"H100-80G": 1979e12, "H200": 1979e12}

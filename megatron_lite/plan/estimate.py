@@ -22,6 +22,11 @@ algorithm's bytes over the link it crosses):
               one microbatch's computation (Megatron reduces buckets during the last backward and
               gathers during the first forward) is exposed
     optimizer one memory-bound pass over parameters, gradients and Adam state
+    FP8       (training.fp8_format) the FP8 layers' linear GEMMs at the device's FP8 peak (twice bf16's
+              on Hopper; no gain where it has none) instead of the bf16 peak, at the same efficiency,
+              plus the quantisation: one memory-bound pass per microbatch reading each GEMM operand
+              (the 4 linears' inputs, weights and output gradients) in the activations' precision
+              and writing it in FP8
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from ..config import Config, ModelConfig, ParallelDims, padded_vocab_size, validate
-from ..model.flops import model_flops_per_iteration
+from ..config import Config, ModelConfig, ParallelDims, head_dim, padded_vocab_size, validate
+from ..fp8.model import high_precision_layers
+from ..model.flops import linear_flops_per_iteration, model_flops_per_iteration
 from ..pipeline import schedules, stages
 from ..pipeline.simulate import simulate_schedule
 from . import memory as M
-from .devices import Device
+from .devices import FP8_PEAK_FLOPS, Device
 
 RECOMPUTE = ("none", "selective", "full")
 # Above this many (microbatch, chunk) pairs per rank the bubble comes from the closed form the
@@ -59,6 +65,7 @@ class Setup:
     overlap: bool = False  # DP gradient/parameter and TP communication overlapped with computation
     causal_flops: bool = True  # report the attention core's causal half only (megatron_lite's MFU)
     causal_work: bool = True  # the attention kernel skips the masked half (flash/SDPA; not explicit)
+    fp8_layers: int = 0  # transformer layers whose linears run FP8 GEMMs (training.fp8_format)
 
 
 def setup_from_config(cfg: Config, world_size: int, vocab_size: int, recompute: Optional[str] = None,
@@ -69,8 +76,10 @@ def setup_from_config(cfg: Config, world_size: int, vocab_size: int, recompute: 
     if recompute not in RECOMPUTE:
         raise ValueError(f"--recompute: {recompute!r} is not one of {', '.join(RECOMPUTE)}")
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
-    return Setup(cfg.model, padded, dims, cfg.training.micro_batch_size, cfg.training.global_batch_size,
-                 cfg.training.precision, recompute, cfg.optimizer.use_distributed_optimizer, overlap)
+    t = cfg.training
+    fp8_layers = 0 if t.fp8_format is None else cfg.model.num_layers - len(high_precision_layers(cfg.model.num_layers, t))
+    return Setup(cfg.model, padded, dims, t.micro_batch_size, t.global_batch_size,
+                 t.precision, recompute, cfg.optimizer.use_distributed_optimizer, overlap, fp8_layers=fp8_layers)
 
 
 @lru_cache(maxsize=None)
@@ -186,10 +195,31 @@ def ring_send_bytes(setup: Setup) -> float:
     return (d.cp - 1) * block * (2 * M.BYTES[setup.precision] * (forwards + 1) + 2 * M.FP32)
 
 
+def fp8_saving(setup: Setup, dev: Device) -> float:
+    """Seconds per step FP8 saves (negative: costs) on ``dev`` (module docstring, FP8)."""
+    fp8_peak = FP8_PEAK_FLOPS.get(dev.name)
+    if not setup.fp8_layers or fp8_peak is None:
+        return 0.0
+    m, d = setup.model, setup.dims
+    repeat = 4 / 3 if setup.recompute == "full" else 1.0  # the forward's GEMMs again
+    flops = linear_flops_per_iteration(m, setup.global_batch_size, setup.fp8_layers) * repeat / d.world_size
+    gemm_saving = flops / (dev.peak_flops * dev.efficiency) - flops / (fp8_peak * dev.efficiency)
+    n, g, f = m.num_attention_heads, m.num_query_groups or m.num_attention_heads, m.ffn_hidden_size or 4 * m.hidden_size
+    hd, h = head_dim(m), m.hidden_size
+    up = 2 * f if m.activation == "swiglu" else f
+    inputs = h + n * hd + h + f  # QKV, attention output, fc1, fc2 (their input features)
+    grads = (n + 2 * g) * hd + h + up + h  # their output features
+    tokens = setup.micro_batch_size * m.seq_length // d.cp
+    layers = setup.fp8_layers / d.pp  # per rank (the planner's even split)
+    operands = layers * (tokens * (inputs + grads) / d.tp + M.layer_parameters(m, d.tp))
+    quantise = d.num_microbatches * operands * (M.BYTES[setup.precision] + 1) / dev.hbm_bandwidth
+    return gemm_saving - quantise
+
+
 def step_time(setup: Setup, dev: Device) -> StepTime:
     m, d = setup.model, setup.dims
     e = M.BYTES[setup.precision]
-    compute = hardware_flops(setup) / d.world_size / (dev.peak_flops * dev.efficiency)
+    compute = hardware_flops(setup) / d.world_size / (dev.peak_flops * dev.efficiency) - fp8_saving(setup, dev)
     node = dev.gpus_per_node
     bsh = setup.micro_batch_size * m.seq_length // d.cp * m.hidden_size * e
     tp_link = dev.nvlink_bandwidth if d.tp <= node else dev.internode_bandwidth

@@ -44,8 +44,11 @@ from ..parallel.collectives import (
     reduce_scatter_to_sp,
     scatter_to_sp,
 )
+from ..fp8.comm import all_gather_fp8
+from ..fp8.linear import Float8Gemm, LinearFP8
+from ..fp8.tensor import Float8
 from .param_meta import ParamMeta, new_parameter
-from .weight_grad import EmbeddingWeightGrad, LinearWeightGrad, weight_grad
+from .weight_grad import EmbeddingWeightGrad, Float8WeightGrad, LinearWeightGrad, weight_grad
 
 # What a linear layer does with its input's TP communication (``linear``'s ``input_comm``).
 LOCAL_INPUT = "local"  # none: a row-parallel layer's input is already split
@@ -55,21 +58,32 @@ SEQUENCE_SHARDED_INPUT = "sequence_sharded"  # [b, s/t, in]: all-gathered, input
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, tp, input_comm, notify):
-        ctx.weight, ctx.tp, ctx.input_comm, ctx.notify = weight, tp, input_comm, notify
+    def forward(ctx, x, weight, bias, tp, input_comm, notify, fp8):
+        ctx.weight, ctx.tp, ctx.input_comm, ctx.notify, ctx.fp8 = weight, tp, input_comm, notify, fp8
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x)  # under SP the shard, gathered again in the backward
-        full = all_gather(x, SEQ_DIM, tp)[0] if input_comm == SEQUENCE_SHARDED_INPUT else x
-        return F.linear(full, weight, bias)
+        sharded = input_comm == SEQUENCE_SHARDED_INPUT
+        # Kept for the backward: x (under SP the shard, gathered again in the backward), or under FP8
+        # with a tensor-wide scale its quantised bytes (the all-gathers then move FP8).
+        kept = x if fp8 is None else fp8.keep_input(x, sharded, tp.group)
+        if isinstance(kept, Float8):
+            ctx.kept_fp8 = kept
+        else:
+            ctx.save_for_backward(kept)
+        full = _gather_input(kept, tp)[0] if sharded else kept
+        if fp8 is None:
+            return F.linear(full, weight, bias)
+        return fp8.forward(full, weight, bias, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
-        weight, tp, comm = ctx.weight, ctx.tp, ctx.input_comm
+        x = ctx.kept_fp8 if hasattr(ctx, "kept_fp8") else ctx.saved_tensors[0]
+        weight, tp, comm, fp8 = ctx.weight, ctx.tp, ctx.input_comm, ctx.fp8
         gathering = None
         if comm == SEQUENCE_SHARDED_INPUT:
-            x, gathering = all_gather(x, SEQ_DIM, tp, async_op=True)
-        grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
+            x, gathering = _gather_input(x, tp, async_op=True)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y.matmul(weight) if fp8 is None else fp8.input_grad(grad_y, weight)
         if gathering is not None:
             gathering.wait()
         reducing = None
@@ -80,28 +94,45 @@ class _Linear(torch.autograd.Function):
         grad_w = grad_b = None
         grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(weight, LinearWeightGrad(grad_2d, x.reshape(-1, x.shape[-1])), ctx.notify)
+            if fp8 is None:
+                work = LinearWeightGrad(grad_2d, x.reshape(-1, x.shape[-1]))
+            else:
+                work = Float8WeightGrad(*fp8.weight_grad_operands(grad_2d, x))
+            grad_w = weight_grad(weight, work, ctx.notify)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         if reducing is not None:
             reducing.wait()
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _gather_input(x: torch.Tensor | Float8, tp: TPGroup, async_op: bool = False):
+    """All-gather a sequence-sharded input along the sequence (FP8 bytes when quantised)."""
+    if isinstance(x, Float8):
+        return all_gather_fp8(x, SEQ_DIM, tp, async_op=async_op)
+    return all_gather(x, SEQ_DIM, tp, async_op=async_op)
 
 
 def linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor], tp: TPGroup,
-           input_comm: str = LOCAL_INPUT, notify: bool = True) -> torch.Tensor:
+           input_comm: str = LOCAL_INPUT, notify: bool = True, fp8: Optional[Float8Gemm] = None) -> torch.Tensor:
     """y = x Wᵀ (+ b) with the weight gradient written by weight_grad.py (``notify``: see
     ``weight_grad``) and the input's TP communication ``input_comm`` (module docstring). x: [b, s, in]
-    ([b, s/t, in] when sequence-sharded); y: [b, s, out_local]."""
+    ([b, s/t, in] when sequence-sharded); y: [b, s, out_local]. ``fp8``: this call's FP8 GEMMs
+    (fp8/linear.py), None for high precision."""
     if tp.size == 1:
         input_comm = LOCAL_INPUT
-    return _Linear.apply(x, weight, bias, tp, input_comm, notify)
+    return _Linear.apply(x, weight, bias, tp, input_comm, notify, fp8)
 
 
 def _divide(n: int, tp: TPGroup, what: str) -> int:
     if n % tp.size:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {tp.size}")
     return n // tp.size
+
+
+def _fp8_gemm(layer: nn.Module) -> Optional[Float8Gemm]:
+    """This call's FP8 GEMMs when the layer runs in FP8 (``layer.fp8``, set by fp8/model.py)."""
+    return None if layer.fp8 is None else layer.fp8.gemm(record=layer.training)
 
 
 def _column_input(tp: TPGroup) -> str:
@@ -129,6 +160,7 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.tp, self.skip_bias_add = tp, skip_bias_add
+        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:FP8Model.enable)
         out_local = _divide(out_features, tp, "output features")
         self.weight = new_parameter((out_local, in_features), ParamMeta(tp_shard_dim=0, tp_shard_stride=stride, init_std=init_std))
         self.bias = None
@@ -137,7 +169,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         bias = None if self.skip_bias_add else self.bias
-        y = linear(x, self.weight, bias, self.tp, _column_input(self.tp))
+        y = linear(x, self.weight, bias, self.tp, _column_input(self.tp), fp8=_fp8_gemm(self))
         return (y, self.bias) if self.skip_bias_add else y
 
 
@@ -172,6 +204,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = True, init_std: float = 0.02):
         super().__init__()
         self.tp = tp
+        self.fp8: Optional[LinearFP8] = None  # FP8 GEMMs when set (fp8/model.py:FP8Model.enable)
         in_local = _divide(in_features, tp, "input features")
         self.weight = new_parameter((out_features, in_local), ParamMeta(tp_shard_dim=1, init_std=init_std))
         self.bias = None
@@ -180,9 +213,10 @@ class RowParallelLinear(nn.Module):
             self.bias = new_parameter((out_features,), meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fp8 = _fp8_gemm(self)
         if self.tp.size == 1:  # nothing to reduce: the bias joins the GEMM (addmm)
-            return linear(x, self.weight, self.bias, self.tp)
-        y = linear(x, self.weight, None, self.tp)
+            return linear(x, self.weight, self.bias, self.tp, fp8=fp8)
+        y = linear(x, self.weight, None, self.tp, fp8=fp8)
         y = reduce_scatter_to_sp(y, self.tp) if self.tp.sequence_parallel else reduce_from_tp(y, self.tp)
         return y if self.bias is None else y + self.bias
 

@@ -44,6 +44,9 @@ from typing import Iterator, Optional, Protocol
 import torch
 from torch import nn
 
+from ..fp8.tensor import Float8
+from ..fp8.tensor import mm as fp8_mm
+
 
 class WeightGradWork(Protocol):
     """One layer's pending weight gradient for one backward."""
@@ -95,6 +98,27 @@ class LinearWeightGrad:
 
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.mm(self.grad_output.t(), self.inputs)
+
+
+class Float8WeightGrad:
+    """dW = dyᵀ x as an FP8 GEMM (fp8/linear.py): ``grad_output_t`` [out, N] and ``inputs_t`` [in, N],
+    quantised along the tokens N, the axis the GEMM contracts. The product (fp32 on the CPU, the
+    activations' dtype from a GPU's FP8 GEMM) is written or added into ``main_grad`` once."""
+
+    def __init__(self, grad_output_t: Float8, inputs_t: Float8):
+        self.grad_output_t, self.inputs_t = grad_output_t, inputs_t
+
+    def _product(self, dtype: torch.dtype) -> torch.Tensor:
+        return fp8_mm(self.grad_output_t, self.inputs_t, dtype)
+
+    def write_to(self, main_grad: torch.Tensor) -> None:
+        main_grad.copy_(self._product(main_grad.dtype))
+
+    def add_to(self, main_grad: torch.Tensor) -> None:
+        main_grad.add_(self._product(main_grad.dtype))
+
+    def compute(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._product(weight.dtype)
 
 
 class EmbeddingWeightGrad:

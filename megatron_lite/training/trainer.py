@@ -38,6 +38,8 @@ from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..model.flops import peak_flops
 from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate, overlaps_reduction
+from ..fp8.model import FP8Model, high_precision_layers
+from ..fp8.recipe import Recipe
 from ..optim.loss_scaler import LossScaler
 from ..optim.lr_schedule import check_resumed_schedule, schedule_parameters
 from ..parallel.collectives import TPGroup
@@ -109,6 +111,13 @@ class Trainer:
         self.has_head = any(chunk.spec.has_head for chunk in self.chunks)
         for chunk in self.chunks:
             chunk.to(self.dtype)
+        # FP8 GEMMs in the transformer blocks' linears (docs/fp8.md); amaxes reduced over the groups
+        # splitting each tensor, delayed scaling's over TP and DP × CP.
+        recipe = Recipe.from_config(t)
+        self.fp8 = None if recipe is None else FP8Model.enable(
+            self.chunks, recipe, tp_group=state.tp_group, token_group=state.cp_group if dims.cp > 1 else None,
+            dp_cp_group=state.dp_cp_group, skip_layers=high_precision_layers(m.num_layers, t),
+        )
         self.named_params = _unique_named_params(self.chunks)
         self.params = [p for _, p in self.named_params]
         names = [n for n, _ in self.named_params]
@@ -176,7 +185,7 @@ class Trainer:
             cfg.checkpoint, named_params=self.named_params, optimizer=self.optimizer, model_rng=self.chunks[0].rng,
             train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
             layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
-            tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
+            tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg), extra_state=self.fp8,
         )
         self.resumed: Optional[bool] = None  # set by resume()
 
@@ -286,6 +295,8 @@ class Trainer:
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, d.pipeline_schedule, d.vpp, microbatches)
         finalize_grads(self.grads, self.state)
+        if self.fp8 is not None:
+            self.fp8.end_iteration()
         applied_steps = self.iteration - self.skipped_iterations
         lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
