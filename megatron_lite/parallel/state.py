@@ -135,7 +135,8 @@ class ParallelState:
             raise RuntimeError("call init_distributed() before creating a ParallelState")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp, head_on_first_stage=head_on_first_stage)
+        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp, head_on_first_stage=head_on_first_stage,
+                             ep=ep, etp=etp, experts=experts)
         self.coord: RankCoord = self.grid.coord_of(self.rank)
         self.backend = dist.get_backend()
         self.device = (
@@ -171,6 +172,15 @@ class ParallelState:
             self.dp_cp_group, self.dp_cp_ranks = self.dp_group, self.dp_ranks
         else:
             self.dp_cp_group, self.dp_cp_ranks = mine["data_context"], self.group_ranks["data_context"]
+        self.has_experts = self.grid.has_expert_grid
+        if self.has_experts:
+            names = {"ep": "expert", "etp": "expert_tensor", "edp": "expert_data", "tp_cp": "tensor_context",
+                     "stage": "stage"}
+            for attr, kind in names.items():
+                setattr(self, f"{attr}_group", mine[kind])
+                setattr(self, f"{attr}_ranks", self.group_ranks[kind])
+                setattr(self, f"{attr}_size", len(self.group_ranks[kind]))
+                setattr(self, f"{attr}_rank", self.group_ranks[kind].index(self.rank))
 
     @classmethod
     def from_dims(cls, dims: ParallelDims, timeout: Optional[timedelta] = None) -> ParallelState:
@@ -181,7 +191,8 @@ class ParallelState:
                 f"{dist.get_world_size()}"
             )
         return cls(tp=dims.tp, pp=dims.pp, cp=dims.cp, timeout=timeout,
-                   head_on_first_stage=placement_of(dims.pipeline_schedule) == V_SHAPE)
+                   head_on_first_stage=placement_of(dims.pipeline_schedule) == V_SHAPE,
+                   ep=dims.ep, etp=dims.etp, experts=dims.experts)
 
     # Sizes and coordinates -------------------------------------------------------------------
     @property
