@@ -127,10 +127,16 @@ class ParallelState:
     TP × PP (one model replica); ``embedding_group`` holds the first and last pipeline stage of this
     rank's pipeline (None on the stages in between); with ``head_on_first_stage`` (the V placement of
     ZB-V, whose first stage holds the embedding and the output layer) the first stage alone.
+
+    An MoE model (``experts``, or EP / ETP > 1) also gets the expert grid's groups (layout.py), with
+    the same attributes: ``ep_*`` (the experts split; the all-to-all's group), ``etp_*`` (an expert's
+    matrices split), ``edp_*`` (replicas of this rank's experts: expert gradients are reduced there),
+    ``tp_cp_*`` (the ranks sharing one microbatch's sequences: router token counts are summed there)
+    and ``stage_*`` (TP × CP × DP of this pipeline stage: the expert-bias counts).
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None,
-                 head_on_first_stage: bool = False):
+                 head_on_first_stage: bool = False, ep: int = 1, etp: int = 1, experts: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("call init_distributed() before creating a ParallelState")
         self.world_size = dist.get_world_size()
