@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -154,3 +155,163 @@ def test_moe_low_precision_checkpoint_round_trip(ranks, tmp_path, precision):
                                            f"logging.dir={resumed_dir}"])[0]
     assert all(math.isfinite(r["loss"]) for r in _records(full_dir)[0])
     _compare_tail(f"EP2 {precision} round trip", resumed_dir, resumed, full_dir, full, 0.0, 3)
+
+
+# Parts against plain references, on one process ---------------------------------------------------
+@pytest.mark.parametrize("overrides, world, key", [
+    (["parallel.expert_model_parallel_size=3"], 4, "parallel.expert_model_parallel_size: 3 does not divide"),
+    (["parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"], 4, "parallel.sequence_parallel"),
+    (["parallel.expert_model_parallel_size=4", "parallel.expert_tensor_parallel_size=2"], 4, "ETP×EP = 2×4 does not divide"),
+    (["model.moe.router_topk=9"], 1, "model.moe.router_topk"),
+    (["model.moe.num_groups=3", "model.moe.group_topk=1"], 1, "model.moe.num_groups"),
+    (["model.moe.expert_bias=true"], 1, "model.moe.expert_bias"),
+    (["model.moe.pad_to_capacity=true"], 1, "model.moe.pad_to_capacity"),
+    (["model.moe.num_experts=null", "parallel.expert_model_parallel_size=2"], 2, "needs an MoE model"),
+])
+def test_bad_moe_configs_are_one_line(overrides, world, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(load_config(["model=moe_tiny", *overrides]), world)
+
+
+def _reference_route(logits, moe, bias=None):
+    """Routing written token by token, the way the papers state it."""
+    weights, experts = [], []
+    E, k = logits.shape[1], moe.router_topk
+    for row in logits:
+        scores = torch.softmax(row, 0) if moe.score_function == "softmax" else torch.sigmoid(row)
+        choice = (scores if moe.pre_softmax or moe.score_function == "sigmoid" else row).clone()
+        if bias is not None:
+            choice = choice + bias
+        if moe.num_groups:
+            size = E // moe.num_groups
+            group_score = [sorted(choice[g * size:(g + 1) * size].tolist())[-(k // moe.group_topk):] for g in range(moe.num_groups)]
+            best = sorted(range(moe.num_groups), key=lambda g: -sum(group_score[g]))[: moe.group_topk]
+            choice = torch.tensor([c if i // size in best else -math.inf for i, c in enumerate(choice.tolist())])
+        chosen = torch.topk(choice, k).indices
+        if moe.score_function == "softmax" and not moe.pre_softmax:
+            w = torch.softmax(row[chosen], 0)
+        else:
+            w = scores[chosen]
+            if moe.score_function == "sigmoid" and k > 1:
+                w = w / w.sum()
+        weights.append(w * (moe.topk_scaling_factor or 1.0))
+        experts.append(chosen)
+    return torch.stack(weights), torch.stack(experts)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model.moe.pre_softmax=true"], ["model.moe.score_function=sigmoid", "model.moe.expert_bias=true"],
+    ["model.moe.num_groups=4", "model.moe.group_topk=2", "model.moe.router_topk=4", "model.moe.pre_softmax=true",
+     "model.moe.topk_scaling_factor=2.5"],
+])
+def test_router_matches_the_per_token_reference(overrides):
+    from megatron_lite.moe import ExpertGroups, Router
+    from megatron_lite.parallel.collectives import TPGroup
+
+    cfg = load_config(["model=moe_tiny", *overrides]).model
+    router = Router(cfg, TPGroup(), ExpertGroups())
+    torch.nn.init.normal_(router.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    if router.expert_bias is not None:
+        router.expert_bias.copy_(torch.linspace(-0.3, 0.3, cfg.moe.num_experts))
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    weights, experts = router._route(torch.nn.functional.linear(x, router.weight))
+    ref_weights, ref_experts = _reference_route(x @ router.weight.t(), cfg.moe, router.expert_bias)
+    assert torch.equal(experts.sort(-1).values, ref_experts.sort(-1).values)
+    order, ref_order = experts.argsort(-1), ref_experts.argsort(-1)
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-6, atol=1e-7)
+
+
+def test_grouped_gemm_matches_the_loop():
+    from megatron_lite.moe.experts import grouped_matmul, loop_matmul
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 16, generator=g), torch.randn(4, 32, 16, generator=g)
+    counts = [10, 0, 25, 5]  # an expert with no tokens
+    reference = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate([(0, 10), (10, 10), (10, 35), (35, 40)])])
+    torch.testing.assert_close(grouped_matmul(x, w, counts), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loop_matmul(x, w.transpose(1, 2), counts), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_capacity_drops_by_policy_and_pads():
+    from megatron_lite.moe.dispatch import assign, combine_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, E, k = 32, 4, 2
+    weights = torch.rand(n, k, generator=g)
+    experts = torch.stack([torch.zeros(n, dtype=torch.long), torch.randint(1, E, (n,), generator=g)], 1)  # expert 0 crowded
+    capacity = math.ceil(n * k / E * 1.0)
+    a = assign(weights, experts, E, capacity_factor=1.0, drop_policy="probs")
+    counts = torch.bincount(a.expert, minlength=E)
+    assert counts.max() <= capacity and a.dropped == n * k - counts.sum()
+    kept0 = a.weight[a.expert == 0]
+    assert kept0.min() >= weights[:, 0].sort(descending=True).values[capacity - 1]  # the heaviest kept
+    by_position = assign(weights, experts, E, capacity_factor=1.0, drop_policy="position")
+    assert by_position.token[by_position.expert == 0].tolist() == list(range(capacity))  # the earliest kept
+    padded = assign(weights, experts, E, capacity_factor=1.0, pad_to_capacity=True)
+    assert torch.bincount(padded.expert, minlength=E).tolist() == [capacity] * E
+    rows = torch.randn(padded.token.numel(), 8, generator=g)
+    out = combine_rows(rows, padded, n)  # padding rows (token n) fall off the end
+    real = padded.token < n
+    reference = torch.zeros(n, 8).index_add(0, padded.token[real], rows[real] * padded.weight[real, None])
+    torch.testing.assert_close(out, reference)
+
+
+def test_moe_layer_matches_a_plain_pytorch_moe():
+    """Our MoE layer against the nanoGPT-style loop over experts (benchmarks/moe_step.py): output,
+    and every gradient including the aux loss's share of the router's (attached through autograd)."""
+    from benchmarks.moe_step import PlainMoE, build_layer
+
+    ours = build_layer(["model.hidden_size=32", "model.moe.ffn_hidden_size=16",
+                        "model.moe.shared_expert_ffn_hidden_size=16"]).train()
+    plain = PlainMoE.copy_of(ours)
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(0))
+    out, (ref, aux) = ours(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    (ref.square().sum() + aux).backward()
+    assert ours.router.aux_loss.item() == pytest.approx(aux.item(), rel=1e-6)
+    torch.testing.assert_close(ours.router.weight.grad, plain.router.weight.grad, rtol=1e-5, atol=1e-7)
+    f = 16
+    for e, expert in enumerate(plain.experts):
+        torch.testing.assert_close(ours.experts.fc1.weight.grad[e, :f], expert.gate.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.experts.fc2.weight.grad[e], expert.down.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_planner_counts_expert_parameters():
+    """The planner's parameters per rank against the model built at EP 1 and as EP rank 0 of 4."""
+    from megatron_lite.model import build_model_chunks
+    from megatron_lite.moe import ExpertGroups
+    from megatron_lite.parallel.collectives import TPGroup
+    from megatron_lite.plan import memory as M
+
+    cfg = load_config(["model=moe_tiny"]).model
+    for ep in (1, 4):
+        chunk = build_model_chunks(cfg, 4096, experts=ExpertGroups(ep=TPGroup(None, ep, 0)))[0]
+        params = list(chunk.parameters())
+        assert M.stage_parameters(cfg, 4096, 1, 1, 1, 0, ep=ep) == sum(p.numel() for p in params)
+        assert M.stage_expert_parameters(cfg, 1, 1, 0, ep=ep) == sum(p.numel() for p in params if p.meta.expert_parallel)
+
+
+def _remote_expert_unused(_):
+    """EP 2 where every token of both ranks goes to rank 0's experts: rank 1's experts get none."""
+    from megatron_lite.moe.dispatch import AllToAllDispatcher, assign
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.moe import ExpertGroups
+
+    state = ParallelState(ep=2, experts=True)
+    groups = ExpertGroups.from_state(state)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(state.rank), requires_grad=True)
+    experts = torch.tensor([[0, 1]] * 6)
+    weights = torch.full((6, 2), 0.5)
+    dispatcher = AllToAllDispatcher(4, groups.ep, groups.etp)
+    rows, counts = dispatcher.dispatch(x, assign(weights, experts, 4))
+    out = dispatcher.combine(rows * 2.0)
+    out.sum().backward()
+    state.destroy()
+    return counts, torch.allclose(out, 2.0 * x), torch.allclose(x.grad, torch.full_like(x, 2.0))
+
+
+def test_a_rank_routing_nothing_to_a_remote_expert_completes(ranks):
+    results = ranks(2).run(_remote_expert_unused, None)
+    assert results[0][0] == [12, 12] and results[1][0] == [0, 0]  # rank 0 runs both ranks' tokens
+    assert all(ok and grad_ok for _, ok, grad_ok in results)
