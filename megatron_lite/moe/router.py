@@ -175,6 +175,9 @@ class Router(nn.Module):
             self.expert_bias += self.moe.bias_update_rate * torch.sign(error).to(self.expert_bias.dtype)
 
     def reset_statistics(self) -> None:
+        """Start a step's counts; the last step's routing of this rank stays readable as
+        ``last_tokens_per_expert`` (benchmarks/comm_volume.py counts the all-to-all from it)."""
+        self.last_tokens_per_expert = self.tokens_per_expert.clone()
         self.tokens_per_expert.zero_()
         self.aux_loss.zero_()
         self.z_loss.zero_()
