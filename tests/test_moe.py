@@ -332,3 +332,23 @@ def test_all_to_all_bytes_match_the_routing_map(ranks):
                            + ["parallel.expert_model_parallel_size=2"])
     assert all(r["measured"].get("all_to_all/EP", 0) > 0 for r in results)
     assert comm_volume.differences(results) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_moe_activation_memory_matches_the_planner(precision):
+    """The bytes autograd saves in one microbatch's forward of moe_tiny against the planner's MoE
+    activation terms (plan/memory.py:moe_mlp_bytes_per_token), within the dense path's tolerance."""
+    from test_plan import MEMORY_TOLERANCE, VOCAB, SavedBytes
+
+    from megatron_lite.model import build_gpt
+    from megatron_lite.plan.estimate import microbatch_activation_bytes, setup_from_config
+
+    cfg = load_config(["model=moe_tiny", "training.micro_batch_size=2", "training.global_batch_size=2",
+                       f"training.precision={precision}"])
+    model = build_gpt(cfg.model, VOCAB).to(torch.bfloat16 if precision == "bf16" else torch.float32).train()
+    ids = torch.randint(0, VOCAB, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    with SavedBytes(model.parameters()) as saved:
+        model(ids, ids).mean()
+    predicted = microbatch_activation_bytes(setup_from_config(cfg, 1, VOCAB), 0)
+    print(f"moe_tiny {precision}: saved {saved.total:,} B, planner {predicted:,.0f} B ({predicted / saved.total - 1:+.1%})")
+    assert predicted == pytest.approx(saved.total, rel=MEMORY_TOLERANCE)
