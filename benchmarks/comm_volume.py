@@ -150,6 +150,8 @@ def _moe_replicated_elements(trainer) -> int:
     from megatron_lite.moe.stats import moe_layers
 
     moe = trainer.cfg.model.moe
+    if moe.num_experts is None:
+        return 0
     per_layer = moe.num_experts * trainer.cfg.model.hidden_size
     per_layer += trainer.cfg.model.hidden_size if moe.shared_expert_gate else 0
     return per_layer * len(moe_layers(trainer.chunks))

@@ -435,7 +435,8 @@ def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str,
     """What rank 0 prints at start-up."""
     n_params = sum(p.numel() for p in trainer.params)
     return {
-        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
+        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}"
+                  + (f" experts ETP={dims.etp} EP={dims.ep} EDP={dims.edp}" if dims.experts else ""),
         "schedule": dims.pipeline_schedule, "microbatches": dims.num_microbatches,
         "sequence_parallel": dims.sequence_parallel, "vocab_size_padded": trainer.vocab_size,
         "parameters_on_rank0": n_params, "precision": cfg.training.precision,
