@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
+from test_training import REPO
 
 from megatron_lite.checkpoint.gather import gather_full_state_dict
 from megatron_lite.config import ConfigError, load_config, validate
+
+sys.path.insert(0, str(REPO))  # benchmarks/: the plain MoE and the communication counter
 
 MOE_BASE = [
     "model=moe_tiny", "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4",
@@ -321,10 +325,6 @@ def test_all_to_all_bytes_match_the_routing_map(ranks):
     """benchmarks/comm_volume.py at TP 2 (SP) × PP 2 (VPP 2) with EP 2 folded into TP: every rank's
     bytes per (collective, group), the all-to-alls counted from each router's routing map, equal the
     analytic count to the byte."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import comm_volume
 
     small = [o for o in MOE_BASE if o.split("=")[0].startswith("model")]
