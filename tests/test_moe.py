@@ -137,6 +137,15 @@ def test_moe_checkpoint_reshards_ep(ranks, moe_reference, tmp_path):
     ref = ranks(1).run(_train, MOE_BASE + bias + [f"logging.dir={ref_dir}"])[0]
     full = ranks(4).run(_train, base + _par(ep=4) + zero + [f"logging.dir={full_dir}"])[0]
     _compare_tail("EP4 + ZeRO (expert bias)", full_dir, full, ref_dir, ref, LOSS_TOLERANCE, 1)
+    # One process reads the EP4 checkpoint whole (what generate and the HF export use): the same
+    # weights, and the expert biases the steps moved.
+    from megatron_lite.checkpoint.hf import load_model
+
+    _, model = load_model(tmp_path / "ckpt")
+    assert {n: p for n, p in model.named_parameters()}.keys() == full.keys()
+    assert all(torch.equal(p.detach(), full[n]) for n, p in model.named_parameters())
+    biases = [b for n, b in model.named_buffers() if n.endswith("expert_bias")]
+    assert biases and all(b.abs().sum() > 0 for b in biases)
     resume = [f"checkpoint.load={tmp_path / 'ckpt'}", "checkpoint.load_iteration=2", "checkpoint.save=null"]
     for name, n, layout in (("EP4→EP4", 4, _par(ep=4) + zero), ("EP4→EP2", 2, _par(ep=2) + zero), ("EP4→EP1", 1, [])):
         run_dir = tmp_path / name.replace("→", "_to_")

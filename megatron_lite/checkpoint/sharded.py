@@ -67,6 +67,13 @@ def flat_boxes(shape: Sequence[int], start: int, end: int) -> list[tuple[tuple[i
     return flat_boxes(shape, start, head) + flat_boxes(shape, head, tail) + flat_boxes(shape, tail, end)
 
 
+def persistent_buffers(modules) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the modules' buffers that belong in a checkpoint (an MoE router's expert
+    bias): their state dicts without the parameters."""
+    params = {id(p) for m in modules for p in m.parameters()}
+    return [(n, t) for m in modules for n, t in m.state_dict(keep_vars=True).items() if id(t) not in params]
+
+
 class ShardedState:
     """Maps this rank's parameters and optimizer state to checkpoint keys, for saving and loading.
 

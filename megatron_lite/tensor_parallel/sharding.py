@@ -59,13 +59,14 @@ class Cut(NamedTuple):
 
 def shard_cuts(meta, tp: TPGroup, experts=None) -> list[Cut]:
     """Every split of a parameter with ``meta``, outermost first. Dense: TP along ``tp_shard_dim``.
-    Experts (``meta.expert_parallel``; ``experts`` an ExpertGroups): EP along dim 0, then ETP along
-    ``tp_shard_dim``."""
+    Experts (``meta.expert_parallel``; ``experts`` an ExpertGroups, None in a single process): EP along
+    dim 0, then ETP along ``tp_shard_dim``."""
     if not meta.expert_parallel:
         return [] if meta.tp_shard_dim is None else [Cut(meta.tp_shard_dim, meta.tp_shard_stride, tp.rank, tp.size, "tp")]
-    cuts = [Cut(0, 1, experts.ep.rank, experts.ep.size, "ep")]
+    ep, etp = (experts.ep, experts.etp) if experts is not None else (TPGroup(), TPGroup())  # None: one process
+    cuts = [Cut(0, 1, ep.rank, ep.size, "ep")]
     if meta.tp_shard_dim is not None:
-        cuts.append(Cut(meta.tp_shard_dim, meta.tp_shard_stride, experts.etp.rank, experts.etp.size, "etp"))
+        cuts.append(Cut(meta.tp_shard_dim, meta.tp_shard_stride, etp.rank, etp.size, "etp"))
     return cuts
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..checkpoint.manager import Checkpointer
+from ..checkpoint.sharded import persistent_buffers
 from ..config import Config, ParallelDims, padded_vocab_size, to_yaml
 from ..data import MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.sampler import microbatch_loader
@@ -179,7 +180,7 @@ class Trainer:
             train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
             layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
             tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
-            experts=self.expert_groups, named_buffers=_persistent_buffers(self.chunks),
+            experts=self.expert_groups, named_buffers=persistent_buffers(self.chunks),
         )
         self.resumed: Optional[bool] = None  # set by resume()
 
@@ -423,12 +424,6 @@ def _unique_named_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
         for name, p in chunk.named_parameters():
             seen.setdefault(id(p), (name, p))
     return list(seen.values())
-
-
-def _persistent_buffers(chunks) -> list[tuple[str, torch.Tensor]]:
-    """(name, buffer) of the chunks' buffers that belong in a checkpoint (an MoE router's expert bias)."""
-    params = {id(p) for chunk in chunks for p in chunk.parameters()}
-    return [(n, t) for chunk in chunks for n, t in chunk.state_dict(keep_vars=True).items() if id(t) not in params]
 
 
 def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str, Any]:
