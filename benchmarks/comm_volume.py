@@ -39,7 +39,8 @@ this rank's b·s/c):
          and combine R rows of h values forward, the backward R and S again (recomputation repeats
          the forward's); per microbatch the counts exchange sends (EP−1)·E/EP int64. An all-to-all
          is counted as what it sends to other ranks.
-  TP_CP  per MoE layer and microbatch the aux loss's token counts, E fp32 (with SP the TP line's
+  TP_CP  per MoE layer and microbatch the aux loss's token counts, E fp32 (b·E for seq_aux_loss;
+         global_aux_loss sums its E over the STAGE instead) (with SP the TP line's
          gradient sums also hold each MoE layer's router weight, E·h, and shared-expert gate, h)
   STAGE  per MoE layer once per step the statistics (E counts, aux, z, dropped, assigned: fp64)
   EDP    the expert gradient buffer, all-reduced over expert-DP (DP then holds the dense ones)
@@ -178,8 +179,12 @@ def moe_analytic(trainer) -> Counter:
         if dims.ep > 1:
             out[("all_to_all", "EP")] += (forwards + 1) * (sent + received) * h * act
             out[("all_to_all", "EP")] += forwards * m * (dims.ep - 1) * local * 8
-        if dims.tp * dims.cp > 1 and moe.load_balancing == "aux_loss" and moe.aux_loss_coeff > 0:
-            out[("all_reduce", "TP_CP")] += forwards * m * moe.num_experts * FP32
+        balancing = moe.load_balancing if moe.aux_loss_coeff > 0 else "none"
+        b = cfg.training.micro_batch_size
+        if dims.tp * dims.cp > 1 and balancing in ("aux_loss", "seq_aux_loss"):  # counts (per sequence)
+            out[("all_reduce", "TP_CP")] += forwards * m * moe.num_experts * FP32 * (b if balancing == "seq_aux_loss" else 1)
+        if dims.tp * dims.cp * dims.dp > 1 and balancing == "global_aux_loss":
+            out[("all_reduce", "STAGE")] += forwards * m * moe.num_experts * FP32
         if dims.tp * dims.cp * dims.dp > 1:
             out[("all_reduce", "STAGE")] += (moe.num_experts + 4) * 8
     if trainer.expert_grads is not None and dims.edp > 1:

@@ -2,7 +2,7 @@
 dispatcher's parts against plain references, the configuration's error lines.
 
 The layout runs train a small MoE (a dense first layer, then MoE layers of 8 experts, top-2, a
-shared expert, aux and z losses) for a few iterations in each layout and compare with the single
+shared expert, the sequence aux loss and the z loss) for a few iterations in each layout and compare with the single
 rank: per-iteration losses and gradient norms (≤ 1e-6 relative), every MoE layer's tokens per
 expert (integer-equal every iteration), aux / z-loss values, and the final parameters (≤ 1e-5).
 """
@@ -27,6 +27,9 @@ MOE_BASE = [
     "model=moe_tiny", "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4",
     "model.num_query_groups=2", "model.ffn_hidden_size=64", "model.seq_length=32", "model.moe.ffn_hidden_size=32",
     "model.moe.shared_expert_ffn_hidden_size=32", "model.moe.z_loss_coeff=0.001", "model.moe.aux_loss_coeff=0.01",
+    # The per-sequence aux loss: its counts cross the TP and CP splits of each sequence (the plain
+    # switch aux loss is checked against a plain MoE below).
+    "model.moe.load_balancing=seq_aux_loss",
     "training.micro_batch_size=2", "training.global_batch_size=8", "training.train_iters=4",
     "training.eval_interval=4", "training.eval_iters=1", "optimizer.lr_warmup_iters=1", "optimizer.clip_grad=0.5",
     "optimizer.eps=1e-4", "optimizer.lr=3e-3", "logging.log_interval=100",
