@@ -8,13 +8,15 @@ step (the backward computes gradients for inputs and for weights). Per layer and
     output projection   2·n·d·h
     MLP                 2·h·f·(3 for SwiGLU: gate, up, down; else 2)
 and once per token the logits, 2·h·V. Recomputation is not counted (model FLOPs, not hardware FLOPs).
+An MoE layer's MLP is what a token activates: the router 2·h·E, k experts of width f_e and the shared
+expert (Megatron-LM's MoE count); padding and dropped tokens are not counted.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from ..config import ModelConfig, head_dim
+from ..config import ModelConfig, head_dim, moe_layers
 
 # Dense peak FLOP/s per GPU (vendor datasheets, without sparsity): (name fragment, bf16/fp16 tensor
 # core, TF32 tensor core, FP32). Matched in order against torch.cuda.get_device_name(), most
@@ -49,15 +51,36 @@ def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_si
     h, s, n = cfg.hidden_size, cfg.seq_length, cfg.num_attention_heads
     d = head_dim(cfg)
     attention_core = 2 * 2 * s * n * d * (0.5 if causal else 1.0)
-    per_token = cfg.num_layers * (_linear_flops_per_token(cfg) + attention_core) + 2 * h * vocab_size
+    moe_count = sum(moe_layers(cfg))
+    per_token = (cfg.num_layers * (_attention_linear_flops_per_token(cfg) + attention_core)
+                 + (cfg.num_layers - moe_count) * _mlp_flops_per_token(cfg, cfg.ffn_hidden_size or 4 * h)
+                 + moe_count * _moe_mlp_flops_per_token(cfg) + 2 * h * vocab_size)
     return 3.0 * global_batch_size * s * per_token
 
 
-def _linear_flops_per_token(cfg: ModelConfig) -> float:
-    """One layer's QKV, output projection and MLP GEMMs per token, forward."""
+def _attention_linear_flops_per_token(cfg: ModelConfig) -> float:
+    """One layer's QKV and output projection GEMMs per token, forward."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
-    g, d, f = cfg.num_query_groups or n, head_dim(cfg), cfg.ffn_hidden_size or 4 * h
-    return 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * h * f * (3 if cfg.activation == "swiglu" else 2)
+    g, d = cfg.num_query_groups or n, head_dim(cfg)
+    return 2 * h * (n + 2 * g) * d + 2 * n * d * h
+
+
+def _mlp_flops_per_token(cfg: ModelConfig, width: int) -> float:
+    """One MLP of hidden width ``width`` per token, forward."""
+    return 2 * cfg.hidden_size * width * (3 if cfg.activation == "swiglu" else 2)
+
+
+def _moe_mlp_flops_per_token(cfg: ModelConfig) -> float:
+    """What one token activates in an MoE layer: the router, k experts and the shared expert."""
+    moe, h = cfg.moe, cfg.hidden_size
+    expert = moe.ffn_hidden_size or cfg.ffn_hidden_size or 4 * h
+    return (2 * h * moe.num_experts + moe.router_topk * _mlp_flops_per_token(cfg, expert)
+            + _mlp_flops_per_token(cfg, moe.shared_expert_ffn_hidden_size or 0))
+
+
+def _linear_flops_per_token(cfg: ModelConfig) -> float:
+    """One dense layer's QKV, output projection and MLP GEMMs per token, forward."""
+    return _attention_linear_flops_per_token(cfg) + _mlp_flops_per_token(cfg, cfg.ffn_hidden_size or 4 * cfg.hidden_size)
 
 
 def linear_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, layers: Optional[int] = None) -> float:
