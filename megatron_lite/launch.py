@@ -4,9 +4,9 @@
 
 The options are torchrun's own (``python -m torch.distributed.run``). Before any rank starts, the
 launcher runs for the world it will start (nproc-per-node × nnodes ranks) every start-up check that
-needs no process group, the same ``training/startup.py:settle`` every rank runs again: the config,
+needs no process group, the same ``training/startup.py:settle`` every rank runs again (the config,
 ``checkpoint.load`` and the model config saved there, the tokenizer files, the data and their
-tokenizer records, ``logging.dir``. A user error is one line and exit code 2, and no rank starts;
+tokenizer records, ``logging.dir``), and reads the files of the checkpoint it will load. A user error is one line and exit code 2, and no rank starts;
 ``--check-only`` stops after the checks.
 
 Then torchrun starts the ranks, told (``LAUNCHER_PRINTS_ERRORS``) to hand their one-line user
@@ -49,12 +49,16 @@ def world_size(nproc_per_node: str, nnodes: str) -> Optional[int]:
 def check(overrides: Sequence[str], world: int, say_ok: bool = False) -> int:
     """Run the start-up checks for ``world`` ranks; 0 (after an ``ok`` line on stdout with
     ``say_ok``), or the user error's exit code after its line."""
+    from .checkpoint.storage import find_checkpoint
     from .config import load_config
     from .training.errors import user_error_line
     from .training.startup import settle
 
     try:
         settled = settle(load_config(overrides), world, overrides)
+        c = settled.config.checkpoint
+        if c.load:  # its files (meta.json, the DCP index, every shard's size), once: the ranks read them at load
+            find_checkpoint(c.load, c.load_iteration)
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest re-raised
         handled = user_error_line(err)
         if handled is None:

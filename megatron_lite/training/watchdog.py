@@ -171,6 +171,8 @@ class Watchdog:
                            f"{describe_wait(_stack_frames(frame), self.state)}")
 
     def _exit(self, message: str) -> None:
+        if launcher_gone():  # the peers died with the launcher: one line from the node, not one per rank
+            end_without_launcher()
         c = self.state
         where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} cp {c.cp_rank}/{c.cp_size} " \
                 f"pp {c.pp_rank}/{c.pp_size} dp {c.dp_rank}/{c.dp_size})"
@@ -185,27 +187,45 @@ class Watchdog:
         os._exit(WATCHDOG_EXIT_CODE)
 
 
+# (the launcher's pid, the line this rank prints when it is gone or None), set by watch_launcher.
+_launcher: Optional[tuple[int, Optional[str]]] = None
+
+
 def watch_launcher(rank: int, world_size: int, local_rank: int, poll_s: float = POLL_S) -> Optional[threading.Thread]:
     """Under torchrun (``TORCHELASTIC_RUN_ID`` set): a daemon thread that ends this process with
     exit code 4 within ``poll_s`` of its parent, the launcher, going away; local rank 0 prints the
     one line for the node. None (nothing watched) without torchrun."""
+    global _launcher
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    launcher = os.getppid()
+    parent = os.getppid()
+    line = (f"watchdog: rank {rank}/{world_size}: the launcher of this node's ranks (pid {parent}) is gone; "
+            f"ending them with exit code {WATCHDOG_EXIT_CODE} instead of training on without it")
+    _launcher = (parent, line if local_rank == 0 else None)
 
     def run() -> None:
-        while os.getppid() == launcher:  # a dead parent's children are adopted by another process
+        while not launcher_gone():
             time.sleep(poll_s)
-        if local_rank == 0:
-            print(f"watchdog: rank {rank}/{world_size}: the launcher of this node's ranks (pid {launcher}) is gone; "
-                  f"ending them with exit code {WATCHDOG_EXIT_CODE} instead of training on without it",
-                  file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(WATCHDOG_EXIT_CODE)
+        end_without_launcher()
 
     thread = threading.Thread(target=run, name="megatron_lite-launcher-watch", daemon=True)
     thread.start()
     return thread
+
+
+def launcher_gone() -> bool:
+    """Whether the launcher ``watch_launcher`` watches has died (this process has another parent).
+    The heartbeat stops beating then (the rendezvous store lived in the launcher), and a peer's
+    failure seen afterwards is this, not a dead rank."""
+    return _launcher is not None and os.getppid() != _launcher[0]
+
+
+def end_without_launcher() -> None:
+    """Exit with code 4; local rank 0 says why, for the node."""
+    if _launcher is not None and _launcher[1] is not None:
+        print(_launcher[1], file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(WATCHDOG_EXIT_CODE)
 
 
 def describe_wait(frames: list[FrameType], state: ParallelState) -> str:
