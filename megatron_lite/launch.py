@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from .messages import LAUNCHER_PRINTS_ERRORS
@@ -47,18 +48,21 @@ def world_size(nproc_per_node: str, nnodes: str) -> Optional[int]:
 
 
 def check(overrides: Sequence[str], world: int, say_ok: bool = False) -> int:
-    """Run the start-up checks for ``world`` ranks; 0 (after an ``ok`` line on stdout with
-    ``say_ok``), or the user error's exit code after its line."""
+    """Run the start-up checks for ``world`` ranks; 0, or the user error's exit code after its line.
+    ``say_ok``: also print an ``ok`` line (stdout) and the notes and warnings the ranks would print
+    (stderr); otherwise rank 0 prints those once the ranks run."""
     from .checkpoint.storage import find_checkpoint
     from .config import load_config
     from .training.errors import user_error_line
     from .training.startup import settle
 
     try:
-        settled = settle(load_config(overrides), world, overrides)
-        c = settled.config.checkpoint
-        if c.load:  # its files (meta.json, the DCP index, every shard's size), once: the ranks read them at load
-            find_checkpoint(c.load, c.load_iteration)
+        with warnings.catch_warnings(record=True) as caught:  # rank 0 prints them again
+            warnings.simplefilter("always")
+            settled = settle(load_config(overrides), world, overrides)
+            c = settled.config.checkpoint
+            if c.load:  # its files (meta.json, the DCP index, every shard's size), once: the ranks read them at load
+                find_checkpoint(c.load, c.load_iteration)
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest re-raised
         handled = user_error_line(err)
         if handled is None:
@@ -67,6 +71,8 @@ def check(overrides: Sequence[str], world: int, say_ok: bool = False) -> int:
         return handled[0]
     d = settled.dims
     if say_ok:
+        for line in [*settled.notes, *(f"warning: {w.message}" for w in caught)]:
+            print(line, file=sys.stderr)
         print(f"ok: world {d.world_size} = TP {d.tp} × CP {d.cp} × PP {d.pp} × DP {d.dp} (VPP {d.vpp}); start-up checks passed")
     return 0
 

@@ -145,9 +145,9 @@ CASES = [
      ["parallel.tensor_model_parallel_size", "world size 3"]),
     # The launcher's checks before any rank starts (no logging.dir is created: the inputs stay as they were).
     ("pretrain_gpt.sh: data path does not exist",
-     ["sh", "parallel=single", *TINY, "data.paths=[{d}/missing]", "logging.dir={d}/shrun"], ["{d}/missing.idx"]),
+     ["sh", "parallel=single", *TINY, "training.global_batch_size=3", "data.paths=[{d}/missing]", "logging.dir={d}/shrun"], ["{d}/missing.idx"]),
     ("pretrain_gpt.sh: explicit checkpoint.load does not exist",
-     ["sh", "parallel=single", *TINY, "checkpoint.load={d}/nockpt", "logging.dir={d}/shrun"],
+     ["sh", "parallel=single", *TINY, "training.global_batch_size=3", "checkpoint.load={d}/nockpt", "logging.dir={d}/shrun"],
      ["checkpoint.load={d}/nockpt", "no such directory"]),
 ]
 CASE_IDS = [case[0] for case in CASES]
