@@ -208,7 +208,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None  # directory: iter_NNNNNNN/ checkpoints + latest_checkpointed_iteration.txt
-    load: Optional[str] = None  # directory to resume from (no tracker there: start from scratch)
+    # Directory to resume from; null: checkpoint.save (without a tracker there, a fresh start).
+    # Named explicitly, it must hold a checkpoint.
+    load: Optional[str] = None
     load_iteration: Optional[int] = non_negative(None)  # None: the tracker's (latest complete) iteration
     save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
@@ -218,9 +220,9 @@ class CheckpointConfig:
     finetune: bool = False
     load_optimizer: bool = True
     load_rng: bool = True
-    # Take the model's architecture from the checkpoint (Megatron's --use-checkpoint-args): every
-    # model.* key but the run's own choices (seq_length unless positions are learned, dropout,
-    # kernel and attention backends, init_std, make_vocab_size_divisible_by).
+    # Take the model from the checkpoint (Megatron's --use-checkpoint-args): every model.* key but the
+    # run's own choices (dropout, kernel and attention backends, init_std, make_vocab_size_divisible_by);
+    # seq_length and data.tokenizer too, unless the command line sets them.
     use_checkpoint_model_config: bool = False
 
 
@@ -595,7 +597,8 @@ def overridden_keys(overrides: Sequence[str]) -> set[str]:
     return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
 
 
-def with_checkpoint_model_config(cfg: Config, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+def with_checkpoint_model_config(cfg: Config, overrides: Sequence[str] = ()
+                                 ) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """``cfg`` with its model read from the checkpoint ``checkpoint.load`` names
     (``checkpoint.use_checkpoint_model_config``, Megatron's ``--use-checkpoint-args``), and the keys
     that changed: {key: (ours, saved)}.

@@ -6,8 +6,8 @@ The options are torchrun's own (``python -m torch.distributed.run``). Before any
 launcher runs for the world it will start (nproc-per-node × nnodes ranks) every start-up check that
 needs no process group, the same ``training/startup.py:settle`` every rank runs again (the config,
 ``checkpoint.load`` and the model config saved there, the tokenizer files, the data and their
-tokenizer records, ``logging.dir``), and reads the files of the checkpoint it will load. A user error is one line and exit code 2, and no rank starts;
-``--check-only`` stops after the checks.
+tokenizer records, ``logging.dir``), and reads the files of the checkpoint it will load. A user
+error is one line and exit code 2, and no rank starts; ``--check-only`` stops after the checks.
 
 Then torchrun starts the ranks, told (``LAUNCHER_PRINTS_ERRORS``) to hand their one-line user
 error to this launcher through torchelastic's error file instead of printing it. When the first
@@ -73,7 +73,8 @@ def check(overrides: Sequence[str], world: int, say_ok: bool = False) -> int:
     if say_ok:
         for line in [*settled.notes, *(f"warning: {w.message}" for w in caught)]:
             print(line, file=sys.stderr)
-        print(f"ok: world {d.world_size} = TP {d.tp} × CP {d.cp} × PP {d.pp} × DP {d.dp} (VPP {d.vpp}); start-up checks passed")
+        print(f"ok: world {d.world_size} = TP {d.tp} × CP {d.cp} × PP {d.pp} × DP {d.dp} (VPP {d.vpp}); "
+              "start-up checks passed")
     return 0
 
 

@@ -21,12 +21,13 @@ import pytest
 from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
 
 REPO = Path(__file__).resolve().parent.parent
-CASE_TIMEOUT_S = 120  # a hang guard only: every case takes a few seconds
+CASE_TIMEOUT_S = 300  # a hang guard only: every case takes a few seconds (minutes on a loaded machine)
 TINY = [
     "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.seq_length=16",
     "training.micro_batch_size=1", "training.global_batch_size=2", "training.train_iters=1",
     "training.eval_iters=0",
 ]
+SH_TINY = ["parallel=single", *TINY, "training.global_batch_size=3"]  # the 3 ranks _run_case launches
 
 
 def _train(*overrides, config_dir=None):
@@ -145,9 +146,9 @@ CASES = [
      ["parallel.tensor_model_parallel_size", "world size 3"]),
     # The launcher's checks before any rank starts (no logging.dir is created: the inputs stay as they were).
     ("pretrain_gpt.sh: data path does not exist",
-     ["sh", "parallel=single", *TINY, "training.global_batch_size=3", "data.paths=[{d}/missing]", "logging.dir={d}/shrun"], ["{d}/missing.idx"]),
+     ["sh", *SH_TINY, "data.paths=[{d}/missing]", "logging.dir={d}/shrun"], ["{d}/missing.idx"]),
     ("pretrain_gpt.sh: explicit checkpoint.load does not exist",
-     ["sh", "parallel=single", *TINY, "training.global_batch_size=3", "checkpoint.load={d}/nockpt", "logging.dir={d}/shrun"],
+     ["sh", *SH_TINY, "checkpoint.load={d}/nockpt", "logging.dir={d}/shrun"],
      ["checkpoint.load={d}/nockpt", "no such directory"]),
 ]
 CASE_IDS = [case[0] for case in CASES]

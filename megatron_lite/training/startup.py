@@ -70,9 +70,11 @@ def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> tuple[int, Optional[s
     if cfg.checkpoint.use_checkpoint_model_config:  # the size is the checkpoint's: so is the tokenizer
         fix = "the model comes from checkpoint.load: leave data.tokenizer unset to use the tokenizer saved with it"
     elif size < ours:
-        fix = f"set model.vocab_size=null (the tokenizer's size) or at least {ours}, or use the tokenizer the model was made for"
+        fix = (f"set model.vocab_size=null (the tokenizer's size) or at least {ours}, or use the tokenizer the "
+               "model was made for")
     else:
-        fix = "model.vocab_size=null sizes the model by the tokenizer, or use the tokenizer the preset assumes (see configs/model/)"
+        fix = ("model.vocab_size=null sizes the model by the tokenizer, or use the tokenizer the preset assumes "
+               "(see configs/model/)")
     if size < ours:
         raise ConfigError("model.vocab_size", f"{size} is smaller than the {ours} ids of {where}; {fix}")
     if size > ours:
@@ -109,7 +111,8 @@ def resolve_resume(cfg: Config) -> Optional[str]:
     if c.load != c.save and c.load_iteration is None and read_tracker(c.load) is None:
         what = "no such directory" if not Path(c.load).exists() else f"holds no checkpoint (no {TRACKER})"
         raise CheckpointError(f"checkpoint.load={c.load}: {what}; fix the path, or leave checkpoint.load unset "
-                              "to start from scratch (with checkpoint.save set, a new run saves there and resumes from it)")
+                              "to start from scratch (with checkpoint.save set, a new run saves there and "
+                              "resumes from it)")
     return note
 
 
