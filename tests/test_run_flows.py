@@ -153,7 +153,7 @@ def test_imported_model_trains_at_its_length_on_its_tokenizer(ranks, tmp_path):
 
     from megatron_lite.checkpoint.hf import main as hf
     from megatron_lite.checkpoint.storage import find_checkpoint
-    from megatron_lite.config import load_config
+    from megatron_lite.config import ConfigError, load_config
     from megatron_lite.data import DataError
     from megatron_lite.data.preprocess import main as preprocess
     from megatron_lite.training.startup import settle
@@ -190,9 +190,12 @@ def test_imported_model_trains_at_its_length_on_its_tokenizer(ranks, tmp_path):
     assert hf(["export", "--load", str(tmp_path / "trained"), "--output", str(tmp_path / "exported")]) == 0
     assert json.loads((tmp_path / "exported/config.json").read_text())["max_position_embeddings"] == 64
     assert json.loads((tmp_path / "exported/tokenizer_config.json").read_text())["model_max_length"] == 64
-    # The command line still wins: a length of its own.
+    # The command line still wins: a length of its own; another tokenizer, whose mismatch says to drop it.
     shorter = right + ["model.seq_length=16"]
     assert settle(load_config(shorter), 1, shorter).config.model.seq_length == 16
+    bundled = right + ["data.tokenizer.type=SentencePieceTokenizer"]
+    with pytest.raises(ConfigError, match="leave data.tokenizer unset to use the tokenizer saved with it"):
+        settle(load_config(bundled), 1, bundled)
 
 
 if __name__ == "__main__":  # the subreaper side of test_killing_the_launcher_ends_every_rank
