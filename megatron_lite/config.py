@@ -288,7 +288,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None  # directory: iter_NNNNNNN/ checkpoints + latest_checkpointed_iteration.txt
-    load: Optional[str] = None  # directory to resume from (no tracker there: start from scratch)
+    # Directory to resume from; null: checkpoint.save (without a tracker there, a fresh start).
+    # Named explicitly, it must hold a checkpoint.
+    load: Optional[str] = None
     load_iteration: Optional[int] = non_negative(None)  # None: the tracker's (latest complete) iteration
     save_interval: Optional[int] = positive(None)  # None: save only at the end and when stopping early
     async_save: bool = False  # copy to host memory, write in a background thread
@@ -298,9 +300,9 @@ class CheckpointConfig:
     finetune: bool = False
     load_optimizer: bool = True
     load_rng: bool = True
-    # Take the model's architecture from the checkpoint (Megatron's --use-checkpoint-args): every
-    # model.* key but the run's own choices (seq_length unless positions are learned, dropout,
-    # kernel and attention backends, init_std, make_vocab_size_divisible_by).
+    # Take the model from the checkpoint (Megatron's --use-checkpoint-args): every model.* key but the
+    # run's own choices (dropout, kernel and attention backends, init_std, make_vocab_size_divisible_by);
+    # seq_length and data.tokenizer too, unless the command line sets them.
     use_checkpoint_model_config: bool = False
 
 
@@ -861,35 +863,72 @@ def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
         )
 
 
-# Model keys that are the run's own choice, not the checkpoint's (seq_length is the checkpoint's only
-# for learned position embeddings, where it is a parameter shape).
+# Model keys that are the run's own choice, not the checkpoint's. seq_length is the checkpoint's
+# unless the command line sets it (always for learned position embeddings, a parameter shape).
 RUN_MODEL_KEYS = ("seq_length", "dropout", "kernel_backend", "attention_backend", "init_std",
                   "make_vocab_size_divisible_by")
+# data.tokenizer keys a checkpoint's config hands on with its model (paths among them relocated).
+TOKENIZER_PATH_KEYS = ("model", "vocab_file", "merge_file")
 
 
-def with_checkpoint_model_config(cfg: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
-    """``cfg`` with its model architecture read from the checkpoint ``checkpoint.load`` names
-    (``checkpoint.use_checkpoint_model_config``), and the keys that changed: {key: (ours, saved)}.
-    Reads meta.json's model config (config.yaml's model section for checkpoints that lack it)."""
-    from .checkpoint.storage import CheckpointError, find_checkpoint  # storage reads no config
+def overridden_keys(overrides: Sequence[str]) -> set[str]:
+    """The dotted keys a list of Hydra overrides sets (``+key=``, ``++key=`` and ``~key`` included)."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+
+
+def with_checkpoint_model_config(cfg: Config, overrides: Sequence[str] = ()
+                                 ) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with its model read from the checkpoint ``checkpoint.load`` names
+    (``checkpoint.use_checkpoint_model_config``, Megatron's ``--use-checkpoint-args``), and the keys
+    that changed: {key: (ours, saved)}.
+
+    Taken from the checkpoint: every architecture key (meta.json's model config, config.yaml's model
+    section for checkpoints that lack it); ``model.seq_length`` unless ``overrides`` (the command
+    line) set it; and ``data.tokenizer`` (the tokenizer the model was made or imported with; a path
+    that moved with the checkpoint directory is found under its ``tokenizer/``) unless ``overrides``
+    name any ``data.tokenizer.*`` key."""
+    from .checkpoint.storage import CONFIG, CheckpointError, find_checkpoint  # storage reads no config
 
     c = cfg.checkpoint
     info = find_checkpoint(c.load, c.load_iteration) if c.load else None
     if info is None:
         raise CheckpointError(f"{Path(c.load or '.') / 'latest_checkpointed_iteration.txt'}: no checkpoint to take "
                               "the model config from (checkpoint.use_checkpoint_model_config)")
+    stored = OmegaConf.load(info.path / CONFIG) if (info.path / CONFIG).is_file() else None
     saved = info.meta.get("model_config")
     if saved is None:
-        saved = dict(OmegaConf.to_container(OmegaConf.create((info.path / "config.yaml").read_text()))["model"])
+        saved = dict(OmegaConf.to_container(stored)["model"])
         saved["vocab_size"] = info.meta["model"]["vocab_size"]
-    learned = saved.get("position_embedding") == "learned"
+    given = overridden_keys(overrides)
+    seq_length_ours = "model.seq_length" in given and saved.get("position_embedding") != "learned"
     names = {f.name for f in fields(ModelConfig)}
     taken = {k: v for k, v in saved.items()
-             if k in names and (k not in RUN_MODEL_KEYS or (k == "seq_length" and learned))}
+             if k in names and (k not in RUN_MODEL_KEYS or (k == "seq_length" and not seq_length_ours))}
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.model), taken))  # nested dataclasses too
     changed = {k: (getattr(cfg.model, k), getattr(model, k)) for k in taken
                if getattr(cfg.model, k) != getattr(model, k)}
-    return replace(cfg, model=model), changed
+    data = cfg.data
+    if stored is not None and "tokenizer" in stored.get("data", {}) and not any(
+            k.startswith("data.tokenizer") for k in given):
+        saved_tokenizer = OmegaConf.to_container(stored.data.tokenizer)
+        for key in TOKENIZER_PATH_KEYS:
+            saved_tokenizer[key] = _moved_with(saved_tokenizer.get(key), Path(c.load))
+        tokenizer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data.tokenizer), saved_tokenizer))
+        changed.update({f"data.tokenizer.{k}": (getattr(data.tokenizer, k), getattr(tokenizer, k))
+                        for k in saved_tokenizer if getattr(data.tokenizer, k) != getattr(tokenizer, k)})
+        data = replace(data, tokenizer=tokenizer)
+    return replace(cfg, model=model, data=data), changed
+
+
+def _moved_with(path: Optional[str], load: Path) -> Optional[str]:
+    """``path`` (a stored tokenizer file), or where it is now when it is gone but the checkpoint
+    directory ``load`` holds it under the same ``tokenizer/...`` tail (a copied or moved checkpoint)."""
+    if path is None or Path(path).exists() or "tokenizer" not in Path(path).parts:
+        return path
+    parts = Path(path).parts
+    tail = parts[len(parts) - 1 - parts[::-1].index("tokenizer"):]
+    moved = Path(load, *tail)
+    return str(moved) if moved.exists() else path
 
 
 def _resumes(c: CheckpointConfig) -> bool:
@@ -949,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
-                    cfg, _ = with_checkpoint_model_config(cfg)
+                    cfg, _ = with_checkpoint_model_config(cfg, args.overrides)
                 check_resume_schedule(cfg)
             except CheckpointError as err:
                 print(f"checkpoint error: {err}", file=sys.stderr)

@@ -1,11 +1,14 @@
 """Hydra entry point: ``python -m megatron_lite.train [overrides]`` (under torchrun for many ranks).
 
-Order: compose config → the resume directory (and, with ``checkpoint.use_checkpoint_model_config``,
-the model shape saved there) → validate against the world size (one-line error, exit 2) → start-up
-checks on every rank (optional packages, ``logging.dir``, the data against the
-tokenizer: ``training/startup.py``) → run records in ``logging.dir`` (rank 0) → create the process
-groups and the heartbeat → build → train. User errors print one line without a traceback and exit 2
-(``training/errors.py``); a hung step or a dead peer ends a rank with exit 4 (``training/watchdog.py``).
+Order: compose config → under torchrun, watch the launcher (its death ends the rank, exit 4) →
+``training/startup.py:settle`` on every rank: the resume directory (and, with
+``checkpoint.use_checkpoint_model_config``, the model, sequence length and tokenizer saved there),
+validation against the world size, the tokenizer, optional packages, ``logging.dir``, the data
+against the tokenizer (the launcher ran the same before starting any rank) → run records in
+``logging.dir`` (rank 0; an earlier run's records set aside: ``training/records.py``) → create the
+process groups and the heartbeat → build → train. User errors print one line without a traceback
+and exit 2 (``training/errors.py``); a hung step or a dead peer ends a rank with exit 4
+(``training/watchdog.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +20,14 @@ from typing import Sequence
 import hydra
 from omegaconf import DictConfig
 
-from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config, validate, with_checkpoint_model_config
+from megatron_lite.config import CONFIG_DIR, Config, register_schema, to_config
 from megatron_lite.parallel.state import ParallelState, default_timeout, init_distributed, launch_info
-from megatron_lite.data import build_tokenizer
 from megatron_lite.training.errors import exit_on_user_error
 from megatron_lite.training.heartbeat import Heartbeat
-from megatron_lite.training.metrics import write_run_records
-from megatron_lite.training.startup import prepare, print_notes, resolve_resume, restart_count, start_iteration
+from megatron_lite.training.records import write_run_records
+from megatron_lite.training.startup import print_notes, restart_count, settle, start_iteration
 from megatron_lite.training.trainer import Trainer, describe_run
-from megatron_lite.training.watchdog import configure_nccl
+from megatron_lite.training.watchdog import configure_nccl, watch_launcher
 
 
 def run(cfg: Config | DictConfig, overrides: Sequence[str] = ()) -> Trainer:
@@ -34,19 +36,13 @@ def run(cfg: Config | DictConfig, overrides: Sequence[str] = ()) -> Trainer:
     (torchrun, SLURM, or a plain single process). ``overrides``: the command line's, for the run
     records."""
     start = time.perf_counter()
-    config = to_config(cfg)
     launch = launch_info()
-    resume_note = resolve_resume(config)  # before the model config is read from that checkpoint
-    if config.checkpoint.use_checkpoint_model_config and config.checkpoint.load:
-        config, changed = with_checkpoint_model_config(config)
-        if launch.rank == 0 and changed:
-            taken = ", ".join(f"{k} {ours!r} -> {saved!r}" for k, (ours, saved) in changed.items())
-            print(f"checkpoint: model config from {config.checkpoint.load}: {taken}", flush=True)
-    dims = validate(config, launch.world_size)
-    tokenizer = build_tokenizer(config.data.tokenizer)
-    notes = [line for line in [resume_note] if line] + prepare(config, tokenizer).notes
+    watch_launcher(launch.rank, launch.world_size, launch.local_rank)
+    settled = settle(to_config(cfg), launch.world_size, overrides)
+    config, dims, tokenizer, notes = settled.config, settled.dims, settled.tokenizer, settled.notes
     if launch.rank == 0:
-        write_run_records(config, overrides, dims.world_size, restart_count(), start_iteration(config))
+        moved = write_run_records(config, overrides, dims.world_size, restart_count(), start_iteration(config))
+        notes += [moved] if moved else []
     print_notes(notes, launch.rank)
     checks_s = time.perf_counter() - start
     timeout = default_timeout(config.parallel.distributed_timeout_minutes)

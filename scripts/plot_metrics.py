@@ -1,6 +1,9 @@
 """Plot loss and throughput curves from a run's metrics.jsonl to a PNG.
 
     python scripts/plot_metrics.py runs/main_job/metrics.jsonl [--output runs/main_job/metrics.png]
+
+Each iteration is drawn with its latest record: after a restart or a resume from an earlier
+checkpoint the redone iterations replace the ones logged before, so the curve never runs backwards.
 """
 
 from __future__ import annotations
@@ -9,6 +12,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def latest_per_iteration(records: list[dict], split: str | None = None) -> list[dict]:
+    """The records of ``split`` (None: training), one per iteration, each iteration's last, in
+    iteration order."""
+    latest = {r["iteration"]: r for r in records if r.get("split") == split}
+    return [latest[i] for i in sorted(latest)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: plotting needs matplotlib (pip install megatron-lite[plot])", file=sys.stderr)
         return 2
     records = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
-    train = [r for r in records if "split" not in r]
-    valid = [r for r in records if r.get("split") == "valid"]
+    train, valid = latest_per_iteration(records), latest_per_iteration(records, "valid")
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     ax_loss.plot([r["iteration"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")

@@ -12,7 +12,11 @@
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; with NNODES > 1 the c10d rendezvous endpoint, RDZV_ID
 # names the job), MAX_RESTARTS (torchrun's --max-restarts: 0 on CPU,
 # 3 with GPUs; a restarted job resumes from its last checkpoint when checkpoint.save is set),
-# DRY_RUN=1 (validate and print the torchrun command instead of running it).
+# DRY_RUN=1 (run the checks and print the launch command instead of running it).
+# Before any rank starts, megatron_lite.launch (torchrun with the same options) runs every start-up
+# check that needs no process group (config, checkpoint.load, tokenizer, data, logging.dir): a user
+# error is one line and exit code 2. A rank's user error ends the script with its line and code
+# (2, 3, 4), not torchrun's report; killing the launcher ends its ranks within seconds (exit 4).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$REPO_ROOT"
@@ -40,11 +44,6 @@ for default in parallel=tp2_pp2_dp2 training=cpu_demo logging.dir=runs/main_job;
   done
   if [ "$chosen" -eq 0 ]; then defaults+=("$default"); fi
 done
-# Validate once, before any rank starts: a bad config is one line and exit code 2.
-"$PYTHON" -m megatron_lite.config --world-size $((NPROC_PER_NODE * NNODES)) ${defaults[@]+"${defaults[@]}"} "$@" >/dev/null
-if [ "${#defaults[@]}" -gt 0 ]; then
-  echo "pretrain_gpt.sh: with ${defaults[*]} (name another group, or logging.dir, to replace one)" >&2
-fi
 if [ "$NNODES" -gt 1 ]; then
   # c10d rendezvous: a failure on any node restarts the workers of every node (static rendezvous
   # would restart only the failing node's); ranks are assigned at each rendezvous.
@@ -52,12 +51,17 @@ if [ "$NNODES" -gt 1 ]; then
 else
   rendezvous=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 fi
-command=("$PYTHON" -m torch.distributed.run
-  --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" "${rendezvous[@]}" --max-restarts "$MAX_RESTARTS"
+launch=(--nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" "${rendezvous[@]}" --max-restarts "$MAX_RESTARTS"
   -m megatron_lite.train ${defaults[@]+"${defaults[@]}"} "$@")
+command=("$PYTHON" -m megatron_lite.launch "${launch[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
+  "$PYTHON" -m megatron_lite.launch --check-only "${launch[@]}" >/dev/null
   printf '%q ' "${command[@]}"
   echo
   exit 0
 fi
+if [ "${#defaults[@]}" -gt 0 ]; then
+  echo "pretrain_gpt.sh: with ${defaults[*]} (name another group, or logging.dir, to replace one)"
+fi
+# The launcher checks the configuration, data, tokenizer and checkpoint once, before any rank starts.
 exec "${command[@]}"

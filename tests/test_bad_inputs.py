@@ -21,12 +21,13 @@ import pytest
 from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
 
 REPO = Path(__file__).resolve().parent.parent
-CASE_TIMEOUT_S = 120  # a hang guard only: every case takes a few seconds
+CASE_TIMEOUT_S = 300  # a hang guard only: every case takes a few seconds (minutes on a loaded machine)
 TINY = [
     "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.seq_length=16",
     "training.micro_batch_size=1", "training.global_batch_size=2", "training.train_iters=1",
     "training.eval_iters=0",
 ]
+SH_TINY = ["parallel=single", *TINY, "training.global_batch_size=3"]  # the 3 ranks _run_case launches
 
 
 def _train(*overrides, config_dir=None):
@@ -90,7 +91,6 @@ CASES = [
     ("unreadable tokenizer file (chmod 000)", _train("data.tokenizer.model={d}/unreadable.model"),
      ["{d}/unreadable.model"]),
     ("logging.dir under a regular file", _train("logging.dir={d}/afile/run"), ["{d}/afile"]),
-    ("new run in a used logging.dir", _train("logging.dir={d}/usedrun"), ["{d}/usedrun/metrics.jsonl", "logging.dir"]),
     ("ambiguous override (unquoted list)", _train("data.split=98,2,0"), ["data.split=98,2,0", "quote the value"]),
     # The data against the model's tokenizer, checked before any process group exists.
     ("data made by another tokenizer", _train("data.paths=[{d}/othertok]"),
@@ -144,6 +144,12 @@ CASES = [
     # The launch script validates before torchrun starts any rank.
     ("pretrain_gpt.sh: TP does not divide 3 ranks", ["sh", "parallel.tensor_model_parallel_size=2"],
      ["parallel.tensor_model_parallel_size", "world size 3"]),
+    # The launcher's checks before any rank starts (no logging.dir is created: the inputs stay as they were).
+    ("pretrain_gpt.sh: data path does not exist",
+     ["sh", *SH_TINY, "data.paths=[{d}/missing]", "logging.dir={d}/shrun"], ["{d}/missing.idx"]),
+    ("pretrain_gpt.sh: explicit checkpoint.load does not exist",
+     ["sh", *SH_TINY, "checkpoint.load={d}/nockpt", "logging.dir={d}/shrun"],
+     ["checkpoint.load={d}/nockpt", "no such directory"]),
 ]
 CASE_IDS = [case[0] for case in CASES]
 ROOT = os.geteuid() == 0
@@ -178,8 +184,6 @@ def _write_inputs(d: Path) -> None:
     (d / "notsp.model").write_text("this is not a sentencepiece model\n")
     (d / "tokdir").mkdir()
     (d / "afile").write_text("a regular file\n")
-    (d / "usedrun").mkdir()
-    (d / "usedrun" / "metrics.jsonl").write_text('{"iteration": 1, "loss": 8.3}\n')
     _write_foreign_tokenizer_data(d)
     unreadable = d / "unreadable.model"
     unreadable.write_bytes((REPO / "megatron_lite/data/corpus/kjv_bpe4096.model").read_bytes())

@@ -43,7 +43,7 @@ def _train(overrides: list[str]) -> None:
     from megatron_lite.config import load_config
     from megatron_lite.train import run
 
-    run(load_config(overrides)).state.destroy()
+    run(load_config(overrides), overrides).state.destroy()
 
 
 def _load_and_gather(overrides: list[str]) -> dict | None:

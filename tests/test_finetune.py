@@ -58,12 +58,12 @@ def test_without_random_generators(ranks, tmp_path):
 
 def test_model_config_from_the_checkpoint(trained):
     """Every architecture key comes from the checkpoint; the run's own choices stay (a RoPE model's
-    sequence length, dropout)."""
+    sequence length set on the command line, dropout)."""
     from megatron_lite.config import with_checkpoint_model_config
 
-    cfg = load_config(["model=gpt_tiny", "model.seq_length=32", "model.dropout=0.1",
-                       f"checkpoint.load={trained / 'ckpt'}", "checkpoint.use_checkpoint_model_config=true"])
-    taken, changed = with_checkpoint_model_config(cfg)
+    overrides = ["model=gpt_tiny", "model.seq_length=32", "model.dropout=0.1",
+                 f"checkpoint.load={trained / 'ckpt'}", "checkpoint.use_checkpoint_model_config=true"]
+    taken, changed = with_checkpoint_model_config(load_config(overrides), overrides)
     saved = load_config(BASE).model
     for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                 "normalization", "activation", "position_embedding", "add_bias_linear", "tie_embeddings"):

@@ -1,6 +1,7 @@
 """What a run leaves in logging.dir: run records (config.yaml, overrides.yaml, launches.jsonl with
-the git commit), metrics.jsonl (never overwritten by a new run), the test split's evaluation at
-the end, and wandb (offline) and tensorboard holding the same numbers as metrics.jsonl.
+the git commit), metrics.jsonl (a new run there moves the earlier run's records aside, never
+overwrites them), the test split's evaluation at the end, and wandb (offline) and tensorboard
+holding the same numbers as metrics.jsonl.
 
 wandb and tensorboard are optional packages: their checks skip where they are not installed
 (scripts/run_tests.sh installs both into the test environment it creates, as CI does).
@@ -18,7 +19,8 @@ import yaml
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.training.metrics import IntervalAverage, console_line
-from megatron_lite.training.startup import check_logging_dir, check_optional_packages
+from megatron_lite.training.records import EARLIER_RUNS, RUN_RECORDS, set_aside_earlier_run
+from megatron_lite.training.startup import check_optional_packages
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -75,7 +77,7 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 def test_run_records_metrics_and_mirrors(ranks, tmp_path):
     """One short run: the run records, the per-iteration metrics with validation and the final test
     evaluation, the same numbers in wandb's offline files and tensorboard's event files; a new run
-    in the same directory is refused with one line."""
+    in the same directory moves these records, all of them, into earlier_runs/<start time>/."""
     mirrors = []
     if _have("wandb"):
         mirrors.append("logging.wandb.enabled=true")
@@ -108,11 +110,16 @@ def test_run_records_metrics_and_mirrors(ranks, tmp_path):
             assert history[i]["train/grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-12)
     print(f"mirrors checked: {mirrors or 'none installed'}")
 
-    with pytest.raises(ConfigError) as err:
-        check_logging_dir(load_config(overrides), 0)
-    print(err.value)
-    assert "already holds 10 records of an earlier run" in str(err.value)
-    check_logging_dir(load_config(overrides), 4)  # a resume appends
+    assert set_aside_earlier_run(tmp_path, new_run=False) is None  # a resume appends
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    line = set_aside_earlier_run(tmp_path, new_run=True)
+    print(line)
+    (moved,) = (tmp_path / EARLIER_RUNS).iterdir()
+    assert f"moved them to {moved}/" in line and "(metrics.jsonl: 10 lines)" in line
+    assert moved.name == launch["time"][:19].replace("-", "").replace(":", "").replace("T", "-")
+    assert {p.name: p.read_bytes() for p in moved.iterdir() if p.is_file()} == written
+    assert not any((tmp_path / name).exists() for name in RUN_RECORDS)
+    assert (moved / "tensorboard").is_dir() == _have("tensorboard")
 
 
 def test_console_line_averages_the_interval():

@@ -41,7 +41,7 @@ LAYOUTS = {
 def _train(overrides: list[str]) -> dict | None:
     from megatron_lite.train import run
 
-    trainer = run(load_config(overrides))
+    trainer = run(load_config(overrides), overrides)
     assert not any(t.name == "megatron_lite-watchdog" for t in threading.enumerate())  # ended with the run
     full = gather_full_state_dict(trainer.chunks, trainer.state)
     trainer.state.destroy()

@@ -2,7 +2,9 @@
 
 ``python -m megatron_lite.train`` lets Hydra's own exceptions reach it (``HYDRA_FULL_ERROR=1``)
 so that a composition error, a malformed YAML file, an unknown key or a wrong type ends like every
-other user error: one line on stderr naming the key or file, no traceback, exit code 2.
+other user error: one line on stderr naming the key or file, no traceback, exit code 2. Under
+torchrun the line also goes to torchelastic's error file; under ``megatron_lite.launch`` (what
+scripts/pretrain_gpt.sh runs) only there, and the launcher prints it as its last line.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..checkpoint.storage import CheckpointError
 from ..config import ConfigError, _one_line
 from ..data import DataError
+from ..messages import record_for_launcher
 from .trainer import TrainingStopped
 
 USER_ERROR_EXIT_CODE = 2
@@ -29,9 +32,11 @@ def exit_on_user_error(err: BaseException, rank: int) -> None:
     handled = user_error_line(err)
     if handled is None:
         return
-    if rank == 0 or isinstance(err, OSError):
-        print(handled[1], file=sys.stderr, flush=True)
-    sys.exit(handled[0])
+    code, line = handled
+    launcher_prints = record_for_launcher(line)  # every rank: the launcher shows the first
+    if (rank == 0 or isinstance(err, OSError)) and not launcher_prints:
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def user_error_line(err: BaseException) -> Optional[tuple[int, str]]:

@@ -33,6 +33,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..messages import first_line
+from .watchdog import launcher_gone
 
 PERIOD_S = 1.0
 SURVEY_S = 3.0  # how long a rank may go without a beat before it counts as not answering
@@ -105,6 +106,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.period_s):
+            if launcher_gone():  # so was the store it hosted; the launcher watch ends this rank
+                return
             try:
                 self._beat()
             except Exception:  # noqa: BLE001 - the store is gone: the survey will say so

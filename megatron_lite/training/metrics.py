@@ -1,17 +1,15 @@
-"""Where a run's numbers go: the console line, ``metrics.jsonl``, wandb, tensorboard, run records.
+"""Where a run's numbers go: the console line, ``metrics.jsonl``, wandb, tensorboard.
 
 Only the logging rank (the first TP rank of the first DP replica's last pipeline stage, which holds
 the loss) creates a ``MetricsLogger``; every other rank logs nothing. ``metrics.jsonl`` is only ever
 appended to: a resumed run continues it (an iteration redone after a restart appears again, the
-last record of an iteration is the one that counts), and the entry point refuses a new run in a
-directory whose file holds another run's records (``training/startup.py``). Per-iteration values go
+last record of an iteration is the one that counts); a new run in the same directory first moves
+the earlier run's records aside (``records.py``). Per-iteration values go
 to the file, wandb and tensorboard; the console line, every ``logging.log_interval`` iterations,
 carries a timestamp and, as Megatron's, the learning rate and grad norm of that iteration and the
 loss and throughput averaged over the interval (labelled as such).
 
-Rank 0 writes the run records into ``logging.dir`` at every start (``write_run_records``):
-``config.yaml`` (the resolved config), ``overrides.yaml`` (the command-line overrides) and one line
-per start in ``launches.jsonl`` (time, git commit, overrides, world size, restart count, host).
+The run records beside it (config, overrides, launches) are ``records.py``'s.
 """
 
 from __future__ import annotations
@@ -19,17 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from ..config import Config, LoggingConfig, to_yaml
+from ..config import Config, LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class MetricsLogger:
@@ -150,39 +144,3 @@ def console_line(r: dict[str, Any], train_iters: int) -> str:
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def git_commit(repo: Path = REPO_ROOT) -> Optional[str]:
-    """``<sha>`` of the source tree, ``<sha>+dirty`` with uncommitted changes to tracked files,
-    None outside a git checkout (an installed package)."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    if sha is None:
-        return None
-    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def write_run_records(cfg: Config, overrides: Sequence[str], world_size: int, restart: int,
-                      resumes_at: int) -> Path:
-    """Write ``config.yaml`` and ``overrides.yaml`` into ``logging.dir`` and append this start to
-    ``launches.jsonl``; returns the directory. Called by rank 0 before any process group exists."""
-    import yaml
-
-    directory = Path(cfg.logging.dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(to_yaml(cfg))
-    (directory / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
-    launch = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(), "overrides": list(overrides),
-        "argv": sys.argv, "world_size": world_size, "restart": restart, "resumes_at_iteration": resumes_at,
-        "host": socket.gethostname(),
-    }
-    with open(directory / "launches.jsonl", "a") as out:
-        out.write(json.dumps(launch) + "\n")
-    return directory

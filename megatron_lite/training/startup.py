@@ -1,15 +1,21 @@
-"""What the entry point settles on every rank before any process group exists.
+"""What a start settles before any process group exists (``settle``).
 
 Every check here reads only the config and files, so every rank reaches the same verdict at once
 and a user error is one line (exit 2) from rank 0 while every rank exits, instead of one rank
-raising while the others wait in a collective:
+raising while the others wait in a collective. The launcher (``megatron_lite/launch.py``, what
+scripts/pretrain_gpt.sh runs) calls ``settle`` once before torchrun starts any rank, so these
+errors come before any rank exists:
 
+- where the run resumes from: ``checkpoint.load`` defaults to ``checkpoint.save``, after an in-job
+  restart (torchrun's ``--max-restarts``) the job's own latest checkpoint wins, and a ``load``
+  named explicitly that holds no checkpoint is an error, not a silent fresh start;
+- with ``checkpoint.use_checkpoint_model_config``, the model, sequence length and tokenizer saved
+  in that checkpoint (``config.py:with_checkpoint_model_config``);
+- the config against the world size (``config.validate``) and the tokenizer files;
 - optional packages the config asks for (``logging.wandb.enabled``, ``logging.tensorboard``, an
   explicit ``model.kernel_backend`` te or apex);
-- the model's vocabulary against the tokenizer's, and every dataset against both (``data/record.py``);
-- where the run resumes from: ``checkpoint.load`` defaults to ``checkpoint.save``, and after an
-  in-job restart (torchrun's ``--max-restarts``) the job's own latest checkpoint wins;
-- ``logging.dir``: a new run never overwrites another run's ``metrics.jsonl``.
+- ``logging.dir``: a directory this start can write;
+- the model's vocabulary against the tokenizer's, and every dataset against both (``data/record.py``).
 """
 
 from __future__ import annotations
@@ -19,14 +25,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from ..checkpoint.storage import read_tracker
-from ..config import Config, ConfigError
+from ..checkpoint.storage import TRACKER, CheckpointError, read_tracker
+from ..config import Config, ConfigError, ParallelDims, validate, with_checkpoint_model_config
 from ..data.builder import data_cache_dir, dataset_prefixes
 from ..data.record import check_data
-from ..data.tokenizer import Tokenizer
-from .metrics import METRICS_FILE
+from ..data.tokenizer import Tokenizer, build_tokenizer
 
 # Package each optional feature imports, and how to get it.
 OPTIONAL_PACKAGES = {
@@ -67,15 +72,19 @@ def check_vocabulary(cfg: Config, tokenizer: Tokenizer) -> tuple[int, Optional[s
     if size is None:
         return ours, None
     where = f"data.tokenizer {tokenizer.kind} {tokenizer.path}"
+    if cfg.checkpoint.use_checkpoint_model_config:  # the size is the checkpoint's: so is the tokenizer
+        fix = "the model comes from checkpoint.load: leave data.tokenizer unset to use the tokenizer saved with it"
+    elif size < ours:
+        fix = (f"set model.vocab_size=null (the tokenizer's size) or at least {ours}, or use the tokenizer the "
+               "model was made for")
+    else:
+        fix = ("model.vocab_size=null sizes the model by the tokenizer, or use the tokenizer the preset assumes "
+               "(see configs/model/)")
     if size < ours:
-        raise ConfigError(
-            "model.vocab_size", f"{size} is smaller than the {ours} ids of {where}; set model.vocab_size=null "
-            f"(the tokenizer's size) or at least {ours}, or use the tokenizer the model was made for"
-        )
+        raise ConfigError("model.vocab_size", f"{size} is smaller than the {ours} ids of {where}; {fix}")
     if size > ours:
         return size, (f"warning: model.vocab_size={size} is larger than the {ours} ids of {where}: "
-                      f"{size - ours} embedding rows are never trained; model.vocab_size=null sizes the model "
-                      "by the tokenizer, or use the tokenizer the preset assumes (see configs/model/)")
+                      f"{size - ours} embedding rows are never trained; {fix}")
     return size, None
 
 
@@ -90,62 +99,82 @@ def resolve_resume(cfg: Config) -> Optional[str]:
     ``load`` null with ``save`` set: ``load = save`` (a directory without a tracker starts from
     scratch, so the first launch and every relaunch use the same command). After an in-job restart,
     a ``save`` directory holding a checkpoint wins over another ``load``: the job resumes its own
-    progress, not its starting point."""
+    progress, not its starting point. A ``load`` named explicitly (not ``save``) that holds no
+    checkpoint is a CheckpointError: a typo must not train from scratch unnoticed."""
     c = cfg.checkpoint
-    if c.save is None:
-        return None
     if c.load is None:
         c.load = c.save
         return None
-    if restart_count() > 0 and read_tracker(c.save) is not None and (c.load != c.save or c.finetune):
+    note = None
+    if c.save is not None and restart_count() > 0 and read_tracker(c.save) is not None and (
+            c.load != c.save or c.finetune):
         # The job resumes its own progress, not its starting point (a fine-tuning start included).
         previous, c.load = c.load, c.save
         c.load_iteration, c.finetune = None, False
-        return (f"checkpoint: restart {restart_count()}: resuming this job's own checkpoints in {c.save} "
+        note = (f"checkpoint: restart {restart_count()}: resuming this job's own checkpoints in {c.save} "
                 f"instead of checkpoint.load={previous}")
-    return None
+    if c.load != c.save and c.load_iteration is None and read_tracker(c.load) is None:
+        what = "no such directory" if not Path(c.load).exists() else f"holds no checkpoint (no {TRACKER})"
+        raise CheckpointError(f"checkpoint.load={c.load}: {what}; fix the path, or leave checkpoint.load unset "
+                              "to start from scratch (with checkpoint.save set, a new run saves there and "
+                              "resumes from it)")
+    return note
 
 
 def start_iteration(cfg: Config) -> int:
     """The iteration this start resumes from (0: a new run), from the tracker alone (cheap)."""
     c = cfg.checkpoint
-    if not c.load:
+    if not c.load or c.finetune:  # fine-tuning starts a new run at iteration 0
         return 0
     return c.load_iteration if c.load_iteration is not None else (read_tracker(c.load) or 0)
 
 
-def check_logging_dir(cfg: Config, resumes_at: int) -> None:
-    """ConfigError when a new run (iteration 0, not a restart) would write into a ``logging.dir``
-    whose ``metrics.jsonl`` already holds another run's records; a resume appends to it."""
-    metrics = Path(cfg.logging.dir) / METRICS_FILE
-    if resumes_at > 0 or restart_count() > 0 or not metrics.is_file() or metrics.stat().st_size == 0:
-        return
-    records = sum(1 for _ in metrics.open("rb"))
-    raise ConfigError(
-        "logging.dir", f"{metrics} already holds {records} record{'s' * (records != 1)} of an earlier run; a new run does not "
-        "overwrite them: choose another logging.dir, delete that file, or resume the run (checkpoint.load)"
-    )
+def check_logging_dir(cfg: Config) -> None:
+    """ConfigError when ``logging.dir`` cannot be a directory this start writes (a path through a
+    regular file, or a directory without write permission). Records of an earlier run there are kept
+    apart by rank 0 at start (``records.py``), never refused or overwritten."""
+    path = Path(cfg.logging.dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise ConfigError("logging.dir", f"{cfg.logging.dir}: {existing} is a regular file, not a directory; "
+                          "choose another logging.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("logging.dir", f"{cfg.logging.dir}: {existing} is not writable by this user; "
+                          "choose another logging.dir")
 
 
 @dataclass
-class Startup:
-    """What ``prepare`` settled: the tokenizer (built once), the model's vocabulary, lines for rank 0."""
+class Settled:
+    """What ``settle`` decided: the config this start runs (``checkpoint.load`` set, the model taken
+    from the checkpoint if asked), its layout, the tokenizer (built once), the model's vocabulary
+    before padding, and lines for rank 0 to print."""
 
+    config: Config
+    dims: ParallelDims
     tokenizer: Tokenizer
     model_vocab_size: int
     notes: list[str]
 
 
-def prepare(cfg: Config, tokenizer: Tokenizer) -> Startup:
-    """Every check above, in order; raises the first user error (ConfigError, DataError)."""
+def settle(cfg: Config, world_size: int, overrides: Sequence[str] = ()) -> Settled:
+    """Every check above, in order, for a world of ``world_size`` ranks; ``overrides``: the command
+    line's (they win over a checkpoint's model config). Raises the first user error (ConfigError,
+    DataError, CheckpointError); changes ``cfg.checkpoint.load`` in place."""
+    notes = [line for line in [resolve_resume(cfg)] if line]
+    if cfg.checkpoint.use_checkpoint_model_config and cfg.checkpoint.load:
+        cfg, changed = with_checkpoint_model_config(cfg, overrides)
+        if changed:
+            taken = ", ".join(f"{k} {ours!r} -> {saved!r}" for k, (ours, saved) in changed.items())
+            notes.append(f"checkpoint: model config from {cfg.checkpoint.load}: {taken}")
+    dims = validate(cfg, world_size)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
     check_optional_packages(cfg)
-    notes: list[str] = []
-    check_logging_dir(cfg, start_iteration(cfg))
+    check_logging_dir(cfg)
     vocab, warning = check_vocabulary(cfg, tokenizer)
     if warning:
         notes.append(warning)
     check_data_against_tokenizer(cfg, tokenizer, vocab)
-    return Startup(tokenizer, vocab, notes)
+    return Settled(cfg, dims, tokenizer, vocab, notes)
 
 
 def print_notes(lines: list[str], rank: int) -> None:

@@ -32,6 +32,12 @@ same code: the rank cannot go on without its peer, and tearing down groups with 
 Before it prints, the line is completed from the ranks' heartbeats (``heartbeat.py``): which ranks
 stopped answering and since when, which left through their own watchdog, which still answer — so
 the dead rank is named by the survivors, whatever the launcher reports first.
+
+A rank whose launcher is gone (``kill -9`` of torchrun, or of the SLURM task that ran it) would
+otherwise train on, checkpoint and print errors from the dead rendezvous store, out of reach of
+any restart. ``watch_launcher`` polls the parent process once a second from the start of the entry
+point; when it changes, the node's local rank 0 prints one line and every rank of the node exits
+with the same code 4.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..messages import first_line
+from ..messages import first_line, record_for_launcher
 
 if TYPE_CHECKING:
     from ..parallel.state import ParallelState
@@ -165,6 +171,8 @@ class Watchdog:
                            f"{describe_wait(_stack_frames(frame), self.state)}")
 
     def _exit(self, message: str) -> None:
+        if launcher_gone():  # the peers died with the launcher: one line from the node, not one per rank
+            end_without_launcher()
         c = self.state
         where = f"rank {c.rank}/{c.world_size} (tp {c.tp_rank}/{c.tp_size} cp {c.cp_rank}/{c.cp_size} " \
                 f"pp {c.pp_rank}/{c.pp_size} dp {c.dp_rank}/{c.dp_size})"
@@ -172,10 +180,52 @@ class Watchdog:
         if self.heartbeat is not None:
             peers = f"; {self.heartbeat.survey()}"
             self.heartbeat.stop("exited watchdog")
-        print(f"watchdog: {where} {message}{peers}; pipeline action {self.action}; exiting",
-              file=sys.stderr, flush=True)
+        line = f"watchdog: {where} {message}{peers}; pipeline action {self.action}; exiting"
+        record_for_launcher(line)  # torchrun's summary shows it too
+        print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(WATCHDOG_EXIT_CODE)
+
+
+# (the launcher's pid, the line this rank prints when it is gone or None), set by watch_launcher.
+_launcher: Optional[tuple[int, Optional[str]]] = None
+
+
+def watch_launcher(rank: int, world_size: int, local_rank: int, poll_s: float = POLL_S) -> Optional[threading.Thread]:
+    """Under torchrun (``TORCHELASTIC_RUN_ID`` set): a daemon thread that ends this process with
+    exit code 4 within ``poll_s`` of its parent, the launcher, going away; local rank 0 prints the
+    one line for the node. None (nothing watched) without torchrun."""
+    global _launcher
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    parent = os.getppid()
+    line = (f"watchdog: rank {rank}/{world_size}: the launcher of this node's ranks (pid {parent}) is gone; "
+            f"ending them with exit code {WATCHDOG_EXIT_CODE} instead of training on without it")
+    _launcher = (parent, line if local_rank == 0 else None)
+
+    def run() -> None:
+        while not launcher_gone():
+            time.sleep(poll_s)
+        end_without_launcher()
+
+    thread = threading.Thread(target=run, name="megatron_lite-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def launcher_gone() -> bool:
+    """Whether the launcher ``watch_launcher`` watches has died (this process has another parent).
+    The heartbeat stops beating then (the rendezvous store lived in the launcher), and a peer's
+    failure seen afterwards is this, not a dead rank."""
+    return _launcher is not None and os.getppid() != _launcher[0]
+
+
+def end_without_launcher() -> None:
+    """Exit with code 4; local rank 0 says why, for the node."""
+    if _launcher is not None and _launcher[1] is not None:
+        print(_launcher[1], file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(WATCHDOG_EXIT_CODE)
 
 
 def describe_wait(frames: list[FrameType], state: ParallelState) -> str:
