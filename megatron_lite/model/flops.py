@@ -54,7 +54,7 @@ def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_si
     moe_count = sum(moe_layers(cfg))
     per_token = (cfg.num_layers * (_attention_linear_flops_per_token(cfg) + attention_core)
                  + (cfg.num_layers - moe_count) * _mlp_flops_per_token(cfg, cfg.ffn_hidden_size or 4 * h)
-                 + moe_count * _moe_mlp_flops_per_token(cfg) + 2 * h * vocab_size)
+                 + (moe_count * _moe_mlp_flops_per_token(cfg) if moe_count else 0.0) + 2 * h * vocab_size)
     return 3.0 * global_batch_size * s * per_token
 
 
