@@ -87,7 +87,7 @@ def test_an_environment_with_the_package_creates_nothing(tmp_path):
 FAKE_SLURM = {
     "srun": r"""#!/bin/bash
 echo "srun $*" >>"$FAKE_LOG"
-if [[ "$*" == *torch.distributed.run* ]]; then
+if [[ "$*" == *"megatron_lite.launch --nnodes"* ]]; then
   env | grep -E '^(OMP_NUM_THREADS|CUDA_DEVICE_MAX_CONNECTIONS|NCCL_IB_TIMEOUT|PYTHONPATH)=' | sort >>"$FAKE_LOG"
   echo $$ >"$FAKE_DIR/training.pid"
   trap 'exit 0' TERM
@@ -129,14 +129,16 @@ def _sbatch(tmp_path: Path, time_limit: bool = False, **env: str) -> tuple[int, 
 def test_sbatch_takes_cpus_from_the_allocation_and_sets_megatrons_env(tmp_path):
     rc, log = _sbatch(tmp_path / "plain")
     assert rc == 0
-    assert log[0] == "python -m megatron_lite.config --world-size 16 model=llama3_8b"  # checked before any step
+    launch = ("--nnodes 2 --nproc-per-node 8 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint node1:29500 "
+              "--rdzv-id 77 -m megatron_lite.train model=llama3_8b")
+    assert log[0] == f"python -m megatron_lite.launch --check-only {launch}"  # checked before any step
     assert log[1].startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=64 bash -c")
-    assert "--nnodes 2 --nproc-per-node 8 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint node1:29500" in log[1]
+    assert log[1].endswith(f"python -m megatron_lite.launch {launch}")
     assert log[2:] == ["CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_IB_TIMEOUT=19", "OMP_NUM_THREADS=8"]  # 64 CPUs / 8
     rc, log = _sbatch(tmp_path / "container", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.01-py3")
     container = (f"--container-image=nvcr.io#nvidia/pytorch:25.01-py3 --container-name=megatron_lite_77 "
                  f"--container-mounts={REPO}:{REPO} --container-workdir={REPO}")
-    assert rc == 0 and container in log[0] and log[0].endswith("python -m megatron_lite.config --world-size 16 model=llama3_8b")
+    assert rc == 0 and container in log[0] and log[0].endswith(f"python -m megatron_lite.launch --check-only {launch}")
     assert container in log[1] and f"PYTHONPATH={REPO}" in log
 
 
