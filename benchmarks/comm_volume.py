@@ -27,11 +27,22 @@ this rank's b·s/c):
          (g KV heads, d head dim), 4·(c−1) backward (K/V again and the fp32 dK/dV partial sums), and
          the forward's again when recomputed; the loss mask's count, 1 value per microbatch, summed
          over CP on the last stage
-  EMB    the tied embedding's gradient, V/t·h, summed between first and last stage
+  EMB    the tied embedding's gradient, V/t·h, summed between first and last stage (tied models only)
   DP     the flat fp32 gradient buffer (every local parameter), all-reduced over DP (DP_CP: DP × CP
          when c > 1); the loss (1 value) for logging
   MP     the squared gradient norm, one fp64 value; the same all-reduce is how the ranks agree that
-         the step's gradients are finite (optim/clip.py), so no other reduction checks them
+         the step's gradients are finite (optim/clip.py), so no other reduction checks them (an MoE
+         model sums it over the WORLD)
+  EP     MoE layers (all-to-all dispatcher, ETP 1), from this step's routing map (each router's
+         tokens per expert on this rank, and its EP peers'): per layer, with S rows this rank routed
+         to experts on other EP ranks and R rows those ranks routed to its experts, dispatch sends S
+         and combine R rows of h values forward, the backward R and S again (recomputation repeats
+         the forward's); per microbatch the counts exchange sends (EP−1)·E/EP int64. An all-to-all
+         is counted as what it sends to other ranks.
+  TP_CP  per MoE layer and microbatch the aux loss's token counts, E fp32 (with SP the TP line's
+         gradient sums also hold each MoE layer's router weight, E·h, and shared-expert gate, h)
+  STAGE  per MoE layer once per step the statistics (E counts, aux, z, dropped, assigned: fp64)
+  EDP    the expert gradient buffer, all-reduced over expert-DP (DP then holds the dense ones)
 Any difference is printed; the process exits 1 if one exists. tests/test_benchmarks.py runs the
 default configuration in CI.
 """
@@ -55,8 +66,8 @@ FP32 = 4
 
 
 def _group_name(group, state) -> str:
-    for name in ("tp", "cp", "pp", "dp", "dp_cp", "embedding", "mp"):
-        if group is getattr(state, f"{name}_group"):
+    for name in ("tp", "cp", "pp", "dp", "dp_cp", "embedding", "mp", "ep", "etp", "edp", "tp_cp", "stage"):
+        if group is not None and group is getattr(state, f"{name}_group", None):
             return name.upper()
     return "WORLD" if group is None else "other"
 
@@ -112,6 +123,9 @@ class CommCounter:
                              (collectives, ("reduce_scatter_flat",))):
             for name in names:
                 self._wrap(owner, name, "reduce_scatter", lambda out, inp, *a, **k: (inp, k.get("group")))
+        self._wrap(dist, "all_to_all_single", "all_to_all", lambda out, inp, *a, **k: (
+            _sent_to_others(inp, a[1] if len(a) > 1 else k.get("input_split_sizes"), k.get("group")),
+            k.get("group")))
         original = dist.batch_isend_irecv
         self._saved.append((dist, "batch_isend_irecv", original))
         dist.batch_isend_irecv = self._p2p(original)
@@ -120,6 +134,57 @@ class CommCounter:
     def __exit__(self, *exc) -> None:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
+
+
+def _sent_to_others(inp: torch.Tensor, in_splits, group) -> torch.Tensor:
+    """The part of an all-to-all's input that leaves the rank (its own split stays)."""
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    rows = in_splits if in_splits else [inp.shape[0] // size] * size
+    start = sum(rows[:me])
+    return torch.cat((inp[:start], inp[start + rows[me]:]))
+
+
+def _moe_replicated_elements(trainer) -> int:
+    """Elements of the MoE layers' replicated weights (router, shared-expert gate) on this rank:
+    under SP each TP rank routes its own tokens, so their gradients are summed over TP."""
+    from megatron_lite.moe.stats import moe_layers
+
+    moe = trainer.cfg.model.moe
+    if moe.num_experts is None:
+        return 0
+    per_layer = moe.num_experts * trainer.cfg.model.hidden_size
+    per_layer += trainer.cfg.model.hidden_size if moe.shared_expert_gate else 0
+    return per_layer * len(moe_layers(trainer.chunks))
+
+
+def moe_analytic(trainer) -> Counter:
+    """The MoE terms of ``analytic`` (module docstring): needs the step's routing of the EP peers,
+    gathered here (outside the counted step)."""
+    from megatron_lite.moe.stats import moe_layers
+
+    cfg, dims, state = trainer.cfg, trainer.dims, trainer.state
+    out, layers = Counter(), moe_layers(trainer.chunks)
+    moe, h, m = cfg.model.moe, cfg.model.hidden_size, dims.num_microbatches
+    act = torch.empty((), dtype=trainer.dtype).element_size()
+    forwards = 2 if cfg.training.recompute == "full" else 1
+    for _, layer in layers:
+        counts = layer.router.last_tokens_per_expert.long()
+        peers: list = [None] * dims.ep
+        dist.all_gather_object(peers, counts.tolist(), group=state.ep_group)
+        local = moe.num_experts // dims.ep
+        mine = slice(state.ep_rank * local, (state.ep_rank + 1) * local)
+        sent = int(counts.sum() - counts[mine].sum())
+        received = sum(sum(p[mine]) for j, p in enumerate(peers) if j != state.ep_rank)
+        if dims.ep > 1:
+            out[("all_to_all", "EP")] += (forwards + 1) * (sent + received) * h * act
+            out[("all_to_all", "EP")] += forwards * m * (dims.ep - 1) * local * 8
+        if dims.tp * dims.cp > 1 and moe.load_balancing == "aux_loss" and moe.aux_loss_coeff > 0:
+            out[("all_reduce", "TP_CP")] += forwards * m * moe.num_experts * FP32
+        if dims.tp * dims.cp * dims.dp > 1:
+            out[("all_reduce", "STAGE")] += (moe.num_experts + 4) * 8
+    if trainer.expert_grads is not None and dims.edp > 1:
+        out[("all_reduce", "EDP")] += trainer.expert_grads.data.numel() * FP32
+    return out
 
 
 def analytic(trainer) -> Counter:
@@ -147,6 +212,7 @@ def analytic(trainer) -> Counter:
             norm = 2 * h if m_cfg.normalization == "layernorm" else h  # weight (and bias)
             row_biases = 2 * h if m_cfg.add_bias_linear else 0  # attention output and fc2
             out[("all_reduce", "TP")] += ((2 * norm + row_biases) * layers + (norm if last else 0)) * FP32
+            out[("all_reduce", "TP")] += _moe_replicated_elements(trainer) * FP32  # router (and gate) weights
         else:
             out[("all_reduce", "TP")] += m * (4 * layers * bsh + (bsh if first else 0) + (bsh if last else 0))
         if last:
@@ -156,7 +222,7 @@ def analytic(trainer) -> Counter:
         total = dims.pp * dims.vpp
         sends = sum(spec.index < total - 1 for spec in specs) + sum(spec.index > 0 for spec in specs)
         out[("send", "PP")] += m * sends * act
-        if first or last:
+        if (first or last) and m_cfg.tie_embeddings:
             out[("all_reduce", "EMBEDDING")] += V // t * h * FP32
     if c > 1:
         n = m_cfg.num_attention_heads
@@ -167,10 +233,13 @@ def analytic(trainer) -> Counter:
             out[("all_reduce", "CP")] += m * FP32
     if dims.dp * c > 1:
         replicas = "DP" if c == 1 else "DP_CP"
-        out[("all_reduce", replicas)] += sum(p.numel() for p in trainer.params) * FP32
+        out[("all_reduce", replicas)] += trainer.grads.data.numel() * FP32
         if last:
             out[("all_reduce", replicas)] += FP32
-    if dims.tp * dims.pp > 1:
+    if dims.experts:
+        out[("all_reduce", "WORLD")] += 8  # the norm: experts differ across EP ranks
+        out.update(moe_analytic(trainer))
+    elif dims.tp * dims.pp > 1:
         out[("all_reduce", "MP")] += 8
     return out
 

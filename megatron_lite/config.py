@@ -61,6 +61,39 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (megatron_lite/moe/, docs/moe.md): Megatron-LM's ``--moe-*`` options without
+    the prefix. ``num_experts: null`` is a dense model and every other key is ignored."""
+
+    num_experts: Optional[int] = positive(None)
+    router_topk: int = positive(2)  # experts per token
+    ffn_hidden_size: Optional[int] = positive(None)  # per expert; None: model.ffn_hidden_size
+    # Which layers are MoE: layer i when i >= first_dense_layers and i % layer_freq == 0.
+    layer_freq: int = positive(1)
+    first_dense_layers: int = non_negative(0)
+    shared_expert_ffn_hidden_size: Optional[int] = positive(None)  # None: no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output × sigmoid(x·w)
+    score_function: str = choice("softmax", "sigmoid")
+    pre_softmax: bool = False  # softmax over all experts, then top-k (else top-k logits, then softmax)
+    topk_scaling_factor: Optional[float] = positive(None)  # the chosen probabilities × this
+    # Group-limited routing (DeepSeek-V3): experts in num_groups groups, tokens choose among the
+    # group_topk best groups.
+    num_groups: Optional[int] = positive(None)
+    group_topk: Optional[int] = positive(None)
+    load_balancing: str = choice("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+    aux_loss_coeff: float = non_negative(0.0)
+    z_loss_coeff: Optional[float] = non_negative(None)
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice
+    # only, moved by bias_update_rate · sign(mean count − count) after every step.
+    expert_bias: bool = False
+    bias_update_rate: float = non_negative(1e-3)
+    capacity_factor: Optional[float] = positive(None)  # None: dropless
+    drop_policy: str = choice("probs", "position")  # which tokens over capacity are dropped
+    pad_to_capacity: bool = False  # every expert gets exactly its capacity (padding rows)
+    token_dispatcher: str = choice("alltoall", "allgather")
+
+
+@dataclass
 class ModelConfig:
     """Shape and math of the GPT. Sizes are of the full (unsharded) model."""
 
@@ -102,6 +135,7 @@ class ModelConfig:
     # sdpa: torch's scaled_dot_product_attention; explicit: QKᵀ, fused causal softmax, dropout, ·V.
     # auto: sdpa without dropout, explicit with it (its dropout masks follow the TP-aware RNG).
     attention_backend: str = choice("auto", "sdpa", "explicit")
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -127,6 +161,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pipeline_trace: Optional[str] = None  # path: write the executed pipeline timeline as JSON there
     distributed_timeout_minutes: Optional[float] = positive(None)  # None: 10 on GPU, 2 on CPU
+    # Mixture of experts (Megatron's parallel folding): within each pipeline stage the TP × CP × DP
+    # ranks also form an expert grid ETP × EP × EDP; EP splits the experts, ETP each expert's matrices.
+    expert_model_parallel_size: int = positive(1)
+    expert_tensor_parallel_size: int = positive(1)
 
 
 @dataclass
@@ -400,6 +438,14 @@ class ParallelDims:
     sequence_parallel: bool
     pipeline_schedule: str  # gpipe | 1f1b | interleaved | zb1p | zbv (``auto`` resolved)
     chunk_layers: tuple[int, ...] = ()  # layers of each global chunk in model order (pipeline/stages.py)
+    ep: int = 1  # expert-parallel size (the expert grid ETP × EP × EDP folds TP × CP × DP)
+    etp: int = 1  # expert-tensor-parallel size
+    experts: bool = False  # an MoE model (model.moe.num_experts set)
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: TP·CP·DP / (ETP·EP), the replicas of each expert."""
+        return self.tp * self.cp * self.dp // (self.etp * self.ep)
 
 
 def head_dim(m: ModelConfig) -> int:
@@ -431,6 +477,7 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
     _check_profiling(cfg, world_size)
     sequence_parallel = _check_sequence_parallel(cfg, tp)
     _check_context_parallel(cfg.model, cp, tp if sequence_parallel else 1)
+    ep, etp = _check_moe(cfg, tp, cp, dp, sequence_parallel)
     _check_flags(cfg)
     return ParallelDims(
         world_size=world_size,
@@ -443,6 +490,9 @@ def validate(cfg: Config | DictConfig | dict, world_size: int) -> ParallelDims:
         sequence_parallel=sequence_parallel,
         pipeline_schedule=schedule,
         chunk_layers=chunk_layers,
+        ep=ep,
+        etp=etp,
+        experts=cfg.model.moe.num_experts is not None,
     )
 
 
@@ -672,6 +722,71 @@ def _check_flags(cfg: Config) -> None:
             raise ConfigError(f"checkpoint.{key}", "needs checkpoint.load (the checkpoint directory)")
 
 
+def moe_layers(m: ModelConfig) -> list[bool]:
+    """Which of the model's layers are MoE layers (``model.moe``: first_dense_layers, layer_freq)."""
+    moe = m.moe
+    if moe.num_experts is None:
+        return [False] * m.num_layers
+    return [i >= moe.first_dense_layers and i % moe.layer_freq == 0 for i in range(m.num_layers)]
+
+
+def _check_moe(cfg: Config, tp: int, cp: int, dp: int, sequence_parallel: bool) -> tuple[int, int]:
+    """The expert grid (EP, ETP) folded into TP × CP × DP, and the routing options' consistency."""
+    p, m, moe = cfg.parallel, cfg.model, cfg.model.moe
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    E = moe.num_experts
+    if E is None:
+        if ep > 1 or etp > 1:
+            key = "expert_model_parallel_size" if ep > 1 else "expert_tensor_parallel_size"
+            raise ConfigError(f"parallel.{key}", "needs an MoE model; set model.moe.num_experts or set it to 1")
+        return 1, 1
+    if E % ep:
+        raise ConfigError("parallel.expert_model_parallel_size",
+                          f"{ep} does not divide model.moe.num_experts={E}; use one of {_divisors(E)}")
+    if (tp * cp * dp) % (etp * ep):
+        raise ConfigError("parallel.expert_model_parallel_size",
+                          f"ETP×EP = {etp}×{ep} does not divide TP×CP×DP = {tp}×{cp}×{dp} = {tp * cp * dp} "
+                          "(the expert grid folds into the same ranks); change EP/ETP or the world size")
+    if tp > 1 and not sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel",
+                          f"MoE with TP={tp} needs sequence parallelism (as in Megatron-LM); set it to true")
+    if moe.router_topk > E:
+        raise ConfigError("model.moe.router_topk", f"{moe.router_topk} exceeds num_experts={E}; use at most {E}")
+    ffn = moe.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    if ffn % etp:
+        raise ConfigError("model.moe.ffn_hidden_size",
+                          f"{ffn} is not divisible by expert_tensor_parallel_size={etp}; use a multiple of {etp}")
+    if moe.shared_expert_ffn_hidden_size is not None and moe.shared_expert_ffn_hidden_size % tp:
+        raise ConfigError("model.moe.shared_expert_ffn_hidden_size",
+                          f"{moe.shared_expert_ffn_hidden_size} is not divisible by TP={tp}; use a multiple of {tp}")
+    if moe.shared_expert_gate and moe.shared_expert_ffn_hidden_size is None:
+        raise ConfigError("model.moe.shared_expert_gate", "needs model.moe.shared_expert_ffn_hidden_size")
+    if moe.first_dense_layers >= m.num_layers:
+        raise ConfigError("model.moe.first_dense_layers",
+                          f"{moe.first_dense_layers} leaves no MoE layer of {m.num_layers}; lower it")
+    if (moe.num_groups is None) != (moe.group_topk is None):
+        raise ConfigError("model.moe.group_topk", "group-limited routing needs both num_groups and group_topk")
+    if moe.num_groups is not None:
+        if E % moe.num_groups:
+            raise ConfigError("model.moe.num_groups", f"{moe.num_groups} does not divide num_experts={E}; "
+                              f"use one of {_divisors(E)}")
+        if moe.group_topk > moe.num_groups:
+            raise ConfigError("model.moe.group_topk", f"{moe.group_topk} exceeds num_groups={moe.num_groups}")
+        if moe.router_topk % moe.group_topk or moe.router_topk // moe.group_topk > E // moe.num_groups:
+            raise ConfigError("model.moe.group_topk",
+                              f"router_topk={moe.router_topk} must be a multiple of group_topk={moe.group_topk} "
+                              f"with at most {E // moe.num_groups} experts per group")
+    if moe.expert_bias and moe.score_function == "softmax" and not moe.pre_softmax:
+        raise ConfigError("model.moe.expert_bias",
+                          "biases probabilities: use score_function=sigmoid or pre_softmax=true")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ConfigError("model.moe.pad_to_capacity", "needs model.moe.capacity_factor")
+    if moe.router_topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
+        raise ConfigError("model.moe.pre_softmax",
+                          "top-1 softmax over the chosen logit is always 1 (no router gradient); set it to true")
+    return ep, etp
+
+
 def _check_context_parallel(m: ModelConfig, cp: int, sp_tp: int) -> None:
     """CP rank i holds chunks i and 2c−1−i of 2c (and under SP its s/c tokens split over TP)."""
     if cp == 1:
@@ -803,6 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"ok: world {dims.world_size} = TP {dims.tp} × CP {dims.cp} × PP {dims.pp} × DP {dims.dp} (VPP {dims.vpp}), "
         f"{dims.num_microbatches} microbatches per iteration, schedule {dims.pipeline_schedule}"
+        + (f"; experts ETP {dims.etp} × EP {dims.ep} × EDP {dims.edp}" if cfg.model.moe.num_experts else "")
     )
     return 0
 

@@ -11,22 +11,24 @@ import torch.distributed as dist
 
 from ..model.gpt import TIED_OUTPUT_NAME, GPTChunk
 from ..parallel.state import ParallelState
-from ..tensor_parallel.sharding import gather_full
+from ..tensor_parallel.sharding import gather_by_cuts, shard_cuts
 
 
 @torch.no_grad()
 def gather_full_state_dict(chunks: list[GPTChunk], state: ParallelState) -> dict[str, torch.Tensor]:
     """Every parameter at full shape, in fp32 on CPU, on every rank of the model-parallel group.
 
-    Collective over the TP group (per chunk) and the pipeline group. The last stage's copy of a tied
-    embedding is skipped: it equals ``embedding.weight``.
+    Collective over the TP group (per chunk), for MoE layers the expert groups (ETP, then EP: experts
+    at their full [E, ...] shape), and the pipeline group. The last stage's copy of a tied embedding
+    is skipped: it equals ``embedding.weight``.
     """
     local: dict[str, torch.Tensor] = {}
     for chunk in chunks:
+        groups = {"tp": chunk.tp, "ep": chunk.experts.ep, "etp": chunk.experts.etp}
         for name, p in chunk.named_parameters():
             if name == TIED_OUTPUT_NAME:
                 continue
-            full = gather_full(p, p.meta.tp_shard_dim, p.meta.tp_shard_stride, chunk.tp)
+            full = gather_by_cuts(p, shard_cuts(p.meta, chunk.tp, chunk.experts), groups)
             local[name] = full.float().cpu()
     if state.pp_size == 1:
         return local

@@ -38,7 +38,7 @@ from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, cano
 from ..model import GPTChunk, build_gpt
 from ..model.hf import DEFAULT_IMPORT_SEQ_LENGTH, from_hf, hf_config, model_settings, rope_settings, to_hf  # noqa: F401
 from .manager import save_weights
-from .sharded import ShardedState
+from .sharded import ShardedState, persistent_buffers
 from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -72,7 +72,7 @@ def load_model(load: str | Path, iteration: Optional[int] = None) -> tuple[Confi
     cfg = to_config(OmegaConf.create((info.path / CONFIG).read_text()))
     cfg.model.vocab_size = info.meta["model"]["vocab_size"]
     model = build_gpt(cfg.model, info.meta["padded_vocab_size"], unpadded_vocab_size=cfg.model.vocab_size).float()
-    sharded = ShardedState(list(model.named_parameters()))
+    sharded = ShardedState(list(model.named_parameters()), named_buffers=persistent_buffers([model]))
     with warnings.catch_warnings():  # one process without a process group is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         read_tensors(sharded.model_targets(info), info)

@@ -34,8 +34,9 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -53,6 +54,10 @@ SHAPE_FIELDS = (
 )
 
 
+MOE_SHAPE_FIELDS = ("num_experts", "layer_freq", "first_dense_layers", "shared_expert_ffn_hidden_size",
+                    "shared_expert_gate", "expert_bias")
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -68,6 +73,10 @@ def model_signature(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     sig["vocab_size"] = vocab_size
     if cfg.position_embedding == "learned":
         sig["seq_length"] = cfg.seq_length
+    moe = cfg.moe
+    if moe.num_experts is not None:  # which layers hold experts, how many, how wide
+        sig.update({f"moe.{k}": getattr(moe, k) for k in MOE_SHAPE_FIELDS})
+        sig["moe.ffn_hidden_size"] = moe.ffn_hidden_size or sig["ffn_hidden_size"]
     return sig
 
 
@@ -136,7 +145,8 @@ class Checkpointer:
     ``model_rng``: the chunks' generators; ``train_state``: the loop's own state (JSON-serialisable);
     ``model_config``: the model, ``vocab_size`` the unpadded vocabulary; ``layout``: {tp, pp, vpp,
     dp} sizes; ``tp_rank``/``tp_size``: this rank's place in its TP group; ``config_yaml``: the
-    resolved run config stored beside each checkpoint. Construction is collective (it creates the
+    resolved run config stored beside each checkpoint; ``experts``: the MoE layers' ExpertGroups;
+    ``named_buffers``: persistent model buffers (an MoE router's expert bias), saved whole. Construction is collective (it creates the
     checkpoint group on every rank).
     """
 
@@ -156,6 +166,8 @@ class Checkpointer:
         tp_rank: int,
         tp_size: int,
         config_yaml: str,
+        experts=None,
+        named_buffers: Sequence[tuple[str, torch.Tensor]] = (),
     ):
         self.cfg, self.optimizer, self.model_rng, self.train_state = cfg, optimizer, model_rng, train_state
         self.rank, self.layout, self.config_yaml = rank, dict(layout), config_yaml
@@ -163,7 +175,7 @@ class Checkpointer:
         active = bool(cfg.save or cfg.load)
         # Every rank creates it (new_group is collective); DCP's planning and barriers run on it.
         self.group = dist.new_group(backend="gloo") if active and dist.is_initialized() else None
-        self.sharded = ShardedState(named_params, tp_rank, tp_size)
+        self.sharded = ShardedState(named_params, tp_rank, tp_size, experts, named_buffers)
         self.writer = BackgroundWriter()
         self.last_saved: Optional[int] = None
 

@@ -1,11 +1,15 @@
 """This rank's training state as checkpoint tensors keyed by layout-independent names.
 
 Keys:
-  model/<name>                 a parameter, named as in the single-rank model (global layer indices)
+  model/<name>                 a parameter, named as in the single-rank model (global layer indices),
+                               or a persistent buffer (an MoE router's expert_bias)
   optimizer/<name>/<field>     its optimizer state (exp_avg, exp_avg_sq, master, step)
   rng/rank<r>/<generator>      rank r's random generators (restored only into the same layout)
 
 Each tensor is saved at its full (unsharded) shape as the ``Chunks`` this rank holds (storage.py).
+Expert weights (``meta.expert_parallel``) are saved at their full [E, ...] shape: a rank's experts are
+one box at its EP offset along dim 0 (and its ETP offset along ``tp_shard_dim``), so EP and ETP
+reshard on load like TP (tensor_parallel/sharding.py:shard_cuts gives every split).
 A tensor-parallel parameter's local shard is one box at its TP offset; a parameter whose full tensor
 stacks ``meta.tp_shard_stride`` sub-matrices along ``meta.tp_shard_dim`` (SwiGLU's fc1 = [gate; up], each split over TP) is
 stored as its [stride, n/stride, ...] view: there, every rank's shard is one block along the next
@@ -34,7 +38,8 @@ from torch import nn
 from ..model.gpt import canonical_name
 from ..optim.optimizer import ParamState
 from ..tensor_parallel import ModelRNG
-from ..tensor_parallel.sharding import shard_tensor
+from ..parallel.collectives import TPGroup
+from ..tensor_parallel.sharding import shard_cuts, shard_tensor
 from .storage import CheckpointInfo, Chunks
 
 MODEL, OPTIMIZER, RNG = "model/", "optimizer/", "rng/"
@@ -62,31 +67,46 @@ def flat_boxes(shape: Sequence[int], start: int, end: int) -> list[tuple[tuple[i
     return flat_boxes(shape, start, head) + flat_boxes(shape, head, tail) + flat_boxes(shape, tail, end)
 
 
+def persistent_buffers(modules) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the modules' buffers that belong in a checkpoint (an MoE router's expert
+    bias): their state dicts without the parameters."""
+    params = {id(p) for m in modules for p in m.parameters()}
+    return [(n, t) for m in modules for n, t in m.state_dict(keep_vars=True).items() if id(t) not in params]
+
+
 class ShardedState:
     """Maps this rank's parameters and optimizer state to checkpoint keys, for saving and loading.
 
     ``named_params``: (name, parameter) of this rank's chunks, names as the optimizer knows them;
-    ``tp_rank``/``tp_size``: this rank's place in its TP group (how its shards sit in the full tensors).
+    ``tp_rank``/``tp_size``: this rank's place in its TP group (how its shards sit in the full tensors);
+    ``experts``: the MoE layers' ExpertGroups (EP and ETP ranks of expert weights); ``named_buffers``:
+    the chunks' persistent buffers (replicated, saved whole).
     """
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], tp_rank: int = 0, tp_size: int = 1,
+                 experts=None, named_buffers: Sequence[tuple[str, torch.Tensor]] = ()):
         self.params = dict(named_params)
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.buffers = dict(named_buffers)
+        self.tp_rank, self.tp_size, self.experts = tp_rank, tp_size, experts
         self._fixups: list[tuple[torch.Tensor, torch.Size, torch.Tensor, int, int]] = []
 
     def _layout(self, name: str) -> tuple[list[int], list[int], list[int]]:
         """The stored view of ``name``'s local shard: its shape, the full tensor's shape, and the
-        shard's offsets in it."""
+        shard's offsets in it. A cut with stride > 1 views its dimension as [stride, n/stride] and
+        cuts the second (every rank's piece is then one box)."""
         p = self.params[name]
-        dim, stride = p.meta.tp_shard_dim, p.meta.tp_shard_stride
         local = list(p.shape)
-        if dim is not None and stride > 1:
-            local[dim : dim + 1] = [stride, local[dim] // stride]
-            dim += 1
         full, offsets = list(local), [0] * len(local)
-        if dim is not None:
-            full[dim] *= self.tp_size
-            offsets[dim] = self.tp_rank * local[dim]
+        cuts = shard_cuts(p.meta, TPGroup(None, self.tp_size, self.tp_rank), self.experts)
+        for cut in sorted(cuts, key=lambda c: -c.dim):  # the last dimension first: indices stay valid
+            dim = cut.dim
+            if cut.stride > 1:
+                for shape in (local, full):
+                    shape[dim : dim + 1] = [cut.stride, shape[dim] // cut.stride]
+                offsets[dim : dim + 1] = [0, 0]
+                dim += 1
+            full[dim] = local[dim] * cut.size
+            offsets[dim] = cut.rank * local[dim]
         return local, full, offsets
 
     def _chunks(self, name: str, flat: torch.Tensor, start: int, end: int) -> Chunks:
@@ -103,8 +123,9 @@ class ShardedState:
     # Saving ----------------------------------------------------------------------------------------
     def model_tensors(self) -> dict[str, Chunks]:
         """Every parameter as views into the live tensor, keyed ``model/<name>``."""
-        return {MODEL + canonical_name(n): self._chunks(n, p.detach().view(-1), 0, p.numel())
-                for n, p in self.params.items()}
+        out = {MODEL + canonical_name(n): self._chunks(n, p.detach().view(-1), 0, p.numel())
+               for n, p in self.params.items()}
+        return {**out, **{MODEL + n: b for n, b in self.buffers.items()}}
 
     def optimizer_tensors(self, states: dict[str, ParamState]) -> dict[str, Chunks | torch.Tensor]:
         """``NamedStateOptimizer.named_param_states()`` keyed ``optimizer/<name>/<field>``: a 1-D field
@@ -122,7 +143,8 @@ class ShardedState:
     def model_targets(self, info: CheckpointInfo) -> dict[str, Chunks | torch.Tensor]:
         """Views into the live parameters to read ``model/<name>`` into (in place)."""
         keys = {n: MODEL + canonical_name(n) for n in self.params}
-        return {keys[n]: self._target(keys[n], n, p.detach().view(-1), 0, p.numel(), info) for n, p in self.params.items()}
+        out = {keys[n]: self._target(keys[n], n, p.detach().view(-1), 0, p.numel(), info) for n, p in self.params.items()}
+        return {**out, **{MODEL + n: b for n, b in self.buffers.items() if info.has(MODEL + n)}}
 
     def optimizer_targets(
         self, info: CheckpointInfo, ranges: dict[str, tuple[int, int]]

@@ -8,13 +8,15 @@ step (the backward computes gradients for inputs and for weights). Per layer and
     output projection   2·n·d·h
     MLP                 2·h·f·(3 for SwiGLU: gate, up, down; else 2)
 and once per token the logits, 2·h·V. Recomputation is not counted (model FLOPs, not hardware FLOPs).
+An MoE layer's MLP is what a token activates: the router 2·h·E, k experts of width f_e and the shared
+expert (Megatron-LM's MoE count); padding and dropped tokens are not counted.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from ..config import ModelConfig, head_dim
+from ..config import ModelConfig, head_dim, moe_layers
 
 # Dense peak FLOP/s per GPU (vendor datasheets, without sparsity): (name fragment, bf16/fp16 tensor
 # core, TF32 tensor core, FP32). Matched in order against torch.cuda.get_device_name(), most
@@ -52,6 +54,15 @@ def model_flops_per_iteration(cfg: ModelConfig, vocab_size: int, global_batch_si
     f = cfg.ffn_hidden_size or 4 * h
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
     attention_core = 2 * 2 * s * n * d * (0.5 if causal else 1.0)
-    per_layer = 2 * h * (n + 2 * g) * d + attention_core + 2 * n * d * h + 2 * h * f * mlp_matrices
-    per_token = cfg.num_layers * per_layer + 2 * h * vocab_size
+    attention = 2 * h * (n + 2 * g) * d + attention_core + 2 * n * d * h
+    dense_mlp = 2 * h * f * mlp_matrices
+    moe = cfg.moe
+    moe_count = sum(moe_layers(cfg))
+    moe_mlp = 0.0
+    if moe_count:
+        expert = moe.ffn_hidden_size or f
+        moe_mlp = 2 * h * moe.num_experts + moe.router_topk * 2 * h * expert * mlp_matrices
+        moe_mlp += 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * mlp_matrices
+    per_token = (cfg.num_layers * attention + (cfg.num_layers - moe_count) * dense_mlp + moe_count * moe_mlp
+                 + 2 * h * vocab_size)
     return 3.0 * global_batch_size * s * per_token

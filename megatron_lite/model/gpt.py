@@ -37,7 +37,8 @@ from ..tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from ..tensor_parallel.random import checkpoint_rng_context
-from ..tensor_parallel.sharding import full_shape, shard_tensor
+from ..tensor_parallel.sharding import full_shape_of, shard_by_cuts, shard_cuts
+from ..moe import ExpertGroups
 from .rotary import rotary_tables
 from .transformer import KVCache, Norm, TransformerBlock
 
@@ -103,10 +104,11 @@ class GPTChunk(nn.Module):
         self, cfg: ModelConfig, spec: ChunkSpec, vocab_size: int, tp: TPGroup, rng: ModelRNG,
         recompute: str = "none", recompute_num_layers: int = 1, cp: CPGroup = CPGroup(),
         unpadded_vocab_size: int | None = None, embedding_chunk: GPTChunk | None = None,
-        head_on_this_rank: bool = False,
+        head_on_this_rank: bool = False, experts: ExpertGroups = ExpertGroups(),
     ):
         super().__init__()
         self.cfg, self.spec, self.tp, self.rng, self.cp = cfg, spec, tp, rng, cp
+        self.experts = experts
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         h = cfg.hidden_size
         tied = cfg.tie_embeddings
@@ -120,7 +122,7 @@ class GPTChunk(nn.Module):
             if cfg.position_embedding == "learned":
                 self.position_embedding = new_parameter((cfg.seq_length, h), ParamMeta(init_std=cfg.init_std))
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective", cp)
+            {str(i): TransformerBlock(cfg, tp, rng, recompute == "selective", cp, i, experts)
              for i in range(spec.first_layer, spec.last_layer)}
         )
         if spec.has_head:
@@ -228,15 +230,15 @@ def canonical_name(name: str) -> str:
 @torch.no_grad()
 def init_weights(chunk: GPTChunk, seed: int) -> None:
     """Initialise every parameter from its full tensor (seeded by name) and keep this rank's shard."""
-    tp = chunk.tp
     for name, param in chunk.named_parameters():
         meta = param.meta
         if meta.init_value is not None:
             param.fill_(meta.init_value)
             continue
+        cuts = shard_cuts(meta, chunk.tp, chunk.experts)
         generator = torch.Generator().manual_seed(parameter_seed(seed, canonical_name(name)))
-        full = torch.empty(full_shape(param, tp.size)).normal_(0.0, meta.init_std, generator=generator)
-        param.copy_(shard_tensor(full, meta.tp_shard_dim, meta.tp_shard_stride, tp.rank, tp.size))
+        full = torch.empty(full_shape_of(param.shape, cuts)).normal_(0.0, meta.init_std, generator=generator)
+        param.copy_(shard_by_cuts(full, cuts))
 
 
 def build_model_chunks(
@@ -255,10 +257,12 @@ def build_model_chunks(
     unpadded_vocab_size: int | None = None,
     layer_counts: tuple[int, ...] | None = None,
     placement: str = LOOPED,
+    experts: ExpertGroups = ExpertGroups(),
 ) -> list[GPTChunk]:
     """The chunks this rank owns, initialised and on ``device``. ``vocab_size`` is already padded;
     ``unpadded_vocab_size`` (None: no padding) is the tokenizer's, whose logits are kept;
-    ``layer_counts`` and ``placement`` as for ``chunk_specs``."""
+    ``layer_counts`` and ``placement`` as for ``chunk_specs``; ``experts``: the MoE layers'
+    process groups."""
     rng = ModelRNG(seed, tp_rank=tp.rank, pp_rank=pp_rank, device=device)
     chunks: list[GPTChunk] = []
     specs = chunk_specs(cfg.num_layers, pp_size, vpp_size, pp_rank, layer_counts, placement)
@@ -266,7 +270,7 @@ def build_model_chunks(
         embedding_chunk = next((c for c in chunks if c.spec.has_embedding), None) if spec.has_head else None
         chunk = GPTChunk(cfg, spec, vocab_size, tp, rng, recompute=recompute, recompute_num_layers=recompute_num_layers,
                          cp=cp, unpadded_vocab_size=unpadded_vocab_size, embedding_chunk=embedding_chunk,
-                         head_on_this_rank=any(s.has_head for s in specs))
+                         head_on_this_rank=any(s.has_head for s in specs), experts=experts)
         init_weights(chunk, seed)
         chunks.append(chunk.to(device))
     return chunks

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..config import ModelConfig, head_dim
+from ..config import ModelConfig, head_dim, moe_layers
+from ..moe import ExpertGroups, MoE
 from ..parallel.collectives import TPGroup, sum_over_tp
 from ..parallel.context import CPGroup, ring_attention
 from ..tensor_parallel import ColumnParallelLinear, ModelRNG, ParamMeta, RowParallelLinear, dropout, new_parameter
@@ -181,7 +182,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """h → ffn → h. GeLU: fc1 with the bias-GeLU fused; SwiGLU: fc1 holds [gate; up] stacked
-    (stride 2, so each TP rank gets matching gate and up rows)."""
+    (stride 2, so each TP rank gets matching gate and up rows). Also an MoE layer's shared expert."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
@@ -204,15 +205,16 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
+    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x))); the mlp is a mixture of
+    experts in the layers ``model.moe`` makes MoE (``experts``: their process groups)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: ModelRNG, recompute_core: bool = False,
-                 cp: CPGroup = CPGroup()):
+                 cp: CPGroup = CPGroup(), layer: int = 0, experts: ExpertGroups = ExpertGroups()):
         super().__init__()
         self.attention_norm = Norm(cfg, tp)
         self.attention = Attention(cfg, tp, rng, recompute_core, cp)
         self.mlp_norm = Norm(cfg, tp)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MoE(cfg, tp, experts) if moe_layers(cfg)[layer] else MLP(cfg, tp)
         self.dropout_p = cfg.dropout
         # The residual stream is split by sequence under SP, so its dropout must differ per TP rank.
         self.generator = rng.tensor_parallel if tp.sequence_parallel else rng.default

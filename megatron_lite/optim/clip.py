@@ -6,7 +6,8 @@ gradients is."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -18,13 +19,32 @@ from torch import nn
 NORM_ROW = 1024
 
 
-def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
-    """Whether this rank's copy of ``param`` enters the norm: TP shards always; parameters replicated
-    across TP only on TP rank 0; the last stage's tied copy of the embedding never (the first stage
-    counts the embedding, whose gradient it equals after the embedding-group sum)."""
+@dataclass(frozen=True)
+class NormRanks:
+    """This rank's place in the groups a gradient is replicated over, for counting it once when the
+    norm is summed over them. ``tp`` / ``etp``: TP and expert-TP rank; ``dense_replica`` /
+    ``expert_replica``: the DP × CP rank and the expert-DP rank when the norm's group spans those
+    replicas (an MoE model's norm is over the world: experts differ across EP ranks, which lie in
+    DP), 0 when it does not (or the optimizer shards over them)."""
+
+    tp: int = 0
+    etp: int = 0
+    dense_replica: int = 0
+    expert_replica: int = 0
+
+
+def counted_once(param: nn.Parameter, ranks: Union[int, NormRanks]) -> bool:
+    """Whether this rank's copy of ``param`` enters the norm (``ranks``: a NormRanks or the TP rank):
+    TP shards always; parameters replicated across TP only on TP rank 0; expert parameters likewise
+    over ETP, and on the first expert-DP replica only; the last stage's tied copy of the embedding
+    never (the first stage counts the embedding, whose gradient it equals after the embedding-group
+    sum)."""
+    ranks = ranks if isinstance(ranks, NormRanks) else NormRanks(tp=ranks)
     if not param.meta.counted_in_grad_norm:
         return False
-    return param.meta.tp_shard_dim is not None or tp_rank == 0
+    if param.meta.expert_parallel:
+        return ranks.expert_replica == 0 and (param.meta.tp_shard_dim is not None or ranks.etp == 0)
+    return ranks.dense_replica == 0 and (param.meta.tp_shard_dim is not None or ranks.tp == 0)
 
 
 def global_grad_norm(

@@ -58,6 +58,10 @@ class GradBuffer:
 
     ``dp_group``/``dp_size``: the group the buckets are reduced over. ``reduce_scatter``: keep only
     this DP rank's reduced slice of each bucket (distributed optimizer) instead of all-reducing.
+    ``grad_divisor``: what the sum over the group is divided by (None: ``dp_size``, the mean). Expert
+    parameters (an MoE model's second buffer) are summed over the expert-data-parallel group and
+    divided by DP × CP: their replicas together saw every token of the stage exactly once, and the
+    dense gradients are means over DP × CP.
     """
 
     def __init__(
@@ -69,8 +73,10 @@ class GradBuffer:
         reduce_scatter: bool = False,
         overlap: bool = False,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
+        grad_divisor: Optional[int] = None,
     ):
         self.params = [p for p in params if p.requires_grad]
+        self.grad_divisor = dp_size if grad_divisor is None else grad_divisor
         if not self.params:
             raise ValueError("GradBuffer needs at least one trainable parameter")
         self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
@@ -183,6 +189,8 @@ class GradBuffer:
     def reduce(self) -> None:
         """Finish the DP mean of every bucket (launching those not started yet)."""
         if self.dp_size == 1:
+            if self.grad_divisor != 1:
+                self.data.div_(self.grad_divisor)
             return
         for bucket in range(len(self.buckets)):
             self._launch(bucket)
@@ -191,10 +199,10 @@ class GradBuffer:
             work.wait()
             start, end = self.buckets[bucket]
             if out is None:
-                self.data[start:end].div_(self.dp_size)
+                self.data[start:end].div_(self.grad_divisor)
             else:
                 lo, hi = shards[bucket]
-                self.data[lo:hi].copy_(out).div_(self.dp_size)
+                self.data[lo:hi].copy_(out).div_(self.grad_divisor)
         self._pending.clear()
 
 
@@ -208,8 +216,12 @@ def _sum_over(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         p.main_grad.copy_(reduced.view(p.shape))
 
 
-def finalize_grads(buffer: GradBuffer, state: ParallelState) -> None:
-    """Steps 1–3 of the module docstring, on ``buffer``'s main_grads."""
+def finalize_grads(buffer: GradBuffer, state: ParallelState, experts: Optional[GradBuffer] = None) -> None:
+    """Steps 1–3 of the module docstring, on ``buffer``'s main_grads; an MoE model's ``experts``
+    buffer is reduced over the expert-data-parallel group (its only reduction)."""
+    if experts is not None:
+        experts.finish_accumulation()
+        experts.reduce()
     buffer.finish_accumulation()
     if state.pp_size > 1 and state.in_embedding_group:
         _sum_over([p for p in buffer.params if p.meta.grad_summed_over_embedding_group], state.embedding_group)

@@ -127,15 +127,22 @@ class ParallelState:
     TP × PP (one model replica); ``embedding_group`` holds the first and last pipeline stage of this
     rank's pipeline (None on the stages in between); with ``head_on_first_stage`` (the V placement of
     ZB-V, whose first stage holds the embedding and the output layer) the first stage alone.
+
+    An MoE model (``experts``, or EP / ETP > 1) also gets the expert grid's groups (layout.py), with
+    the same attributes: ``ep_*`` (the experts split; the all-to-all's group), ``etp_*`` (an expert's
+    matrices split), ``edp_*`` (replicas of this rank's experts: expert gradients are reduced there),
+    ``tp_cp_*`` (the ranks sharing one microbatch's sequences: router token counts are summed there)
+    and ``stage_*`` (TP × CP × DP of this pipeline stage: the expert-bias counts).
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, timeout: Optional[timedelta] = None,
-                 head_on_first_stage: bool = False):
+                 head_on_first_stage: bool = False, ep: int = 1, etp: int = 1, experts: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("call init_distributed() before creating a ParallelState")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp, head_on_first_stage=head_on_first_stage)
+        self.grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp, head_on_first_stage=head_on_first_stage,
+                             ep=ep, etp=etp, experts=experts)
         self.coord: RankCoord = self.grid.coord_of(self.rank)
         self.backend = dist.get_backend()
         self.device = (
@@ -171,6 +178,15 @@ class ParallelState:
             self.dp_cp_group, self.dp_cp_ranks = self.dp_group, self.dp_ranks
         else:
             self.dp_cp_group, self.dp_cp_ranks = mine["data_context"], self.group_ranks["data_context"]
+        self.has_experts = self.grid.has_expert_grid
+        if self.has_experts:
+            names = {"ep": "expert", "etp": "expert_tensor", "edp": "expert_data", "tp_cp": "tensor_context",
+                     "stage": "stage"}
+            for attr, kind in names.items():
+                setattr(self, f"{attr}_group", mine[kind])
+                setattr(self, f"{attr}_ranks", self.group_ranks[kind])
+                setattr(self, f"{attr}_size", len(self.group_ranks[kind]))
+                setattr(self, f"{attr}_rank", self.group_ranks[kind].index(self.rank))
 
     @classmethod
     def from_dims(cls, dims: ParallelDims, timeout: Optional[timedelta] = None) -> ParallelState:
@@ -181,7 +197,8 @@ class ParallelState:
                 f"{dist.get_world_size()}"
             )
         return cls(tp=dims.tp, pp=dims.pp, cp=dims.cp, timeout=timeout,
-                   head_on_first_stage=placement_of(dims.pipeline_schedule) == V_SHAPE)
+                   head_on_first_stage=placement_of(dims.pipeline_schedule) == V_SHAPE,
+                   ep=dims.ep, etp=dims.etp, experts=dims.experts)
 
     # Sizes and coordinates -------------------------------------------------------------------
     @property

@@ -101,6 +101,7 @@ class StageShape:
     has_embedding: bool  # global chunk 0
     has_head: bool  # the last global chunk (final norm, output layer, loss)
     sends_activations: bool  # some chunk's output goes to another rank
+    layer_ids: tuple[int, ...] = ()  # the global indices of those layers
 
 
 def stage_shape(counts: Sequence[int], pp: int, vpp: int, rank: int, placement: str = S.LOOPED) -> StageShape:
@@ -108,4 +109,6 @@ def stage_shape(counts: Sequence[int], pp: int, vpp: int, rank: int, placement: 
     chunks = [S.global_chunk(pp, rank, c, placement) for c in range(vpp)]
     last = pp * vpp - 1
     sends = any(g < last and S.locate(pp, g + 1, placement)[0] != rank for g in chunks)
-    return StageShape(sum(counts[g] for g in chunks), 0 in chunks, last in chunks, sends)
+    ranges = layer_ranges(counts)
+    ids = tuple(i for g in chunks for i in range(*ranges[g]))
+    return StageShape(sum(counts[g] for g in chunks), 0 in chunks, last in chunks, sends, ids)

@@ -40,6 +40,7 @@ def _layout(p: Prediction) -> str:
     d, s = p.setup.dims, p.setup
     vpp = f" VPP{d.vpp}" if d.vpp > 1 else ""
     cp = f" CP{d.cp}" if d.cp > 1 else ""
+    cp += (f" EP{d.ep}" + (f" ETP{d.etp}" if d.etp > 1 else "")) if d.experts else ""
     return (f"TP{d.tp}{cp} PP{d.pp}{vpp} DP{d.dp} mbs {s.micro_batch_size} ×{d.num_microbatches} "
             f"{d.pipeline_schedule}{' SP' if d.sequence_parallel else ''}")
 
@@ -62,17 +63,18 @@ def print_prediction(p: Prediction) -> None:
     print(f"layout: {_layout(p)}  on {d.world_size} × {p.device.name}, {s.precision}, recompute {s.recompute}, "
           f"distributed optimizer {s.distributed_optimizer}")
     print("memory per rank (GiB), fullest pipeline stage; one column per recompute mode:")
-    modes = {mode: max((rank_memory(replace(s, recompute=mode), r) for r in range(d.pp)), key=lambda m: m.total)
-             for mode in RECOMPUTE}
-    replicas = d.dp * d.cp  # the distributed optimizer shards over DP × CP
-    plain = {mode: replace(mem, optimizer=mem.optimizer * (replicas if s.distributed_optimizer else 1))
-             for mode, mem in modes.items()}
-    sharded = {mode: replace(mem, optimizer=mem.optimizer / replicas) for mode, mem in plain.items()}
+    def fullest(mode: str, distributed: bool):
+        setup = replace(s, recompute=mode, distributed_optimizer=distributed)
+        return max((rank_memory(setup, r) for r in range(d.pp)), key=lambda m: m.total)
+
+    # The distributed optimizer shards over DP × CP (an MoE model's expert state over expert-DP).
+    plain = {mode: fullest(mode, False) for mode in RECOMPUTE}
+    sharded = {mode: fullest(mode, True) for mode in RECOMPUTE}
     print(f"  {'':<34}" + "".join(f"{mode:>11}" for mode in RECOMPUTE))
     for label, key in (("parameters", "parameters"), ("gradients (fp32)", "gradients"),
                        ("optimizer", "optimizer"), ("activations", "activations")):
         print(f"  {label:<34}" + "".join(f"{getattr(plain[m], key) / GiB:>11.2f}" for m in RECOMPUTE))
-    print(f"  {'optimizer, distributed (÷ DP×CP)':<34}"
+    print(f"  {'optimizer, distributed (÷ DP×CP' + (', experts ÷ EDP)' if d.experts else ')'):<34}"
           + "".join(f"{sharded[m].optimizer / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total':<34}" + "".join(f"{plain[m].total / GiB:>11.2f}" for m in RECOMPUTE))
     print(f"  {'total, distributed optimizer':<34}" + "".join(f"{sharded[m].total / GiB:>11.2f}" for m in RECOMPUTE))

@@ -16,6 +16,10 @@ algorithm's bytes over the link it crosses):
     bubble    (compute + TP + PP) × the bubble fraction that ``pipeline.simulate`` finds for the
               schedule at F = B_input = B_weight (exactly (p−1)/m for 1F1B, (p−1)/(v·m)
               interleaved, (p−1)/(3m) ZB-H1, the start-up (p−1)/(6m) for ZB-V with m ≥ 2p)
+    EP        MoE layers: per layer and microbatch 4 all-to-alls (dispatch and combine, forward and
+              backward; 6 with full recompute) of the k·b·s/(c·t) routed rows of h values, of which
+              (EP − 1)/EP leave the rank under balanced routing (``all_to_all_bytes``); over NVLink
+              while the ETP·EP ranks of an EP group share a node; not overlapped
     DP        fp32 gradients all-reduced over DP × CP (2·(n−1)/n of the bytes, n = d·c), or with the
               distributed optimizer
               reduce-scattered plus the parameters all-gathered; with ``overlap`` only what exceeds
@@ -95,7 +99,10 @@ def microbatch_activation_bytes(setup: Setup, pp_rank: int) -> float:
     shard = M.Shard(d.tp, d.sequence_parallel, setup.micro_batch_size, d.cp)
     impl = M.megatron_lite_impl(m, setup.precision)
     stage = _stage(setup, pp_rank)
-    total = stage.layers * M.layer_activation_bytes(m, shard, impl, setup.recompute)
+    moe = M.stage_moe_layers(m, d.pp, d.vpp, pp_rank, d.chunk_layers, schedules.placement_of(d.pipeline_schedule))
+    total = (stage.layers - moe) * M.layer_activation_bytes(m, shard, impl, setup.recompute)
+    if moe:
+        total += moe * M.layer_activation_bytes(m, shard, impl, setup.recompute, moe=True)
     if stage.has_embedding:
         total += M.embedding_activation_bytes(m, shard, impl)
     if stage.has_head:
@@ -117,11 +124,13 @@ def rank_memory(setup: Setup, pp_rank: int) -> M.Memory:
     """Bytes on a rank of pipeline stage ``pp_rank`` (any TP/DP index: they hold the same)."""
     m, d = setup.model, setup.dims
     placement = schedules.placement_of(d.pipeline_schedule)
-    params = M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, pp_rank, d.chunk_layers, placement)
+    params = M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, pp_rank, d.chunk_layers, placement, d.ep, d.etp)
+    experts = M.stage_expert_parameters(m, d.pp, d.vpp, pp_rank, d.chunk_layers, placement, d.ep, d.etp)
     e = M.BYTES[setup.precision]
-    optimizer = params * M.optimizer_bytes_per_parameter(setup.precision)
-    if setup.distributed_optimizer:
-        optimizer /= d.dp * d.cp
+    per_param = M.optimizer_bytes_per_parameter(setup.precision)
+    optimizer = (params - experts) * per_param + experts * per_param
+    if setup.distributed_optimizer:  # dense state over DP × CP, expert state over expert-DP
+        optimizer = (params - experts) * per_param / (d.dp * d.cp) + experts * per_param / d.edp
     in_flight = M.in_flight_microbatches(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches, pp_rank)
     activations = in_flight * microbatch_activation_bytes(setup, pp_rank) + activation_in_transit_bytes(setup, pp_rank)
     if setup.recompute == "full":  # the layer being recomputed holds its full activations
@@ -186,6 +195,17 @@ def ring_send_bytes(setup: Setup) -> float:
     return (d.cp - 1) * block * (2 * M.BYTES[setup.precision] * (forwards + 1) + 2 * M.FP32)
 
 
+def all_to_all_bytes(setup: Setup) -> float:
+    """Bytes one rank sends to other EP ranks per MoE layer and microbatch, forward and backward
+    (the four exchanges of the EP line above; six under full recomputation)."""
+    m, d = setup.model, setup.dims
+    if d.ep == 1 or m.moe.num_experts is None:
+        return 0.0
+    rows = m.moe.router_topk * setup.micro_batch_size * m.seq_length / (d.cp * d.tp)
+    exchanges = 6 if setup.recompute == "full" else 4
+    return exchanges * rows * m.hidden_size * M.BYTES[setup.precision] * (d.ep - 1) / d.ep
+
+
 def step_time(setup: Setup, dev: Device) -> StepTime:
     m, d = setup.model, setup.dims
     e = M.BYTES[setup.precision]
@@ -204,24 +224,37 @@ def step_time(setup: Setup, dev: Device) -> StepTime:
     core_flops = 3 * 2 * 2 * m.seq_length * m.hidden_size * 0.5 * m.seq_length * setup.micro_batch_size
     core = layers_micro * core_flops / d.cp / d.tp / (dev.peak_flops * dev.efficiency)
     cp = max(0.0, layers_micro * ring_send_bytes(setup) / cp_link - core)
+    placement = schedules.placement_of(d.pipeline_schedule)
+    moe_layers = max(M.stage_moe_layers(m, d.pp, d.vpp, r, d.chunk_layers, placement) for r in range(d.pp))
+    ep_link = dev.nvlink_bandwidth if d.ep * d.etp <= node else dev.internode_bandwidth
+    tp += d.num_microbatches * moe_layers * all_to_all_bytes(setup) / ep_link  # exposed, like TP's
     bubble = (compute + tp + pp + cp) * bubble_fraction(d.pipeline_schedule, d.pp, d.vpp, d.num_microbatches)
 
-    placement = schedules.placement_of(d.pipeline_schedule)
-    params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r, d.chunk_layers, placement)
+    params = max(M.stage_parameters(m, setup.vocab_size, d.tp, d.pp, d.vpp, r, d.chunk_layers, placement, d.ep, d.etp)
                  for r in range(d.pp))
+    experts = max(M.stage_expert_parameters(m, d.pp, d.vpp, r, d.chunk_layers, placement, d.ep, d.etp)
+                  for r in range(d.pp))
     replicas = d.dp * d.cp  # gradients are averaged (and optimizer states sharded) over DP × CP
     dp_link = dev.nvlink_bandwidth if d.tp * replicas <= node else dev.internode_bandwidth
-    if setup.distributed_optimizer:
-        dp = _ring(params * M.FP32, replicas, dp_link, False) + _ring(params * e, replicas, dp_link, False)
-    else:
-        dp = _ring(params * M.FP32, replicas, dp_link, True)
+    dp = _data_parallel_time(params - experts, replicas, dp_link, e, setup.distributed_optimizer)
+    if experts:  # expert gradients over expert-DP
+        edp_link = dev.nvlink_bandwidth if d.tp * replicas <= node else dev.internode_bandwidth
+        dp += _data_parallel_time(experts, d.edp, edp_link, e, setup.distributed_optimizer)
     if setup.overlap:
         dp = max(0.0, dp - compute / d.num_microbatches)
     state = params * (M.optimizer_bytes_per_parameter(setup.precision) + M.FP32 + e)
     if setup.distributed_optimizer:
-        state /= replicas
+        state = state * ((params - experts) / replicas + experts / d.edp) / params
     optimizer = 2 * state / dev.hbm_bandwidth  # read and write once
     return StepTime(compute, tp, pp, cp, bubble, dp, optimizer)
+
+
+def _data_parallel_time(params: float, replicas: int, link: float, e: int, distributed: bool) -> float:
+    """fp32 gradients reduced over ``replicas`` ranks (all-reduce, or reduce-scatter plus the
+    parameters' all-gather with the distributed optimizer)."""
+    if distributed:
+        return _ring(params * M.FP32, replicas, link, False) + _ring(params * e, replicas, link, False)
+    return _ring(params * M.FP32, replicas, link, True)
 
 
 @dataclass(frozen=True)
@@ -254,7 +287,7 @@ class Prediction:
             "layout": {"tp": d.tp, "cp": d.cp, "pp": d.pp, "vpp": d.vpp, "dp": d.dp,
                        "micro_batch": self.setup.micro_batch_size,
                        "microbatches": d.num_microbatches, "schedule": d.pipeline_schedule,
-                       "sequence_parallel": d.sequence_parallel},
+                       "sequence_parallel": d.sequence_parallel, "ep": d.ep, "etp": d.etp},
             "recompute": self.setup.recompute, "distributed_optimizer": self.setup.distributed_optimizer,
             "device": self.device.name, "memory_bytes": self.memory.as_dict(), "fits": self.fits,
             "model_flops_per_iteration": self.model_flops, "step_time_s": self.time.as_dict(),

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .. import ops
-from ..config import ModelConfig, head_dim
+from ..config import ModelConfig, head_dim, moe_layers
 from ..pipeline.schedules import LOOPED
 from ..pipeline.stages import chunk_layers as chunk_layer_counts
 from ..pipeline.stages import stage_shape
@@ -84,10 +84,11 @@ class Shard:
 
 
 def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: str = "none",
-                           dropout: bool | None = None) -> float:
+                           dropout: bool | None = None, moe: bool = False) -> float:
     """Bytes one transformer layer stores for the backward, for one microbatch, on one TP rank.
 
     ``dropout`` defaults to ``m.dropout > 0`` (Korthikanti's count assumes dropout: pass True).
+    ``moe``: the layer's MLP is a mixture of experts (``moe_mlp_bytes_per_token``).
     """
     s, b, h, t = m.seq_length, shard.micro_batch, m.hidden_size, shard.tp
     n, g = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
@@ -119,13 +120,29 @@ def layer_activation_bytes(m: ModelConfig, shard: Shard, impl: Impl, recompute: 
     per_token += h * mask / sp if dropout else 0
     # MLP: input, activation input(s), output projection input, dropout mask.
     per_token += h * e / sp
-    if m.activation == "swiglu":
-        per_token += 3 * f * e / t  # [gate | up] and silu(gate)
-    else:
-        per_token += f * e / t  # GeLU input
-    per_token += f * e / t  # second linear's input
+    per_token += moe_mlp_bytes_per_token(m, impl, sp) if moe else mlp_bytes_per_token(m, f, impl) / t
     per_token += h * mask / sp if dropout else 0
     return tokens * per_token
+
+
+def mlp_bytes_per_token(m: ModelConfig, f: int, impl: Impl) -> float:
+    """An MLP of width f after its input: activation input(s) and the second linear's input."""
+    e = impl.act_bytes
+    return (3 * f * e if m.activation == "swiglu" else f * e) + f * e  # [gate | up], silu(gate) / GeLU input
+
+
+def moe_mlp_bytes_per_token(m: ModelConfig, impl: Impl, sp: int) -> float:
+    """An MoE layer per routed token of this rank (after the input it shares with the dense MLP),
+    with balanced routing: fp32 router logits and scores, k dispatched rows (the grouped GEMM's
+    input), k experts' activations (ETP ranks each keep their slice of ETP× the rows: the same
+    bytes), k expert outputs for the weighted combine, and the shared expert (tensor-parallel)."""
+    moe, e = m.moe, impl.act_bytes
+    f = moe.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    per_token = 2 * moe.num_experts * FP32  # logits, scores
+    per_token += moe.router_topk * (2 * m.hidden_size * e + mlp_bytes_per_token(m, f, impl))
+    if moe.shared_expert_ffn_hidden_size:
+        per_token += mlp_bytes_per_token(m, moe.shared_expert_ffn_hidden_size, impl)
+    return per_token / sp  # each of the TP ranks routes its s/t tokens (MoE with TP needs SP)
 
 
 def norm_bytes(m: ModelConfig, impl: Impl) -> float:
@@ -170,11 +187,11 @@ def korthikanti_layer_bytes(m: ModelConfig, shard: Shard, recompute: str = "none
 
 
 # Parameters ---------------------------------------------------------------------------------------
-def layer_parameters(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank (replicated norms and row biases whole)."""
+def layer_parameters(m: ModelConfig, tp: int, moe: bool = False) -> int:
+    """Parameters of one transformer layer on one TP rank (replicated norms and row biases whole);
+    for an MoE layer (``moe``) those outside the experts: router, shared expert (and its gate)."""
     h, n = m.hidden_size, m.num_attention_heads
     g, d, f = m.num_query_groups or n, head_dim(m), m.ffn_hidden_size or 4 * h
-    up = 2 * f if m.activation == "swiglu" else f
     bias = m.add_bias_linear
     norm = 2 * h if m.normalization == "layernorm" else h
     count = 2 * norm
@@ -182,19 +199,39 @@ def layer_parameters(m: ModelConfig, tp: int) -> int:
     if m.qk_layernorm:  # per head: one weight [d] (and bias) each for q and k; projection: split over TP
         count += 2 * norm * d // h if m.qk_layernorm_mode == "head" else (n + g) * d // tp
     count += n * d * h // tp + (h if bias else 0)  # attention output (row-parallel)
-    count += h * up // tp + (up // tp if bias else 0)  # fc1 (column-parallel)
-    count += f * h // tp + (h if bias else 0)  # fc2 (row-parallel)
+    if not moe:
+        return count + mlp_parameters(m, f, tp)
+    count += m.moe.num_experts * h  # the router, replicated
+    if m.moe.shared_expert_ffn_hidden_size:
+        count += mlp_parameters(m, m.moe.shared_expert_ffn_hidden_size, tp) + (h if m.moe.shared_expert_gate else 0)
     return count
 
 
+def mlp_parameters(m: ModelConfig, f: int, tp: int) -> int:
+    """A tensor-parallel MLP of width f: fc1 (column-parallel), fc2 (row-parallel), their biases."""
+    h, bias = m.hidden_size, m.add_bias_linear
+    up = 2 * f if m.activation == "swiglu" else f
+    return h * up // tp + (up // tp if bias else 0) + f * h // tp + (h if bias else 0)
+
+
+def expert_parameters(m: ModelConfig, ep: int, etp: int) -> int:
+    """One MoE layer's expert weights on one rank: E/EP experts, each's matrices ÷ ETP (no biases)."""
+    moe = m.moe
+    f = moe.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    up = 2 * f if m.activation == "swiglu" else f
+    return moe.num_experts // ep * (m.hidden_size * up + f * m.hidden_size) // etp
+
+
 def stage_parameters(m: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int, pp_rank: int,
-                     chunk_layers: Sequence[int] = (), placement: str = LOOPED) -> int:
+                     chunk_layers: Sequence[int] = (), placement: str = LOOPED, ep: int = 1, etp: int = 1) -> int:
     """Parameters held by pipeline rank ``pp_rank`` (its v chunks) on one TP rank; ``chunk_layers``
     (layers per global chunk, ``ParallelDims.chunk_layers``; empty: equal chunks) and ``placement``
-    say which layers those are."""
+    say which layers those are. Expert weights included (``stage_expert_parameters``)."""
     shape = stage_shape(chunk_layers or chunk_layer_counts(m.num_layers, pp, vpp), pp, vpp, pp_rank, placement)
     first, last = shape.has_embedding, shape.has_head
-    count = layer_parameters(m, tp) * shape.layers
+    is_moe = moe_layers(m)
+    count = sum(layer_parameters(m, tp, is_moe[i]) for i in shape.layer_ids)
+    count += stage_expert_parameters(m, pp, vpp, pp_rank, chunk_layers, placement, ep, etp)
     embedding = vocab_size // tp * m.hidden_size
     if first:
         count += embedding + (m.seq_length * m.hidden_size if m.position_embedding == "learned" else 0)
@@ -204,6 +241,21 @@ def stage_parameters(m: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int
             count += embedding  # the output layer, or the tied copy on the last stage (the V
             # placement's head on the first stage uses the embedding itself)
     return count
+
+
+def stage_moe_layers(m: ModelConfig, pp: int, vpp: int, pp_rank: int, chunk_layers: Sequence[int] = (),
+                     placement: str = LOOPED) -> int:
+    """How many of pipeline rank ``pp_rank``'s layers are MoE layers."""
+    shape = stage_shape(chunk_layers or chunk_layer_counts(m.num_layers, pp, vpp), pp, vpp, pp_rank, placement)
+    is_moe = moe_layers(m)
+    return sum(is_moe[i] for i in shape.layer_ids)
+
+
+def stage_expert_parameters(m: ModelConfig, pp: int, vpp: int, pp_rank: int, chunk_layers: Sequence[int] = (),
+                            placement: str = LOOPED, ep: int = 1, etp: int = 1) -> int:
+    """Expert weights on a rank of pipeline stage ``pp_rank`` (replicated over expert-DP)."""
+    layers = stage_moe_layers(m, pp, vpp, pp_rank, chunk_layers, placement)
+    return layers * expert_parameters(m, ep, etp) if layers else 0
 
 
 @dataclass(frozen=True)

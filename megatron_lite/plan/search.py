@@ -19,19 +19,24 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_configs(cfg: Config, world_size: int) -> list[Config]:
-    """``cfg`` with every TP × CP × PP × VPP × micro-batch combination over ``world_size`` ranks;
-    sequence parallelism on whenever TP > 1. Validity is left to ``config.validate``."""
+    """``cfg`` with every TP × CP × PP × VPP × micro-batch combination over ``world_size`` ranks, and
+    for an MoE model every EP dividing the experts (ETP as configured); sequence parallelism on
+    whenever TP > 1. Validity is left to ``config.validate``."""
     out = []
+    experts = cfg.model.moe.num_experts
+    eps = [e for e in _divisors(experts) if e <= world_size] if experts else [1]
     for tp in _divisors(world_size):
         for cp in _divisors(world_size // tp):
             for pp in _divisors(world_size // (tp * cp)):
                 for vpp in [None] + [v for v in range(2, MAX_VPP + 1) if pp > 1]:
                     for mbs in MICRO_BATCHES:
-                        parallel = replace(cfg.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                           pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-                                           pipeline_schedule="auto", sequence_parallel=tp > 1)
-                        training = replace(cfg.training, micro_batch_size=mbs)
-                        out.append(replace(cfg, parallel=parallel, training=training))
+                        for ep in eps:
+                            parallel = replace(cfg.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                               pipeline_model_parallel_size=pp,
+                                               virtual_pipeline_model_parallel_size=vpp, pipeline_schedule="auto",
+                                               sequence_parallel=tp > 1, expert_model_parallel_size=ep)
+                            training = replace(cfg.training, micro_batch_size=mbs)
+                            out.append(replace(cfg, parallel=parallel, training=training))
     return out
 
 

@@ -34,6 +34,12 @@ class ParamMeta:
     ``counted_in_grad_norm``: False for the last stage's tied copy, whose gradient equals the
     embedding's after that sum (the first stage counts it). Parameters replicated over TP are
     counted on TP rank 0 only (optim/clip.py:counted_once).
+
+    Experts (megatron_lite/moe/): ``expert_parallel`` marks a parameter of the expert grid. Its dim 0
+    indexes experts and is split over EP (rank r holds experts [r·E/EP, (r+1)·E/EP)); its
+    ``tp_shard_dim`` is split over the expert-tensor-parallel group (ETP), not TP; its gradients are
+    reduced over the expert-data-parallel group (EDP), and it is counted in the norm once per EDP
+    group (sharding.py:shard_cuts gives every split of any parameter).
     """
 
     tp_shard_dim: Optional[int] = None
@@ -43,6 +49,7 @@ class ParamMeta:
     grad_summed_over_tp: bool = False
     grad_summed_over_embedding_group: bool = False
     counted_in_grad_norm: bool = True
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if (self.init_std is None) == (self.init_value is None):

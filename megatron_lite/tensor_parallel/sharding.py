@@ -8,7 +8,7 @@ the TP size, so initialisation and checkpoints are layout-independent.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,3 +43,51 @@ def gather_full(shard: torch.Tensor, dim: Optional[int], stride: int, tp: TPGrou
     per_rank_blocks = [p.chunk(stride, dim=dim) for p in pieces]
     blocks = [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(stride)]
     return torch.cat(blocks, dim=dim)
+
+
+class Cut(NamedTuple):
+    """One split of a parameter's full tensor: along ``dim`` (``stride`` stacked blocks, each cut
+    separately) into ``size`` pieces, of which this rank holds piece ``rank``; ``group``: which
+    process group the pieces lie across ("tp", "ep" or "etp")."""
+
+    dim: int
+    stride: int
+    rank: int
+    size: int
+    group: str
+
+
+def shard_cuts(meta, tp: TPGroup, experts=None) -> list[Cut]:
+    """Every split of a parameter with ``meta``, outermost first. Dense: TP along ``tp_shard_dim``.
+    Experts (``meta.expert_parallel``; ``experts`` an ExpertGroups, None in a single process): EP along
+    dim 0, then ETP along ``tp_shard_dim``."""
+    if not meta.expert_parallel:
+        return [] if meta.tp_shard_dim is None else [Cut(meta.tp_shard_dim, meta.tp_shard_stride, tp.rank, tp.size, "tp")]
+    ep, etp = (experts.ep, experts.etp) if experts is not None else (TPGroup(), TPGroup())  # None: one process
+    cuts = [Cut(0, 1, ep.rank, ep.size, "ep")]
+    if meta.tp_shard_dim is not None:
+        cuts.append(Cut(meta.tp_shard_dim, meta.tp_shard_stride, etp.rank, etp.size, "etp"))
+    return cuts
+
+
+def full_shape_of(local_shape, cuts: list[Cut]) -> tuple[int, ...]:
+    shape = list(local_shape)
+    for cut in cuts:
+        shape[cut.dim] *= cut.size
+    return tuple(shape)
+
+
+def shard_by_cuts(full: torch.Tensor, cuts: list[Cut]) -> torch.Tensor:
+    """This rank's piece of ``full`` after every cut (``shard_tensor`` applied in turn)."""
+    for cut in cuts:
+        full = shard_tensor(full, cut.dim, cut.stride, cut.rank, cut.size)
+    return full
+
+
+def gather_by_cuts(shard: torch.Tensor, cuts: list[Cut], groups: dict[str, TPGroup]) -> torch.Tensor:
+    """Inverse of ``shard_by_cuts`` (collective over each cut's group in ``groups``, innermost first):
+    a new tensor."""
+    shard = shard.detach().clone()
+    for cut in reversed(cuts):
+        shard = gather_full(shard, cut.dim, cut.stride, groups[cut.group])
+    return shard

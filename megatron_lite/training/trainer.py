@@ -31,13 +31,16 @@ import torch.distributed as dist
 
 from .. import ops
 from ..checkpoint.manager import Checkpointer
+from ..checkpoint.sharded import persistent_buffers
 from ..config import Config, ParallelDims, padded_vocab_size, to_yaml
 from ..data import DataError, MicrobatchSampler, build_datasets, build_tokenizer, collate, stage_fields
 from ..data.builder import describe_splits
 from ..data.sampler import microbatch_loader
 from ..model import build_model_chunks, model_flops_per_iteration
 from ..model.flops import peak_flops
-from ..optim import DistributedOptimizer, GradBuffer, Optimizer, finalize_grads, learning_rate, overlaps_reduction
+from .. import moe
+from ..optim import (DistributedOptimizer, GradBuffer, NormRanks, Optimizer, finalize_grads, learning_rate,
+                     overlaps_reduction)
 from ..optim.loss_scaler import LossScaler
 from ..optim.lr_schedule import check_resumed_schedule, schedule_parameters
 from ..parallel.collectives import TPGroup
@@ -98,11 +101,12 @@ class Trainer:
         # The token positions this CP rank reads from every sample (None: all of them).
         self.positions = local_positions(m.seq_length, dims.cp, state.cp_rank) if dims.cp > 1 else None
         self.placement = schedules.placement_of(dims.pipeline_schedule)
+        self.expert_groups = moe.ExpertGroups.from_state(state)
         self.chunks = build_model_chunks(
             m, self.vocab_size, tp=self.tp, seed=t.seed, pp_rank=state.pp_rank, pp_size=dims.pp,
             vpp_size=dims.vpp, device=self.device, recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
             cp=self.cp, unpadded_vocab_size=self.unpadded_vocab_size, layer_counts=dims.chunk_layers,
-            placement=self.placement,
+            placement=self.placement, experts=self.expert_groups,
         )
         # Which ends of the model this rank holds (the V placement puts both on the first stage).
         self.has_embedding = any(chunk.spec.has_embedding for chunk in self.chunks)
@@ -113,19 +117,32 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         names = [n for n, _ in self.named_params]
         o = cfg.optimizer
+        dense = [p for p in self.params if not p.meta.expert_parallel]
+        expert = [p for p in self.params if p.meta.expert_parallel]
         self.grads = GradBuffer(  # parameters are replicated over DP × CP
-            self.params, state.dp_cp_group, state.dp_cp_size, state.dp_cp_rank,
+            dense, state.dp_cp_group, state.dp_cp_size, state.dp_cp_rank,
             reduce_scatter=o.use_distributed_optimizer,
             overlap=overlaps_reduction(o.overlap_grad_reduce, state.dp_cp_group),
             bucket_elements=o.grad_bucket_elements,
         )
+        # Experts are replicated over the expert-data-parallel group (GradBuffer: grad_divisor).
+        self.expert_grads = GradBuffer(
+            expert, state.edp_group, state.edp_size, state.edp_rank, reduce_scatter=o.use_distributed_optimizer,
+            overlap=overlaps_reduction(o.overlap_grad_reduce, state.edp_group),
+            bucket_elements=o.grad_bucket_elements, grad_divisor=state.dp_cp_size,
+        ) if expert else None
+        buffers = [b for b in (self.grads, self.expert_grads) if b is not None]
         if o.use_distributed_optimizer:  # each rank holds a distinct gradient slice: norm over the world
+            ranks = NormRanks(tp=state.tp_rank, etp=state.etp_rank if expert else 0)
             self.optimizer = DistributedOptimizer(
-                params=self.params, grads=self.grads, cfg=o, norm_group=None, tp_rank=state.tp_rank,
+                params=self.params, grads=buffers, cfg=o, norm_group=None, tp_rank=ranks,
                 overlap_param_gather=o.overlap_param_gather, names=names,
             )
             if o.overlap_param_gather:
                 self.optimizer.install_param_gather_hooks(self.chunks)
+        elif expert:  # experts differ across EP ranks, which lie in DP: the norm is over the world
+            ranks = NormRanks(state.tp_rank, state.etp_rank, state.dp_cp_rank, state.edp_rank)
+            self.optimizer = Optimizer(self.params, o, norm_group=None, tp_rank=ranks, names=names)
         else:
             self.optimizer = Optimizer(self.params, o, norm_group=state.mp_group, tp_rank=state.tp_rank, names=names)
 
@@ -177,6 +194,7 @@ class Trainer:
             train_state=self, model_config=m, vocab_size=self.unpadded_vocab_size, padded_vocab_size=self.vocab_size,
             layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp}, rank=state.rank,
             tp_rank=state.tp_rank, tp_size=state.tp_size, config_yaml=to_yaml(cfg),
+            experts=self.expert_groups, named_buffers=persistent_buffers(self.chunks),
         )
         self.resumed: Optional[bool] = None  # set by resume()
 
@@ -268,6 +286,10 @@ class Trainer:
         batch_size = self.global_batch_size()
         microbatches = batch_size // (self.cfg.training.micro_batch_size * self.state.dp_size)
         self.grads.start_step(microbatches)
+        if self.expert_grads is not None:
+            self.expert_grads.start_step(microbatches)
+        # The MoE balancing losses' backward scale: the LM loss's (1 / microbatches × the loss scale).
+        moe.set_loss_scale(self.chunks, (self.scaler.scale if self.scaler is not None else 1.0) / microbatches)
         if self._train_batches is None:  # created at the first step, so a resume sets consumed_samples first
             sampler = self._sampler(self.train_samples, self.consumed_samples, self.rampup)
             self._train_batches = microbatch_loader(
@@ -285,13 +307,18 @@ class Trainer:
         )
         if trace is not None:
             save_trace(self.cfg.parallel.pipeline_trace, trace, self.state, d.pipeline_schedule, d.vpp, microbatches)
-        finalize_grads(self.grads, self.state)
+        finalize_grads(self.grads, self.state, self.expert_grads)
         applied_steps = self.iteration - self.skipped_iterations
         lr = learning_rate(applied_steps, self.cfg.optimizer, self.cfg.training.train_iters)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         if self.scaler is not None:
             self.scaler.unscale_(self.grads.data)
+            if self.expert_grads is not None:
+                self.scaler.unscale_(self.expert_grads.data)
         grad_norm = self.optimizer.step(lr)  # not finite: skipped on every rank (agreed in its reduction)
+        # MoE: the step's routing statistics over the stage, the expert-bias update (also after a
+        # skipped step: the tokens were routed).
+        moe_stats = moe.after_step(self.chunks, self.expert_groups, microbatches * self.dims.dp)
         finite = math.isfinite(grad_norm)
         if finite:
             self.consecutive_skips = 0
@@ -312,8 +339,10 @@ class Trainer:
                 "resume from the last checkpoint with a lower optimizer.lr or fp16 → bf16"
             )
         loss = self._global_mean(loss) / scale
+        if self.dims.experts:
+            moe_stats = moe.moe_metrics(moe_stats, self.state.pp_group, self.state.pp_size)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
-                "skipped_iterations": self.skipped_iterations, "global_batch_size": batch_size}
+                "skipped_iterations": self.skipped_iterations, "global_batch_size": batch_size, **moe_stats}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:
@@ -402,10 +431,14 @@ class Trainer:
             "mfu_noncausal": tflops_noncausal * 1e12 / self.peak_flops if self.peak_flops else None,
             "peak_memory_gb": peak_memory_gb(self.device), "eta_s": eta,
             "loss_scale": out["loss_scale"], "skipped_iterations": out["skipped_iterations"],
+            **{k: v for k, v in out.items() if k.startswith("moe/")},
         }
         self._interval.add(record)
         show = self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == t.train_iters
-        self.logger.log(record, console_line(self._interval.take(), t.train_iters) if show else None)
+        line = console_line(self._interval.take(), t.train_iters) if show else None
+        if line is not None and self.dims.experts:
+            line += " | " + moe.console_part(record)
+        self.logger.log(record, line)
 
     def _log_eval(self, split: str = "valid") -> None:
         dataset = self.valid_data if split == "valid" else self.test_data
@@ -434,7 +467,8 @@ def describe_run(cfg: Config, dims: ParallelDims, trainer: Trainer) -> dict[str,
     """What rank 0 prints at start-up."""
     n_params = sum(p.numel() for p in trainer.params)
     return {
-        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}",
+        "layout": f"TP={dims.tp} CP={dims.cp} PP={dims.pp} VPP={dims.vpp} DP={dims.dp}"
+                  + (f" experts ETP={dims.etp} EP={dims.ep} EDP={dims.edp}" if dims.experts else ""),
         "schedule": dims.pipeline_schedule, "microbatches": dims.num_microbatches,
         "sequence_parallel": dims.sequence_parallel, "vocab_size_padded": trainer.vocab_size,
         "parameters_on_rank0": n_params, "precision": cfg.training.precision,
