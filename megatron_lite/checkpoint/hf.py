@@ -36,7 +36,8 @@ from ..config import Config, ConfigError, load_config, padded_vocab_size, to_con
 from ..data.errors import DataError
 from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, canonical_type, load_tokenizer
 from ..model import GPTChunk, build_gpt
-from ..model.hf import DEFAULT_IMPORT_SEQ_LENGTH, from_hf, hf_config, model_settings, rope_settings, to_hf  # noqa: F401
+from ..model.hf import (DEFAULT_IMPORT_SEQ_LENGTH, aux_loss_note, from_hf, hf_config, hf_keys,  # noqa: F401
+                        model_settings, rope_settings, to_hf)
 from .manager import save_weights
 from .sharded import ShardedState, persistent_buffers
 from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors
@@ -98,6 +99,8 @@ def export(
     # Documents are separated by eod alone (no bos is ever inserted), so eod is bos as well (GPT-2's way).
     config = hf_config(cfg.model, vocab, bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)
     config.to_json_file(str(output / "config.json"))
+    if cfg.model.moe.num_experts is not None:
+        print(aux_loss_note(cfg.model, config.router_aux_loss_coef))
     transformers.GenerationConfig(
         bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad
     ).save_pretrained(str(output))
@@ -259,6 +262,8 @@ def import_(
     tokenizer_keys = [] if tokenizer is None else [f"data.tokenizer.type={tokenizer[0]}", f"data.tokenizer.model={copied}"]
     cfg = load_config([f"model={preset}", *model_keys, *tokenizer_keys, *overrides])
     validate(cfg, 1)
+    if "moe.aux_loss_coeff" in keys:
+        print(aux_loss_note(cfg.model, hf.get("router_aux_loss_coef") or 0.0))
     # An unusable tokenizer fails now, in one line (the HF one is read where it is still).
     if copied is not None and cfg.data.tokenizer.model == str(copied):
         load_tokenizer(cfg.data.tokenizer.type, hf_dir / tokenizer[1])
@@ -269,7 +274,7 @@ def import_(
         ours = from_hf(hf_state, cfg.model)
     except KeyError as err:
         raise CheckpointError(f"{hf_dir}: tensor {err.args[0]} is missing from the safetensors files") from None
-    unused = set(hf_state) - set(to_hf(ours, cfg.model)) - {"lm_head.weight"}
+    unused = set(hf_state) - hf_keys(cfg.model) - {"lm_head.weight"}
     unused = sorted(k for k in unused if not k.endswith(_DERIVED_BUFFERS))
     if unused:
         raise CheckpointError(f"{hf_dir}: tensor {unused[0]} has no counterpart in megatron_lite's model")
