@@ -27,7 +27,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -313,11 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help=f"training sequence length (default: the model's limit, at most {DEFAULT_IMPORT_SEQ_LENGTH})")
     imp.add_argument("overrides", nargs="*", help="Hydra overrides for the stored config")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return write_or_refuse(lambda: export(args.load, args.output, args.iteration, args.max_shard_size))
+    return write_or_refuse(lambda: import_(args.hf, args.output, args.overrides, args.seq_length))
+
+
+def write_or_refuse(write: Callable[[], Path]) -> int:
+    """A command's exit code: 0 after printing ``wrote PATH``, 2 after one ``error:`` line."""
     try:
-        if args.command == "export":
-            path = export(args.load, args.output, args.iteration, args.max_shard_size)
-        else:
-            path = import_(args.hf, args.output, args.overrides, args.seq_length)
+        path = write()
     except (CheckpointError, ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
