@@ -432,7 +432,7 @@ FAMILIES = {f.model_type: f for f in (
            lambda cfg: _qwen_moe_write(cfg, attention_bias=False), _moe_rules("mlp."),
            _moe_features(qk_layernorm=True, qk_layernorm_mode="head"), _is_moe),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "llama_tiny",  # q, k, v biases; a gated shared expert
-           lambda hf, seq: _moe_read(hf, seq, {"add_qkv_bias": bool(hf.get("qkv_bias", True))}, shared=True),
+           lambda hf, seq: _refuse(hf, {"qkv_bias": (True,)}) or _moe_read(hf, seq, {"add_qkv_bias": True}, shared=True),
            lambda cfg: _qwen_moe_write(cfg, qkv_bias=True,
                                        shared_expert_intermediate_size=cfg.moe.shared_expert_ffn_hidden_size),
            _moe_rules("mlp.", shared=True),
@@ -464,7 +464,8 @@ def family(cfg: ModelConfig) -> Family:
     raise UnsupportedModel(
         "model: no HF family fits this config; export supports LLaMA-style (rmsnorm, swiglu, rope, no biases; "
         "add_qkv_bias: qwen2; per-head qk_layernorm: qwen3) and GPT-2-style (layernorm, gelu, learned "
-        "positions, biases, tied embeddings, MHA, no kv_channels) models"
+        "positions, biases, tied embeddings, MHA, no kv_channels) models, and LLaMA-style MoE models with "
+        "dropless softmax routing (mixtral, qwen3_moe, qwen2_moe: a gated shared expert, olmoe)"
     )
 
 
