@@ -276,3 +276,34 @@ def test_missing_transformers_is_one_line(tmp_path, capsys, monkeypatch):
 def test_gpt2_seq_length_beyond_its_positions_is_refused(models, tmp_path):
     with pytest.raises(UnsupportedModel, match="256 learned positions"):
         import_(models["gpt2"][1], tmp_path / "ckpt", seq_length=512)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_aux_loss_conversion_against_transformers_loss(layers):
+    """The conversion's premise, on the two implementations: for one MoE layer HF's
+    ``load_balancing_loss_func`` is top-k times our router's aux loss (coefficient 1), so the
+    converted coefficient gives the same loss; over L layers HF averages (f and p over all the
+    layers' tokens) where we sum: coef · k / L matches when the layers route alike (here: the same
+    logits in every layer)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from megatron_lite.config import load_config
+    from megatron_lite.model.hf import aux_loss_coeff_from_hf
+    from megatron_lite.moe import ExpertGroups
+    from megatron_lite.moe.router import Router
+    from megatron_lite.parallel.collectives import TPGroup
+
+    E, k, coef = 8, 2, 0.02
+    cfg = load_config(["model=llama_tiny", f"model.moe.num_experts={E}", f"model.moe.router_topk={k}",
+                       f"model.moe.aux_loss_coeff={aux_loss_coeff_from_hf(coef, k, layers)}"]).model
+    router = Router(cfg, TPGroup(), ExpertGroups()).train()
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for _ in range(layers):
+        router(x, 1)
+    with torch.no_grad():
+        logits = x @ router.weight.t()
+        hf = coef * load_balancing_loss_func(tuple(logits for _ in range(layers)), E, k).item()
+    ours = router.aux_loss.item()
+    print(f"{layers} MoE layers: HF coef·loss {hf:.6f}, ours with the converted coefficient {ours:.6f}")
+    assert abs(ours - hf) < 1e-6 * hf
