@@ -13,7 +13,8 @@ renormalisation or expert order changes the result): ``mixtral`` (renormalised t
 (per-head q/k norm, top-k renormalised: norm_topk_prob), ``qwen2_moe`` (q, k, v biases, the top-k
 probabilities as they are, a gated shared expert, layer 0 dense: mlp_only_layers [0]) and
 ``olmoe`` (q/k norm over the whole projection). Vocabulary 300, which megatron_lite pads (to 384 or
-512). initializer_range 0.3 makes greedy decoding vary instead of repeating one token.
+512). initializer_range 0.3 makes greedy decoding vary instead of repeating one token. Also the
+helpers that train a checkpoint's first step on 4 ranks (``first_step_loss``, ``tiny_dataset``).
 """
 
 from __future__ import annotations
@@ -98,3 +99,48 @@ def perturb(model):
             if name.endswith("mlp.gate.weight"):  # the router
                 p.mul_(2.0)
     return model
+
+
+def tiny_dataset(prefix: Path, seq: int) -> str:
+    """An indexed dataset of 8 random documents of ``seq`` tokens (a trainer needs one to start)."""
+    import numpy as np
+
+    from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
+
+    writer = IndexedDatasetWriter(prefix, np.uint16)
+    for k in range(8):
+        writer.add_document(random_tokens((seq,), 100 + k).numpy())
+    writer.finalize()
+    return str(prefix)
+
+
+def first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor, save: str, layout: list[str], far: int) -> float:
+    """On 4 ranks: the checkpoint ``ckpt`` in TP 2 (SP) × ``layout`` (PP 2, or EP 2 over DP 2), one
+    training step on ``tokens`` [2, s + 1] with the loss on positions >= ``far`` (learning rate 0),
+    saved to ``save`` in that layout; returns the reported loss (NaN off the logging rank)."""
+    from omegaconf import OmegaConf
+
+    from megatron_lite.checkpoint.storage import find_checkpoint
+    from megatron_lite.config import to_config, validate
+    from megatron_lite.parallel.state import ParallelState
+    from megatron_lite.training.trainer import Trainer
+
+    stored = OmegaConf.load(find_checkpoint(ckpt).path / "config.yaml")
+    overrides = OmegaConf.from_dotlist([
+        "parallel.tensor_model_parallel_size=2", *layout, "parallel.sequence_parallel=true",
+        "training.micro_batch_size=1", "training.global_batch_size=2",
+        "training.train_iters=1", "training.eval_iters=0", f"checkpoint.load={ckpt}", f"data.paths=[{data_prefix}]",
+        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0", f"checkpoint.save={save}",
+    ])
+    cfg = to_config(OmegaConf.merge(stored, overrides))
+    dims = validate(cfg, 4)
+    state = ParallelState.from_dims(dims)
+    trainer = Trainer(cfg, dims, state)
+    assert trainer.resume()
+    mask = torch.zeros(tokens.shape[1] - 1)
+    mask[far:] = 1.0
+    trainer.train_data = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": mask} for t in tokens]
+    loss = trainer.train_step()["loss"]
+    trainer.checkpointer.finish(trainer.iteration)
+    state.destroy()
+    return loss

@@ -19,11 +19,10 @@ routers), each with a vocabulary that megatron_lite pads:
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import EOD, FAMILIES, MOE_FAMILIES, SEQ, TEXT, VOCAB, random_tokens, save_hf_model
+from hf_models import EOD, FAMILIES, MOE_FAMILIES, SEQ, TEXT, VOCAB, first_step_loss, random_tokens, save_hf_model, tiny_dataset
 
 transformers = pytest.importorskip("transformers")
 load_safetensors = pytest.importorskip("safetensors.torch").load_file
@@ -50,51 +49,16 @@ def models(tmp_path_factory):
     return out
 
 
-def _first_step_loss(ckpt: str, data_prefix: str, tokens: torch.Tensor, save: str, layout: list[str]) -> float:
-    """On 4 ranks: the imported checkpoint in TP 2 (SP) × ``layout`` (PP 2, or EP 2 over DP 2), one
-    training step on ``tokens`` [2, SEQ + 1] with the loss on positions >= FAR (learning rate 0),
-    saved to ``save`` in that layout; returns the reported loss (NaN off the logging rank)."""
-    from omegaconf import OmegaConf
-
-    from megatron_lite.config import to_config, validate
-    from megatron_lite.parallel.state import ParallelState
-    from megatron_lite.training.trainer import Trainer
-
-    stored = OmegaConf.load(find_checkpoint(ckpt).path / "config.yaml")
-    overrides = OmegaConf.from_dotlist([
-        "parallel.tensor_model_parallel_size=2", *layout, "parallel.sequence_parallel=true", "training.micro_batch_size=1", "training.global_batch_size=2",
-        "training.train_iters=1", "training.eval_iters=0", f"checkpoint.load={ckpt}", f"data.paths=[{data_prefix}]",
-        "data.split=1,0,0", "optimizer.lr=0.0", "optimizer.min_lr=0.0", f"checkpoint.save={save}",
-    ])
-    cfg = to_config(OmegaConf.merge(stored, overrides))
-    dims = validate(cfg, 4)
-    state = ParallelState.from_dims(dims)
-    trainer = Trainer(cfg, dims, state)
-    assert trainer.resume()
-    mask = torch.zeros(SEQ)
-    mask[FAR:] = 1.0
-    trainer.train_data = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": mask} for t in tokens]
-    loss = trainer.train_step()["loss"]
-    trainer.checkpointer.finish(trainer.iteration)
-    state.destroy()
-    return loss
-
-
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_imported_model_trains_in_tp2_pp2_or_ep2_with_the_hf_loss(ranks, models, tmp_path, arch):
-    from megatron_lite.data.indexed_dataset import IndexedDatasetWriter
-
     hf_model, hf_dir, ckpt = models[arch]
-    writer = IndexedDatasetWriter(tmp_path / "data", np.uint16)  # the trainer needs a dataset to start
-    for k in range(8):
-        writer.add_document(random_tokens((SEQ,), 100 + k).numpy())
-    writer.finalize()
     tokens = random_tokens((2, SEQ + 1), 7)
     with torch.no_grad():
         logits = hf_model(tokens[:, :-1]).logits
     reference = F.cross_entropy(logits[:, FAR:].reshape(-1, VOCAB), tokens[:, FAR + 1:].reshape(-1)).item()
     layout = MOE_LAYOUT if arch in MOE_FAMILIES else DENSE_LAYOUT
-    losses = ranks(4).run(_first_step_loss, str(ckpt), str(tmp_path / "data"), tokens, str(tmp_path / "saved"), layout)
+    losses = ranks(4).run(first_step_loss, str(ckpt), tiny_dataset(tmp_path / "data", SEQ), tokens,
+                          str(tmp_path / "saved"), layout, FAR)
     ours = next(x for x in losses if x == x)
     print(f"{arch}: HF loss {reference:.6f}, TP2x{'EP' if arch in MOE_FAMILIES else 'PP'}2 loss {ours:.6f}, "
           f"relative difference {abs(ours - reference) / reference:.1e}")

@@ -1,7 +1,8 @@
 """Dense-to-MoE upcycling (megatron_lite/checkpoint/upcycle.py): the upcycled model's logits at step 0
 equal the dense model's (1e-6), with whole copies of the MLP (G = 1) and with granular upcycling (each
 copy split into G = 2 finer experts, top-k and scaling arranged to match), with dense first layers
-and sigmoid routing; what upcycling cannot keep equal is refused in one line."""
+and sigmoid routing; the upcycled checkpoint trains in TP 2 × EP 2 (SP) with the dense model's loss;
+what upcycling cannot keep equal is refused in one line."""
 
 import pytest
 import torch
@@ -63,6 +64,24 @@ def test_upcycled_logits_equal_the_dense_ones(dense, tmp_path, case):
     with torch.no_grad():
         experts.fc2.weight[0].mul_(2.0)  # the test can fail: one expert changed changes the logits
         assert ((after(ids) - ref).abs().max() / ref.abs().max()).item() > 1e-3
+
+
+def test_upcycled_checkpoint_trains_in_tp2_ep2_with_the_dense_loss(ranks, dense, tmp_path):
+    import torch.nn.functional as F
+    from hf_models import first_step_loss, tiny_dataset
+
+    overrides, granularity = CASES["granular"]
+    assert main(["--load", str(dense), "--output", str(tmp_path / "moe"), "--granularity", str(granularity),
+                 *overrides]) == 0
+    tokens = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = load_model(dense)[1](tokens[:, :-1])
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+    losses = ranks(4).run(first_step_loss, str(tmp_path / "moe"), tiny_dataset(tmp_path / "data", 32), tokens,
+                          str(tmp_path / "saved"), ["parallel.expert_model_parallel_size=2"], 0)
+    ours = next(x for x in losses if x == x)
+    print(f"dense loss {reference:.6f}, upcycled (G = 2) in TP2xEP2 {ours:.6f}")
+    assert abs(ours - reference) < 1e-5 * reference
 
 
 @pytest.mark.parametrize("overrides,granularity,message", [
