@@ -10,12 +10,14 @@ at end of document), the weights without vocabulary padding (model.safetensors, 
 ``--max-shard-size`` with model.safetensors.index.json), tokenizer.json (a sentencepiece model is
 converted to the ``tokenizers`` format, and copied as tokenizer.model too) and tokenizer_config.json.
 
-import: a HF directory of a family ``model/hf.py`` declares (llama, mistral, qwen2, qwen3, gpt2) -> a checkpoint at iteration 0 without optimizer state,
+import: a HF directory of a family ``model/hf.py`` declares (llama, mistral, qwen2, qwen3, gpt2, and
+the MoE families mixtral, qwen3_moe, qwen2_moe, olmoe) -> a checkpoint at iteration 0 without optimizer state,
 which training loads in any layout (``checkpoint.load=DIR``). config.json is read through
 ``transformers.AutoConfig``; a feature megatron_lite does not implement is refused in one line. The
 HF tokenizer is copied into DIR/tokenizer/ and named in the stored config. ``--seq-length`` is the
 length to train at (default: max_position_embeddings, at most 4096), not the model's limit. Hydra
-overrides after the arguments set other keys of the stored config.
+overrides after the arguments set other keys of the stored config. An MoE import and export print
+how HF's router_aux_loss_coef converts to model.moe.aux_loss_coeff (``model.hf.aux_loss_coeff_from_hf``).
 """
 
 from __future__ import annotations

@@ -48,20 +48,30 @@ def moe_config(dense: Config, overrides: Sequence[str], granularity: int) -> Con
     cfg = to_config(merged)
     m, moe = cfg.model, cfg.model.moe
     if moe.num_experts is None:
-        raise ConfigError("model.moe.num_experts", "is required: the number of experts, e.g. model.moe.num_experts=8")
+        raise ConfigError("model.moe.num_experts",
+                          "is required: the number of experts, e.g. model.moe.num_experts=8")
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    G = f"--granularity {granularity}"
     checks = [
-        ("model.moe.num_experts", moe.num_experts % granularity == 0, f"{moe.num_experts} is not a multiple of --granularity {granularity}"),
-        ("model.moe.router_topk", moe.router_topk % granularity == 0, f"{moe.router_topk} is not a multiple of --granularity {granularity} (each token takes whole groups of G parts)"),
-        ("model.ffn_hidden_size", ffn % granularity == 0, f"{ffn} is not a multiple of --granularity {granularity}"),
-        ("model.moe.ffn_hidden_size", moe.ffn_hidden_size in (None, ffn // granularity), f"must be ffn_hidden_size / G = {ffn // granularity} (each expert a part of the dense MLP)"),
-        ("model.moe.pre_softmax", not (moe.score_function == "softmax" and moe.pre_softmax), "the chosen probabilities do not sum to one, so the upcycled outputs would not equal the dense ones"),
-        ("model.moe.score_function", not (moe.score_function == "sigmoid" and moe.router_topk == 1), "sigmoid with top-1: the weight does not sum to one"),
-        ("model.moe.capacity_factor", moe.capacity_factor is None, "dropped tokens would change the outputs; set it when training from the upcycled checkpoint"),
-        ("model.moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size is None, "a shared expert would be added to the dense output"),
+        ("model.moe.num_experts", moe.num_experts % granularity == 0, f"{moe.num_experts} is not a multiple of {G}"),
+        ("model.moe.router_topk", moe.router_topk % granularity == 0,
+         f"{moe.router_topk} is not a multiple of {G} (each token takes whole groups of G parts)"),
+        ("model.ffn_hidden_size", ffn % granularity == 0, f"{ffn} is not a multiple of {G}"),
+        ("model.moe.ffn_hidden_size", moe.ffn_hidden_size in (None, ffn // granularity),
+         f"must be ffn_hidden_size / G = {ffn // granularity} (each expert a part of the dense MLP)"),
+        ("model.moe.pre_softmax", not (moe.score_function == "softmax" and moe.pre_softmax),
+         "the chosen probabilities do not sum to one, so the upcycled outputs would not equal the dense ones"),
+        ("model.moe.score_function", not (moe.score_function == "sigmoid" and moe.router_topk == 1),
+         "sigmoid with top-1: the weight does not sum to one"),
+        ("model.moe.capacity_factor", moe.capacity_factor is None,
+         "dropped tokens would change the outputs; set it when training from the upcycled checkpoint"),
+        ("model.moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size is None,
+         "a shared expert would be added to the dense output"),
         ("model.moe.expert_bias", not moe.expert_bias, "set it when training from the upcycled checkpoint"),
-        ("model.moe.topk_scaling_factor", moe.topk_scaling_factor is None, "upcycling sets it (to --granularity when G > 1)"),
-        ("model.add_bias_linear", not m.add_bias_linear, "the experts have no biases; upcycle a model without MLP biases"),
+        ("model.moe.topk_scaling_factor", moe.topk_scaling_factor is None,
+         "upcycling sets it (to --granularity when G > 1)"),
+        ("model.add_bias_linear", not m.add_bias_linear,
+         "the experts have no biases; upcycle a model without MLP biases"),
     ]
     for key, ok, why in checks:
         if not ok:
