@@ -127,7 +127,8 @@ class ModelConfig:
     sliding_window: Optional[int] = positive(None)
     # The HF family (config.json's model_type) an imported model came from, written back by the export;
     # null: inferred from the shape (checkpoint/hf.py). Set by the import, rarely by hand.
-    hf_model_type: Optional[str] = choice(None, "llama", "mistral", "qwen2", "qwen3", "gpt2")  # type: ignore[arg-type]
+    hf_model_type: Optional[str] = choice(  # type: ignore[arg-type]
+        None, "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = non_negative(0.02)

@@ -74,7 +74,7 @@ BAD = [
     (["model.qk_layernorm_mode=whole"], 1, "model.qk_layernorm_mode", "'whole' is not one of head, projection"),
     (["model.sliding_window=64", "model.seq_length=128"], 1, "model.sliding_window",
      "64 is shorter than model.seq_length=128"),
-    (["model.hf_model_type=mixtral"], 1, "model.hf_model_type", "is not one of null, llama, mistral"),
+    (["model.hf_model_type=deepseek_v3"], 1, "model.hf_model_type", "is not one of null, llama, mistral"),
 ]
 
 

@@ -10,12 +10,14 @@ at end of document), the weights without vocabulary padding (model.safetensors, 
 ``--max-shard-size`` with model.safetensors.index.json), tokenizer.json (a sentencepiece model is
 converted to the ``tokenizers`` format, and copied as tokenizer.model too) and tokenizer_config.json.
 
-import: a HF directory of a family ``model/hf.py`` declares (llama, mistral, qwen2, qwen3, gpt2) -> a checkpoint at iteration 0 without optimizer state,
+import: a HF directory of a family ``model/hf.py`` declares (llama, mistral, qwen2, qwen3, gpt2, and
+the MoE families mixtral, qwen3_moe, qwen2_moe, olmoe) -> a checkpoint at iteration 0 without optimizer state,
 which training loads in any layout (``checkpoint.load=DIR``). config.json is read through
 ``transformers.AutoConfig``; a feature megatron_lite does not implement is refused in one line. The
 HF tokenizer is copied into DIR/tokenizer/ and named in the stored config. ``--seq-length`` is the
 length to train at (default: max_position_embeddings, at most 4096), not the model's limit. Hydra
-overrides after the arguments set other keys of the stored config.
+overrides after the arguments set other keys of the stored config. An MoE import and export print
+how HF's router_aux_loss_coef converts to model.moe.aux_loss_coeff (``model.hf.aux_loss_coeff_from_hf``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -36,7 +38,8 @@ from ..config import Config, ConfigError, load_config, padded_vocab_size, to_con
 from ..data.errors import DataError
 from ..data.tokenizer import BUNDLED_TOKENIZER, Tokenizer, build_tokenizer, canonical_type, load_tokenizer
 from ..model import GPTChunk, build_gpt
-from ..model.hf import DEFAULT_IMPORT_SEQ_LENGTH, from_hf, hf_config, model_settings, rope_settings, to_hf  # noqa: F401
+from ..model.hf import (DEFAULT_IMPORT_SEQ_LENGTH, aux_loss_note, from_hf, hf_config, hf_keys,  # noqa: F401
+                        model_settings, rope_settings, to_hf)
 from .manager import save_weights
 from .sharded import ShardedState, persistent_buffers
 from .storage import CONFIG, CheckpointError, find_checkpoint, read_tensors
@@ -98,6 +101,8 @@ def export(
     # Documents are separated by eod alone (no bos is ever inserted), so eod is bos as well (GPT-2's way).
     config = hf_config(cfg.model, vocab, bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)
     config.to_json_file(str(output / "config.json"))
+    if cfg.model.moe.num_experts is not None:
+        print(aux_loss_note(cfg.model, config.router_aux_loss_coef))
     transformers.GenerationConfig(
         bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad
     ).save_pretrained(str(output))
@@ -259,6 +264,8 @@ def import_(
     tokenizer_keys = [] if tokenizer is None else [f"data.tokenizer.type={tokenizer[0]}", f"data.tokenizer.model={copied}"]
     cfg = load_config([f"model={preset}", *model_keys, *tokenizer_keys, *overrides])
     validate(cfg, 1)
+    if "moe.aux_loss_coeff" in keys:
+        print(aux_loss_note(cfg.model, hf.get("router_aux_loss_coef") or 0.0))
     # An unusable tokenizer fails now, in one line (the HF one is read where it is still).
     if copied is not None and cfg.data.tokenizer.model == str(copied):
         load_tokenizer(cfg.data.tokenizer.type, hf_dir / tokenizer[1])
@@ -269,7 +276,7 @@ def import_(
         ours = from_hf(hf_state, cfg.model)
     except KeyError as err:
         raise CheckpointError(f"{hf_dir}: tensor {err.args[0]} is missing from the safetensors files") from None
-    unused = set(hf_state) - set(to_hf(ours, cfg.model)) - {"lm_head.weight"}
+    unused = set(hf_state) - hf_keys(cfg.model) - {"lm_head.weight"}
     unused = sorted(k for k in unused if not k.endswith(_DERIVED_BUFFERS))
     if unused:
         raise CheckpointError(f"{hf_dir}: tensor {unused[0]} has no counterpart in megatron_lite's model")
@@ -308,11 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help=f"training sequence length (default: the model's limit, at most {DEFAULT_IMPORT_SEQ_LENGTH})")
     imp.add_argument("overrides", nargs="*", help="Hydra overrides for the stored config")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return write_or_refuse(lambda: export(args.load, args.output, args.iteration, args.max_shard_size))
+    return write_or_refuse(lambda: import_(args.hf, args.output, args.overrides, args.seq_length))
+
+
+def write_or_refuse(write: Callable[[], Path]) -> int:
+    """A command's exit code: 0 after printing ``wrote PATH``, 2 after one ``error:`` line."""
     try:
-        if args.command == "export":
-            path = export(args.load, args.output, args.iteration, args.max_shard_size)
-        else:
-            path = import_(args.hf, args.output, args.overrides, args.seq_length)
+        path = write()
     except (CheckpointError, ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,9 +15,12 @@ A family (``Family``) is a ``model_type`` of config.json and its ``*ForCausalLM`
   SwiGLU's fc1 is [gate; up]; GPT-2's Conv1D stores weights [in, out], transposed.
 
 The dense families are llama, mistral, qwen2 (q, k, v biases), qwen3 (per-head q/k RMSNorm) and gpt2.
-The MoE families (``MOE_FAMILIES``) are refused until the MoE layer exists in this build; adding one is
-declaring a ``Family`` whose rules map the router and the experts (HF stores experts one key per
-expert, ``...experts.{e}.w1.weight``, or fused, ``...experts.gate_up_proj``).
+The MoE families are mixtral, qwen3_moe, qwen2_moe (shared expert with a sigmoid gate) and olmoe
+(q/k RMSNorm over the whole projection): their rules map the router and the experts, which
+transformers saves one key per expert (``...experts.{e}.w1.weight``; that is what an export writes)
+and which an import also accepts fused (``...mlp.experts.gate_up_proj`` [E, 2f, h] = our fc1, and
+``down_proj`` [E, h, f] = our fc2: a rule's ``fused`` key). HF's ``router_aux_loss_coef`` and
+``model.moe.aux_loss_coeff`` weigh different losses (``aux_loss_coeff_from_hf``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import ModelConfig, head_dim
+from ..config import ModelConfig, head_dim, moe_layers
 
 Tensor = torch.Tensor
 # The training length an import picks when none is given (Llama 3.2 declares 131,072 positions).
 DEFAULT_IMPORT_SEQ_LENGTH = 4096
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 
 class UnsupportedModel(ValueError):
@@ -65,15 +67,22 @@ def merge_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: ModelConfig) -> Tensor:
 @dataclass(frozen=True)
 class Rule:
     """Our tensor ``ours`` <-> the HF tensors ``theirs``: ``to_hf(t, cfg)`` gives them in order,
-    ``from_hf(tensors, cfg)`` is its inverse. Default: the same tensor under another name."""
+    ``from_hf(tensors, cfg)`` is its inverse. Default: the same tensor under another name.
+    ``moe``: a layer rule for the MoE layers only (True) or the dense ones only (False); None: every
+    layer. ``fused``: another HF key an import accepts instead of ``theirs``, holding our tensor as is
+    (transformers 5's fused experts)."""
 
     ours: str
     theirs: tuple[str, ...]
     to_hf: Callable[[Tensor, ModelConfig], tuple[Tensor, ...]] = lambda t, cfg: (t,)
     from_hf: Callable[[tuple[Tensor, ...], ModelConfig], Tensor] = lambda ts, cfg: ts[0]
+    moe: Optional[bool] = None
+    fused: Optional[str] = None
 
     def at_layer(self, i: int) -> "Rule":
-        return Rule(self.ours.format(i=i), tuple(t.format(i=i) for t in self.theirs), self.to_hf, self.from_hf)
+        fused = None if self.fused is None else self.fused.format(i=i)
+        return Rule(self.ours.format(i=i), tuple(t.format(i=i) for t in self.theirs), self.to_hf, self.from_hf,
+                    self.moe, fused)
 
 
 def _separate_qkv(prefix: str, kind: str) -> Rule:
@@ -87,9 +96,18 @@ def _conv1d(ours: str, theirs: str) -> Rule:
     return Rule(ours, (theirs,), lambda t, cfg: (t.t(),), lambda ts, cfg: ts[0].t())
 
 
+def _swiglu_mlp(ours: str, theirs: str, moe: Optional[bool] = None) -> list[Rule]:
+    """A SwiGLU MLP ``ours`` (fc1 = [gate; up], fc2) <-> gate_proj, up_proj, down_proj under ``theirs``."""
+    return [
+        Rule(f"{ours}fc1.weight", (theirs + "gate_proj.weight", theirs + "up_proj.weight"),
+             lambda t, cfg: tuple(t.chunk(2, dim=0)), lambda ts, cfg: torch.cat(ts), moe),
+        Rule(f"{ours}fc2.weight", (theirs + "down_proj.weight",), moe=moe),
+    ]
+
+
 def _llama_style_rules(cfg: ModelConfig) -> list[Rule]:
     layer = "model.layers.{i}."
-    attn, mlp = layer + "self_attn.", layer + "mlp."
+    attn = layer + "self_attn."
     rules = [
         Rule("embedding.weight", ("model.embed_tokens.weight",)),
         Rule("final_norm.weight", ("model.norm.weight",)),
@@ -97,9 +115,7 @@ def _llama_style_rules(cfg: ModelConfig) -> list[Rule]:
         _separate_qkv(attn, "weight"),
         Rule("layers.{i}.attention.out.weight", (attn + "o_proj.weight",)),
         Rule("layers.{i}.mlp_norm.weight", (layer + "post_attention_layernorm.weight",)),
-        Rule("layers.{i}.mlp.fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-             lambda t, cfg: tuple(t.chunk(2, dim=0)), lambda ts, cfg: torch.cat(ts)),
-        Rule("layers.{i}.mlp.fc2.weight", (mlp + "down_proj.weight",)),
+        *_swiglu_mlp("layers.{i}.mlp.", layer + "mlp.", False if cfg.moe.num_experts else None),
     ]
     if cfg.add_qkv_bias:
         rules.append(_separate_qkv(attn, "bias"))
@@ -107,6 +123,35 @@ def _llama_style_rules(cfg: ModelConfig) -> list[Rule]:
         rules += [Rule(f"layers.{{i}}.attention.{n}_norm.weight", (f"{attn}{n}_norm.weight",)) for n in "qk"]
     if not cfg.tie_embeddings:
         rules.append(Rule("output", ("lm_head.weight",)))
+    return rules
+
+
+def _moe_rules(block: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+               shared: bool = False) -> Callable[[ModelConfig], list[Rule]]:
+    """The LLaMA-style rules plus the MoE layers': the router ``{block}gate.weight`` [E, h] and expert
+    e's gate, up and down projections ``{block}experts.{e}.{names}.weight`` (transformers' saved
+    form; fused, ``mlp.experts.gate_up_proj`` [E, 2f, h] and ``down_proj`` [E, h, f], is accepted);
+    ``shared``: Qwen2-MoE's shared expert and its sigmoid gate [1, h]."""
+
+    def rules(cfg: ModelConfig) -> list[Rule]:
+        E = cfg.moe.num_experts
+        ours, theirs, fused = "layers.{i}.mlp.", "model.layers.{i}." + block, "model.layers.{i}.mlp."
+        experts = [f"{theirs}experts.{e}." for e in range(E)]
+        moe = [
+            Rule(ours + "router.weight", (theirs + "gate.weight",), moe=True, fused=fused + "gate.weight"),
+            Rule(ours + "experts.fc1.weight", tuple(f"{x}{n}.weight" for x in experts for n in names[:2]),
+                 lambda t, cfg: tuple(half for w in t for half in w.chunk(2)),
+                 lambda ts, cfg: torch.stack([torch.cat(ts[2 * e: 2 * e + 2]) for e in range(len(ts) // 2)]),
+                 moe=True, fused=fused + "experts.gate_up_proj"),
+            Rule(ours + "experts.fc2.weight", tuple(f"{x}{names[2]}.weight" for x in experts),
+                 lambda t, cfg: tuple(t.unbind(0)), lambda ts, cfg: torch.stack(ts),
+                 moe=True, fused=fused + "experts.down_proj"),
+        ]
+        if shared:
+            moe += _swiglu_mlp(ours + "shared_expert.", theirs + "shared_expert.", True)
+            moe.append(Rule(ours + "shared_gate", (theirs + "shared_expert_gate.weight",), moe=True))
+        return _llama_style_rules(cfg) + moe
+
     return rules
 
 
@@ -236,9 +281,78 @@ def _gpt2_write(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
+def aux_loss_coeff_from_hf(coef: float, topk: int, moe_layers_count: int) -> float:
+    """``model.moe.aux_loss_coeff`` for HF's ``router_aux_loss_coef``. HF's load-balancing loss is
+    E · Σ_e F_e · P_e with F (fraction of the top-k choices) and P (mean probability) averaged over the
+    tokens of all MoE layers together, added once to the loss; Megatron's (router.py) is
+    E / k · Σ_e F_e · P_e per layer, summed over the layers. Per layer HF's is k times Megatron's, and
+    averaging over L layers divides by L, so the same pressure is coef · k / L (exact for one MoE
+    layer, and for layers routing alike). Rounded to 12 digits so that export's inverse returns coef."""
+    return float(f"{coef * topk / max(moe_layers_count, 1):.12g}")
+
+
+def aux_loss_coeff_to_hf(coeff: float, topk: int, moe_layers_count: int) -> float:
+    """The inverse of ``aux_loss_coeff_from_hf``."""
+    return float(f"{coeff * max(moe_layers_count, 1) / topk:.12g}")
+
+
+def _moe_read(hf: dict[str, Any], seq_length: Optional[int], family_keys: dict[str, Any],
+              window: bool = False, normalised: Optional[bool] = None, shared: bool = False) -> dict[str, Any]:
+    """The LLaMA-style keys plus ``model.moe.*``: experts, top-k, the layers that are MoE (Qwen's
+    ``decoder_sparse_step`` 1 and ``mlp_only_layers`` the first layers: model.moe.first_dense_layers),
+    ``norm_topk_prob`` (the top-k probabilities renormalised: our softmax over the top-k logits, else
+    ``pre_softmax``; Mixtral always renormalises: ``normalised``), the aux-loss coefficient converted."""
+    _refuse(hf, {"router_jitter_noise": (0.0,), "clip_qkv": (None,), "decoder_sparse_step": (1,)})
+    keys = {**_llama_style_read(hf, seq_length, window), **family_keys}
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        raise UnsupportedModel(f"config.json: mlp_only_layers={dense}: megatron_lite makes only the first layers "
+                               "dense (model.moe.first_dense_layers)")
+    topk = hf["num_experts_per_tok"]
+    norm = hf.get("norm_topk_prob", False) if normalised is None else normalised
+    moe = {
+        "num_experts": hf.get("num_local_experts") or hf["num_experts"], "router_topk": topk,
+        "ffn_hidden_size": hf.get("moe_intermediate_size") or hf["intermediate_size"], "pre_softmax": not norm,
+        "first_dense_layers": len(dense), "load_balancing": "aux_loss",
+        "aux_loss_coeff": aux_loss_coeff_from_hf(hf.get("router_aux_loss_coef") or 0.0, topk,
+                                                 hf["num_hidden_layers"] - len(dense)),
+    }
+    if shared:
+        moe.update(shared_expert_ffn_hidden_size=hf["shared_expert_intermediate_size"], shared_expert_gate=True)
+    return {**keys, **{f"moe.{k}": v for k, v in moe.items()}}
+
+
+def _moe_write(cfg: ModelConfig, experts_key: str, **extra: Any) -> dict[str, Any]:
+    """The LLaMA-style keyword arguments plus the MoE ones (``experts_key``: num_local_experts for
+    Mixtral, else num_experts); ``extra`` last."""
+    moe = cfg.moe
+    coef = moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0
+    return {
+        **_llama_style_write(cfg), experts_key: moe.num_experts, "num_experts_per_tok": moe.router_topk,
+        "router_aux_loss_coef": aux_loss_coeff_to_hf(coef, moe.router_topk, sum(moe_layers(cfg))),
+        **extra,
+    }
+
+
+def _expert_ffn(cfg: ModelConfig) -> int:
+    return cfg.moe.ffn_hidden_size or cfg.ffn_hidden_size or 4 * cfg.hidden_size
+
+
+def _qwen_moe_write(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    return _moe_write(cfg, "num_experts", moe_intermediate_size=_expert_ffn(cfg), decoder_sparse_step=1,
+                      norm_topk_prob=not cfg.moe.pre_softmax,
+                      mlp_only_layers=list(range(cfg.moe.first_dense_layers)), use_sliding_window=False, **extra)
+
+
 # Families -------------------------------------------------------------------------------------------
 LLAMA_STYLE = {"normalization": "rmsnorm", "activation": "swiglu", "position_embedding": "rope",
-               "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False, "sliding_window": None}
+               "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False, "sliding_window": None,
+               "moe.num_experts": None}
+# What every MoE family's layer computes (model.moe.num_experts set: ``_is_moe``): softmax routing
+# without groups, bias or scaling, dropless, every layer from the first MoE one on.
+MOE_STYLE = {"moe.score_function": "softmax", "moe.capacity_factor": None, "moe.expert_bias": False,
+             "moe.num_groups": None, "moe.topk_scaling_factor": None, "moe.layer_freq": 1,
+             "moe.shared_expert_ffn_hidden_size": None, "moe.shared_expert_gate": False}
 
 
 @dataclass(frozen=True)
@@ -257,13 +371,33 @@ class Family:
     def misfit(self, cfg: ModelConfig) -> Optional[str]:
         """Why ``cfg`` is not this family's architecture (None: it is)."""
         for key, value in self.features.items():
-            if getattr(cfg, key) != value:
-                return f"model.{key}={getattr(cfg, key)!r}, where {self.model_type} has {value!r}"
-        return None if self.fits_shape(cfg) else f"the attention shape is not {self.model_type}'s"
+            ours = _get(cfg, key)
+            if ours != value:
+                return f"model.{key}={ours!r}, where {self.model_type} has {value!r}"
+        return None if self.fits_shape(cfg) else f"the model's shape (attention, experts) is not {self.model_type}'s"
+
+
+def _get(cfg: ModelConfig, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _without(features: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in features.items() if k not in keys}
+
+
+def _moe_features(**changes: Any) -> dict[str, Any]:
+    return {**_without(LLAMA_STYLE, "moe.num_experts"), **MOE_STYLE, **changes}
+
+
+def _is_moe(cfg: ModelConfig) -> bool:
+    return cfg.moe.num_experts is not None
+
+
+def _one_expert_size(cfg: ModelConfig) -> bool:
+    """Mixtral and OLMoE: every layer MoE, intermediate_size the experts'."""
+    return _is_moe(cfg) and cfg.moe.first_dense_layers == 0
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -287,9 +421,32 @@ FAMILIES = {f.model_type: f for f in (
             "add_bias_linear": True, "tie_embeddings": True, "qk_layernorm": False, "sliding_window": None},
            lambda cfg: (cfg.num_query_groups or cfg.num_attention_heads) == cfg.num_attention_heads
            and head_dim(cfg) * cfg.num_attention_heads == cfg.hidden_size),
+    Family("mixtral", "MixtralForCausalLM", "llama_tiny",  # experts w1 (gate), w3 (up), w2 (down)
+           lambda hf, seq: _moe_read(hf, seq, {}, window=True, normalised=True),
+           lambda cfg: _moe_write(cfg, "num_local_experts", intermediate_size=_expert_ffn(cfg), router_jitter_noise=0.0,
+                                  sliding_window=cfg.sliding_window),
+           _moe_rules("block_sparse_moe.", ("w1", "w3", "w2")),
+           _moe_features(**{"moe.pre_softmax": False}), _one_expert_size),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "llama_tiny",
+           lambda hf, seq: _moe_read(hf, seq, {"qk_layernorm": True, "qk_layernorm_mode": "head"}),
+           lambda cfg: _qwen_moe_write(cfg, attention_bias=False), _moe_rules("mlp."),
+           _moe_features(qk_layernorm=True, qk_layernorm_mode="head"), _is_moe),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "llama_tiny",  # q, k, v biases; a gated shared expert
+           lambda hf, seq: _refuse(hf, {"qkv_bias": (True,)}) or _moe_read(hf, seq, {"add_qkv_bias": True}, shared=True),
+           lambda cfg: _qwen_moe_write(cfg, qkv_bias=True,
+                                       shared_expert_intermediate_size=cfg.moe.shared_expert_ffn_hidden_size),
+           _moe_rules("mlp.", shared=True),
+           _without(_moe_features(add_qkv_bias=True, **{"moe.shared_expert_gate": True}),
+                    "moe.shared_expert_ffn_hidden_size"),
+           lambda cfg: _is_moe(cfg) and cfg.moe.shared_expert_ffn_hidden_size is not None),
+    Family("olmoe", "OlmoeForCausalLM", "llama_tiny",  # RMSNorm over the whole q and k projections
+           lambda hf, seq: _moe_read(hf, seq, {"qk_layernorm": True, "qk_layernorm_mode": "projection"}),
+           lambda cfg: _moe_write(cfg, "num_experts", intermediate_size=_expert_ffn(cfg), clip_qkv=None,
+                                  attention_bias=False, norm_topk_prob=not cfg.moe.pre_softmax),
+           _moe_rules("mlp."), _moe_features(qk_layernorm=True, qk_layernorm_mode="projection"), _one_expert_size),
 )}
 # The family a config without model.hf_model_type exports to: the first that fits.
-INFERRED_ORDER = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+INFERRED_ORDER = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 
 
 def family(cfg: ModelConfig) -> Family:
@@ -307,7 +464,8 @@ def family(cfg: ModelConfig) -> Family:
     raise UnsupportedModel(
         "model: no HF family fits this config; export supports LLaMA-style (rmsnorm, swiglu, rope, no biases; "
         "add_qkv_bias: qwen2; per-head qk_layernorm: qwen3) and GPT-2-style (layernorm, gelu, learned "
-        "positions, biases, tied embeddings, MHA, no kv_channels) models"
+        "positions, biases, tied embeddings, MHA, no kv_channels) models, and LLaMA-style MoE models with "
+        "dropless softmax routing (mixtral, qwen3_moe, qwen2_moe: a gated shared expert, olmoe)"
     )
 
 
@@ -317,12 +475,17 @@ def hf_family(hf: dict[str, Any]) -> Family:
     if hf.get("kv_lora_rank") is not None:
         raise UnsupportedModel(f"config.json: kv_lora_rank={hf['kv_lora_rank']} ({kind}'s multi-head latent "
                                "attention) is not implemented by megatron_lite")
-    if kind in MOE_FAMILIES:
-        raise UnsupportedModel(f"config.json: model_type {kind!r} is a mixture-of-experts family; the MoE layer "
-                               "is not yet in this build, so its experts cannot be imported")
     if kind not in FAMILIES:
         raise UnsupportedModel(f"config.json: model_type {kind!r}: import supports {', '.join(FAMILIES)}")
     return FAMILIES[kind]
+
+
+def aux_loss_note(cfg: ModelConfig, hf_coef: float) -> str:
+    """The line import and export print about the aux-loss coefficient's conversion."""
+    moe = cfg.moe
+    return (f"aux loss: HF router_aux_loss_coef={hf_coef:g} <-> model.moe.aux_loss_coeff={moe.aux_loss_coeff:g} "
+            f"(= router_aux_loss_coef x top-k {moe.router_topk} / {sum(moe_layers(cfg))} MoE layers: HF's loss is "
+            "top-k times Megatron's per layer and averaged over the layers; docs/checkpoints.md)")
 
 
 def model_settings(hf: dict[str, Any], seq_length: Optional[int] = None) -> tuple[str, dict[str, Any]]:
@@ -335,9 +498,9 @@ def model_settings(hf: dict[str, Any], seq_length: Optional[int] = None) -> tupl
 
 def _rules(cfg: ModelConfig) -> list[Rule]:
     """The family's rules, one per tensor: layer rules once per layer."""
-    rules = family(cfg).rules(cfg)
+    rules, moe = family(cfg).rules(cfg), moe_layers(cfg)
     return [r for r in rules if "{i}" not in r.ours] + [
-        r.at_layer(i) for i in range(cfg.num_layers) for r in rules if "{i}" in r.ours]
+        r.at_layer(i) for i in range(cfg.num_layers) for r in rules if "{i}" in r.ours and r.moe in (None, moe[i])]
 
 
 def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -349,9 +512,19 @@ def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
 
 
 def from_hf(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """The HF model's state dict -> our full state dict (inverse of ``to_hf``; KeyError names a
-    missing HF tensor)."""
-    return {r.ours: r.from_hf(tuple(hf_state[k] for k in r.theirs), cfg).contiguous() for r in _rules(cfg)}
+    """The HF model's state dict -> our full state dict (inverse of ``to_hf``, also reading a rule's
+    ``fused`` key where the file has it; KeyError names a missing HF tensor)."""
+    def one(r: Rule) -> Tensor:
+        if r.fused is not None and r.fused in hf_state:
+            return hf_state[r.fused]
+        return r.from_hf(tuple(hf_state[k] for k in r.theirs), cfg)
+
+    return {r.ours: one(r).contiguous() for r in _rules(cfg)}
+
+
+def hf_keys(cfg: ModelConfig) -> set[str]:
+    """Every HF tensor name an import of ``cfg`` reads (``from_hf``), in either spelling."""
+    return {k for r in _rules(cfg) for k in (*r.theirs, *([r.fused] if r.fused else []))}
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None) -> Any:
