@@ -193,8 +193,9 @@ def test_keep_last_after_resuming_an_older_iteration(ranks, tmp_path):
     with what the tracker names, the abandoned 4 and 6 are kept outside the count, and the next start
     resumes at 3 (before: 3 was pruned as the oldest iteration and the start failed)."""
     ckpt = tmp_path / "ckpt"
+    # lr_decay_iters fixed: the shorter and longer runs keep the checkpoint's learning-rate schedule.
     run = BASE + ["training.global_batch_size=4", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
-                  "checkpoint.save_interval=2"]
+                  "checkpoint.save_interval=2", "optimizer.lr_decay_iters=6"]
     ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'a'}"])
     ranks(1).run(_train, run + [f"logging.dir={tmp_path / 'b'}", "training.train_iters=3",
                                 "checkpoint.load_iteration=2", "checkpoint.keep_last=2"])
