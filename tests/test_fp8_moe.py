@@ -74,6 +74,30 @@ def test_grouped_weight_grad_through_main_grad_and_deferred():
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
+def test_enable_converts_experts_and_shared_expert_not_router():
+    """FP8Model.enable: every MoE layer's experts (per-token / per-expert scaling) and shared expert
+    (a dense MLP's linears) run FP8; the router, the embedding and the output layer do not. One MoE
+    layer's output in FP8 is within FP8's error of its high-precision output, and not equal to it."""
+    from megatron_lite.config import load_config
+    from megatron_lite.fp8.model import FP8Model
+    from megatron_lite.model import build_model_chunks
+    from megatron_lite.moe.layer import MoE
+
+    cfg = load_config(["model=moe_tiny", "model.moe.shared_expert_ffn_hidden_size=32"]).model
+    chunk = build_model_chunks(cfg, 4096)[0]
+    moe = next(m for m in chunk.modules() if isinstance(m, MoE))
+    x = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    high = moe(x)
+    fp8 = FP8Model.enable([chunk], Recipe("hybrid", "delayed"))
+    layers = [m for m in chunk.modules() if isinstance(m, MoE)]
+    assert len(fp8.experts) == len(layers) and all(m.experts.fp8 is not None for m in layers)
+    assert all(m.shared_expert.fc1.fp8 is not None and m.shared_expert.fc2.fp8 is not None for m in layers)
+    assert not any("router" in name or "embedding" in name or "output" in name for name, _ in fp8.layers)
+    assert all(not hasattr(m.router, "fp8") for m in layers)
+    low = moe(x)
+    assert 0 < rel(low, high) < 0.1
+
+
 # Layouts -----------------------------------------------------------------------------------------
 FP8_MOE = MOE_BASE + ["training.fp8_format=hybrid", "training.train_iters=3", "training.eval_interval=3"]
 FP8_LAYOUTS = {  # name -> (ranks, overrides); EP spans DP in both (one expert GEMM mixes microbatches)
