@@ -44,7 +44,9 @@ this rank's b·s/c):
          to experts on other EP ranks and R rows those ranks routed to its experts, dispatch sends S
          and combine R rows of h values forward, the backward R and S again (recomputation repeats
          the forward's); per microbatch the counts exchange sends (EP−1)·E/EP int64. An all-to-all
-         is counted as what it sends to other ranks.
+         is counted as what it sends to other ranks. With FP8 the dispatch's S rows go as h FP8
+         bytes and one fp32 scale each (h + 4 bytes instead of 4h, bf16 2h); the combine and both
+         backward exchanges stay in the activations' precision
   TP_CP  per MoE layer and microbatch the aux loss's token counts, E fp32 (b·E for seq_aux_loss;
          global_aux_loss sums its E over the STAGE instead) (with SP the TP line's
          gradient sums also hold each MoE layer's router weight, E·h, and shared-expert gate, h)
@@ -185,6 +187,8 @@ def moe_analytic(trainer) -> Counter:
         if dims.ep > 1:
             out[("all_to_all", "EP")] += (forwards + 1) * (sent + received) * h * act
             out[("all_to_all", "EP")] += forwards * m * (dims.ep - 1) * local * 8
+            if layer.experts.fp8 is not None and moe.token_dispatcher == "alltoall":  # FP8 dispatch
+                out[("all_to_all", "EP")] += forwards * sent * (h * 1 + FP32 - h * act)
         balancing = moe.load_balancing if moe.aux_loss_coeff > 0 else "none"
         b = cfg.training.micro_batch_size
         if dims.tp * dims.cp > 1 and balancing in ("aux_loss", "seq_aux_loss"):  # counts (per sequence)

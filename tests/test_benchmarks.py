@@ -27,6 +27,19 @@ def test_comm_volume_counts_fp8_to_the_byte(ranks):
     assert comm_volume.differences(results) == []
 
 
+def test_comm_volume_counts_fp8_expert_dispatch_to_the_byte(ranks):
+    """MoE with FP8 at TP2 (SP) × EP2: the dispatch all-to-all sends each row as h FP8 bytes and an
+    fp32 scale (the combine and the backward in fp32), beside the shared expert's FP8 all-gathers."""
+    from test_moe import MOE_BASE
+
+    single_stage = ["parallel.pipeline_model_parallel_size=1", "parallel.virtual_pipeline_model_parallel_size=null"]
+    moe = [o for o in MOE_BASE if o.split("=")[0].startswith("model")] + ["parallel.expert_model_parallel_size=2"]
+    results = ranks(4).run(comm_volume._measure, comm_volume.DEFAULT_OVERRIDES + single_stage + moe
+                           + ["training.fp8_format=hybrid"])
+    assert all(r["measured"].get("all_to_all/EP", 0) > 0 for r in results)
+    assert comm_volume.differences(results) == []
+
+
 def _run(*args: str) -> str:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,11 @@ is the reverse exchange):
 - ``allgather``: every EP rank gathers all the EP group's tokens and assignments (equal shapes), runs
   the assignments of its own experts, and the weighted outputs are reduce-scattered back.
 
+FP8 dispatch (``alltoall``, FP8 training): the rows go as FP8 bytes (uint8: gloo has no float8) plus
+one fp32 scale per row, exactly the operand the experts' fc1 would quantise (per-token scaling,
+fp8/grouped.py), so the experts use it as received; the combine and every backward exchange stay in
+the activations' precision.
+
 With expert tensor parallelism (ETP > 1) the rows an EP rank receives are further gathered over the
 ETP group (uneven sizes, counts first), the sharded experts produce partial sums, and those are
 reduce-scattered back over ETP (Megatron's alltoall dispatcher with expert TP).
@@ -33,6 +38,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..fp8.grouped import GroupedFP8
+from ..fp8.tensor import Float8
 from ..parallel.collectives import TPGroup, _autograd_pair, all_gather, reduce_scatter
 
 
@@ -167,31 +174,75 @@ class AllToAllDispatcher:
         self.num_experts, self.ep, self.etp = num_experts, ep, etp
         self.local = num_experts // ep.size
 
-    def dispatch(self, x: torch.Tensor, a: Assignments) -> tuple[torch.Tensor, list[int]]:
+    def dispatch(self, x: torch.Tensor, a: Assignments, fp8: Optional[GroupedFP8] = None) -> tuple[torch.Tensor, list[int]]:
+        """With ``fp8`` the rows travel as FP8 bytes (uint8) and one fp32 scale per row, quantised as
+        the experts' fc1 quantises its input (per token: fp8/grouped.py); ``self.rows_fp8`` is then
+        that operand for the experts' call that follows, and the rows returned are its values."""
         self.a, self.num_tokens = a, x.shape[0]
         rows = torch.cat((x, x.new_zeros((1, x.shape[1])))).index_select(0, a.token)  # expert order
         counts = torch.bincount(a.expert, minlength=self.num_experts).view(self.ep.size, self.local)
         received = _counts_exchange(counts, self.ep)  # [source, local expert]
-        self.send_splits, self.recv_splits = counts.sum(1).tolist(), received.sum(1).tolist()
-        rows = all_to_all(rows, self.ep, self.recv_splits, self.send_splits)
-        # Rows arrive grouped (source, expert): to expert-major for the grouped GEMM.
-        self.order = _expert_major(received, x.device)
-        rows, counts = rows.index_select(0, self.order), received.sum(0)
-        self.etp_sizes = self.etp_order = None
+        plan = _Plan(counts.sum(1).tolist(), received.sum(1).tolist(), _expert_major(received, x.device))
+        counts = received.sum(0)
         if self.etp.size > 1:  # every ETP rank runs every row of its ETP group, on its slice
             per_source = _gather_counts(counts, self.etp)  # [ETP source, local expert]
-            self.etp_sizes = per_source.sum(1).tolist()
-            self.etp_order = _expert_major(per_source, x.device)
-            rows = _GatherV.apply(rows, (self.etp, self.etp_sizes)).index_select(0, self.etp_order)
+            plan.etp_sizes, plan.etp_order = per_source.sum(1).tolist(), _expert_major(per_source, x.device)
             counts = per_source.sum(0)
-        return rows, counts.tolist()
+        self.plan, self.rows_fp8 = plan, None
+        if fp8 is None:
+            return self._deliver(rows, plan), counts.tolist()
+        q = fp8.tokens(rows)
+        self.rows_fp8 = Float8(self._deliver(q.data.view(torch.uint8), plan).view(q.data.dtype),
+                               self._deliver(q.inv_scale, plan), "rowwise")
+        values = self.rows_fp8.dequantize().to(rows.dtype)
+        return _Delivered.apply(rows, values, lambda grad: self._return(grad, plan)), counts.tolist()
+
+    def _deliver(self, rows: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+        """Rows in (destination, expert) order -> this rank's rows in expert-major order (ETP: the
+        ETP group's rows)."""
+        rows = all_to_all(rows, self.ep, plan.recv_splits, plan.send_splits)
+        rows = rows.index_select(0, plan.order)  # rows arrive grouped (source, expert)
+        if plan.etp_order is not None:
+            rows = _GatherV.apply(rows, (self.etp, plan.etp_sizes)).index_select(0, plan.etp_order)
+        return rows
+
+    def _return(self, y: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+        """``_deliver`` reversed (ETP partial sums reduced): expert-major rows -> (destination,
+        expert) order on the rank that sent them."""
+        if plan.etp_order is not None:  # back to (ETP source, expert), partial sums reduced
+            y = _ReduceScatterV.apply(y.index_select(0, torch.argsort(plan.etp_order)), (self.etp, plan.etp_sizes))
+        y = y.index_select(0, torch.argsort(plan.order))  # back to (source, expert)
+        return all_to_all(y, self.ep, plan.send_splits, plan.recv_splits)
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:
-        if self.etp_order is not None:  # back to (ETP source, expert), partial sums reduced
-            y = _ReduceScatterV.apply(y.index_select(0, torch.argsort(self.etp_order)), (self.etp, self.etp_sizes))
-        y = y.index_select(0, torch.argsort(self.order))  # back to (source, expert)
-        y = all_to_all(y, self.ep, self.send_splits, self.recv_splits)
-        return combine_rows(y, self.a, self.num_tokens)
+        return combine_rows(self._return(y, self.plan), self.a, self.num_tokens)
+
+
+@dataclass
+class _Plan:
+    """One dispatch's exchange: rows sent to / received from each EP rank, the permutation to expert-
+    major order, and under ETP the rows per ETP rank and that group's expert-major permutation."""
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    order: torch.Tensor
+    etp_sizes: Optional[list[int]] = None
+    etp_order: Optional[torch.Tensor] = None
+
+
+class _Delivered(torch.autograd.Function):
+    """The rows an FP8 dispatch delivered (``values``, sent as FP8), attached to the autograd graph of
+    the rows that were sent (``sent``): backward, the gradient goes back by ``back`` (the combine's
+    high-precision exchange)."""
+
+    @staticmethod
+    def forward(ctx, sent, values, back):
+        ctx.back = back
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.back(grad), None, None
 
 
 class AllGatherDispatcher:
@@ -204,7 +255,9 @@ class AllGatherDispatcher:
         # The tokens cross the ETP × EP group: gather over each in turn.
         self.groups = [g for g in (ep, etp) if g.size > 1]
 
-    def dispatch(self, x: torch.Tensor, a: Assignments) -> tuple[torch.Tensor, list[int]]:
+    def dispatch(self, x: torch.Tensor, a: Assignments, fp8: Optional[GroupedFP8] = None) -> tuple[torch.Tensor, list[int]]:
+        """``fp8`` is ignored: the tokens are gathered in high precision (the experts quantise them)."""
+        self.rows_fp8 = None
         n = x.shape[0]
         token, expert, weight = a.token, a.expert, a.weight
         for g in self.groups:

@@ -12,11 +12,17 @@ so expert e is ``fc2[e] · act(fc1[e] · x)``, nn.Linear's [out, in] per expert 
 build has it and the shapes suit it, else a loop over experts (the reference). Either way the
 weight gradients go through tensor_parallel/weight_grad.py as the linear layers' do: into the fp32
 ``main_grad`` (gradient-accumulation fusion) or deferred by the zero-bubble schedules' split backward.
+
+With FP8 (``training.fp8_format``; fp8/model.py:FP8Model.enable sets ``GroupedExperts.fp8``) the
+three GEMMs of each grouped linear run on FP8 operands: per-token activations and gradients,
+per-expert weights (fp8/grouped.py says why that scaling, and not a tensor-wide one, is the single
+rank's in every layout).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,8 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
+from ..fp8.grouped import GroupedFP8, grouped_mm, weight_grad_operands
+from ..fp8.tensor import Float8
 from ..parallel.collectives import TPGroup
 from ..tensor_parallel import ParamMeta, new_parameter
 from ..tensor_parallel.weight_grad import weight_grad
@@ -117,8 +125,34 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def grouped_linear(x: torch.Tensor, weight: nn.Parameter, counts: list[int]) -> torch.Tensor:
-    """x [M, in] (rows sorted by group, ``counts`` per group), weight [G, out, in] -> [M, out]."""
+class _GroupedLinearFP8(torch.autograd.Function):
+    """``_GroupedLinear`` on FP8 operands (fp8/grouped.py): ``x_q``, x already quantised (the FP8
+    dispatch's rows) or None; ``k_split``: (x's K, dy's K) split over ETP."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts, fp8: GroupedFP8, x_q, k_split):
+        x_q = fp8.tokens(x, k_split=k_split[0]) if x_q is None else x_q
+        ctx.weight_q = fp8.weight(weight)
+        ctx.weight, ctx.counts, ctx.fp8, ctx.x_q, ctx.k_split = weight, counts, fp8, x_q, k_split
+        return grouped_mm(x_q, ctx.weight_q, counts, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_q = ctx.fp8.tokens(grad_y, backward=True, k_split=ctx.k_split[1])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad_q, ctx.weight_q, ctx.counts, grad_y.dtype, transpose=True)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(ctx.weight, GroupedWeightGrad(*weight_grad_operands(grad_q, ctx.x_q), ctx.counts))
+        return grad_x, grad_w, None, None, None, None
+
+
+def grouped_linear(x: torch.Tensor, weight: nn.Parameter, counts: list[int], fp8: Optional[GroupedFP8] = None,
+                   x_q: Optional[Float8] = None, k_split: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """x [M, in] (rows sorted by group, ``counts`` per group), weight [G, out, in] -> [M, out];
+    with ``fp8`` its GEMMs in FP8 (``_GroupedLinearFP8``)."""
+    if fp8 is not None:
+        return _GroupedLinearFP8.apply(x, weight, counts, fp8, x_q, k_split)
     return _GroupedLinear.apply(x, weight, counts)
 
 
@@ -132,6 +166,8 @@ class GroupedExperts(nn.Module):
         ffn = (moe.ffn_hidden_size or cfg.ffn_hidden_size or 4 * cfg.hidden_size) // etp.size
         local = moe.num_experts // ep.size
         self.swiglu = cfg.activation == "swiglu"
+        self.etp = etp
+        self.fp8: Optional[GroupedFP8] = None  # FP8 GEMMs when set (fp8/model.py:FP8Model.enable)
         std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         stride = 2 if self.swiglu else 1
         meta = ParamMeta(expert_parallel=True, tp_shard_dim=1, tp_shard_stride=stride, init_std=cfg.init_std)
@@ -141,7 +177,9 @@ class GroupedExperts(nn.Module):
         self.fc2.weight = new_parameter((local, cfg.hidden_size, ffn),
                                         ParamMeta(expert_parallel=True, tp_shard_dim=2, init_std=std_out))
 
-    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        y = grouped_linear(rows, self.fc1.weight, counts)
+    def forward(self, rows: torch.Tensor, counts: list[int], rows_fp8: Optional[Float8] = None) -> torch.Tensor:
+        """``rows_fp8``: the rows already quantised (FP8 dispatch), used by fc1 with FP8 on. Under
+        ETP fc1's output features and fc2's input features are split (``k_split``)."""
+        y = grouped_linear(rows, self.fc1.weight, counts, self.fp8, rows_fp8, (False, True))
         y = ops.swiglu(y) if self.swiglu else ops.bias_gelu(y, None)
-        return grouped_linear(y, self.fc2.weight, counts)
+        return grouped_linear(y, self.fc2.weight, counts, self.fp8, None, (True, False))

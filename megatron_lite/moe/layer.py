@@ -63,8 +63,8 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled() and not in_recomputation():
             self.dropped += a.dropped
             self.assigned += experts.numel()
-        rows, counts = self.dispatcher.dispatch(tokens, a)
-        out = self.dispatcher.combine(self.experts(rows, counts)).view(b, s, h)
+        rows, counts = self.dispatcher.dispatch(tokens, a, self.experts.fp8)
+        out = self.dispatcher.combine(self.experts(rows, counts, self.dispatcher.rows_fp8)).view(b, s, h)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_gate is not None:
