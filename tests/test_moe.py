@@ -132,7 +132,8 @@ def _compare_tail(name, run_dir, params, ref_run_dir, ref_params, tolerance, sta
 def test_moe_checkpoint_reshards_ep(ranks, moe_reference, tmp_path):
     """EP4 with the distributed optimizer (ZeRO state over EDP, expert bias on) saves at iteration 2
     and trains on to 4 (equal to the single rank); its checkpoint resumes bit-identically in EP4 and
-    equal to the single rank in EP2 and EP1: experts at full shape, keys independent of the layout."""
+    equal to the single rank in EP2, EP1 and EP8 (one expert per rank, micro batch 1 so that DP 8
+    divides the batch): experts at full shape, keys independent of the layout."""
     bias = ["model.moe.score_function=sigmoid", "model.moe.expert_bias=true", "model.moe.bias_update_rate=0.01"]
     base = MOE_BASE + bias + [f"checkpoint.save={tmp_path / 'ckpt'}", "checkpoint.save_interval=2"]
     zero = ["optimizer.use_distributed_optimizer=true"]
@@ -150,7 +151,8 @@ def test_moe_checkpoint_reshards_ep(ranks, moe_reference, tmp_path):
     biases = [b for n, b in model.named_buffers() if n.endswith("expert_bias")]
     assert biases and all(b.abs().sum() > 0 for b in biases)
     resume = [f"checkpoint.load={tmp_path / 'ckpt'}", "checkpoint.load_iteration=2", "checkpoint.save=null"]
-    for name, n, layout in (("EP4→EP4", 4, _par(ep=4) + zero), ("EP4→EP2", 2, _par(ep=2) + zero), ("EP4→EP1", 1, [])):
+    for name, n, layout in (("EP4→EP4", 4, _par(ep=4) + zero), ("EP4→EP2", 2, _par(ep=2) + zero), ("EP4→EP1", 1, []),
+                            ("EP4→EP8", 8, _par(ep=8) + zero + ["training.micro_batch_size=1"])):
         run_dir = tmp_path / name.replace("→", "_to_")
         params = ranks(n).run(_train, MOE_BASE + bias + layout + resume + [f"logging.dir={run_dir}"])[0]
         if name == "EP4→EP4":

@@ -60,9 +60,11 @@ def test_parameter_count_matches_the_model(overrides):
 
 def test_published_throughput_within_bound():
     rows = validation_table()
-    assert len(rows) == 14
-    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert len(rows) == 18 and sum(r["ep"] > 1 for r in rows) == 4
+    worst = max((r for r in rows if not r["known_miss"]), key=lambda r: abs(r["error"]))
     assert abs(worst["error"]) <= ERROR_BOUND, worst
+    misses = [r for r in rows if r["known_miss"]]  # listed in docs/performance.md; still outside the bound
+    assert len(misses) == 2 and all(abs(r["error"]) > ERROR_BOUND for r in misses), misses
 
 
 def test_search_ranks_valid_fitting_layouts():

@@ -72,19 +72,30 @@ def _mlp_flops_per_token(cfg: ModelConfig, width: int) -> float:
 
 def _moe_mlp_flops_per_token(cfg: ModelConfig) -> float:
     """What one token activates in an MoE layer: the router, k experts and the shared expert."""
-    moe, h = cfg.moe, cfg.hidden_size
-    expert = moe.ffn_hidden_size or cfg.ffn_hidden_size or 4 * h
-    return (2 * h * moe.num_experts + moe.router_topk * _mlp_flops_per_token(cfg, expert)
+    return 2 * cfg.hidden_size * cfg.moe.num_experts + _expert_flops_per_token(cfg)
+
+
+def _expert_flops_per_token(cfg: ModelConfig) -> float:
+    """The k experts and the shared expert one token activates in an MoE layer, forward."""
+    moe = cfg.moe
+    expert = moe.ffn_hidden_size or cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    return (moe.router_topk * _mlp_flops_per_token(cfg, expert)
             + _mlp_flops_per_token(cfg, moe.shared_expert_ffn_hidden_size or 0))
 
 
 def _linear_flops_per_token(cfg: ModelConfig) -> float:
-    """One dense layer's QKV, output projection and MLP GEMMs per token, forward."""
-    return _attention_linear_flops_per_token(cfg) + _mlp_flops_per_token(cfg, cfg.ffn_hidden_size or 4 * cfg.hidden_size)
+    """A layer's QKV, output projection and MLP GEMMs per token, forward, averaged over the layers:
+    an MoE layer's MLP GEMMs are the k experts' and the shared expert's a token activates (the
+    router's small GEMM stays in high precision, as in Megatron)."""
+    moe_count = sum(moe_layers(cfg))
+    dense = _mlp_flops_per_token(cfg, cfg.ffn_hidden_size or 4 * cfg.hidden_size)
+    experts = _expert_flops_per_token(cfg) if moe_count else 0.0
+    mlp = ((cfg.num_layers - moe_count) * dense + moe_count * experts) / cfg.num_layers
+    return _attention_linear_flops_per_token(cfg) + mlp
 
 
 def linear_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, layers: Optional[int] = None) -> float:
     """The part of ``model_flops_per_iteration`` in the transformer layers' linears (what FP8 runs),
-    over ``layers`` layers (default all)."""
+    over ``layers`` layers (default all; a subset counts the average layer)."""
     layers = cfg.num_layers if layers is None else layers
     return 3.0 * global_batch_size * cfg.seq_length * layers * _linear_flops_per_token(cfg)
